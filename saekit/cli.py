@@ -1,0 +1,210 @@
+"""The ``saekit`` command line. Every option comes from a config dataclass (simple_parsing),
+so the CLI, the Python API and the saved configs share one definition.
+
+Bad input ends with one line on stderr, ``saekit CMD: error: ...``, and exit code 2.
+Heavy imports (torch, transformer-lens) happen inside the commands, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import simple_parsing as sp
+
+from saekit.errors import SaekitError
+
+
+@dataclass
+class ModelOptions:
+    """Which model to run."""
+
+    model: str | None = None
+    """A hub name (gpt2), a local Hugging Face folder, or omitted for the embedded model."""
+    device: str = "cpu"
+    """Torch device to run the model on."""
+
+
+@dataclass
+class IOIOptions:
+    """How to score IOI."""
+
+    n: int = 1000
+    """Number of prompts."""
+    split: str = "heldout"
+    """heldout: held-out templates and name pairs; train: the training templates."""
+    seed: int = 0
+    """Seed of the prompt draw."""
+
+    def __post_init__(self):
+        if self.split not in ("heldout", "train"):
+            raise SaekitError(f"--split must be 'heldout' or 'train', not {self.split!r}")
+        if self.n < 1:
+            raise SaekitError(f"--n must be at least 1, not {self.n}")
+
+
+class UsageError(SaekitError):
+    """Bad command-line syntax, raised by the parser instead of argparse's usage dump."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{message} (see `{prog} --help`)")
+        self.prog = prog
+
+
+class Parser(sp.ArgumentParser):
+    """argparse whose errors become one-line ``UsageError``s."""
+
+    def error(self, message):  # noqa: D102 - argparse API
+        raise UsageError(self.prog, message)
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+def cmd_hooks(args) -> None:
+    """List every hook point with its activation shape for a one-token prompt."""
+    import torch
+
+    from saekit.models import load_model
+
+    model = load_model(args.model.model, args.model.device)
+    tokens = torch.tensor([[model.tokenizer.bos_token_id or 0]], device=model.cfg.device)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    print(f"# {len(cache)} hook points of {model.saekit_name}; shape without the batch axis")
+    width = max(map(len, cache.keys()))
+    for name, act in cache.items():
+        print(f"{name:<{width}}  {list(act.shape[1:])}")
+
+
+def cmd_ioi(args) -> None:
+    """Print IOI accuracy and mean logit difference."""
+    from saekit.ioi import score_ioi
+    from saekit.models import load_model
+
+    model = load_model(args.model.model, args.model.device)
+    o = args.ioi
+    s = score_ioi(model, o.n, o.split, o.seed)
+    print(f"IOI ({o.split}, {s.n} prompts): accuracy {s.accuracy:.3f}  mean logit diff {s.logit_diff:.2f}")
+
+
+def cmd_demo(args) -> None:
+    """The main job on the embedded defaults: load the model, show its hook points, score IOI."""
+    import torch
+
+    from saekit.ioi import score_ioi
+    from saekit.models import load_model
+
+    model = load_model(args.model.model, args.model.device)
+    c = model.cfg
+    print(f"model {model.saekit_name}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads "
+          f"of d_head {c.d_head}, vocab {c.d_vocab}")
+    tokens = torch.tensor([[model.tokenizer.bos_token_id or 0]], device=c.device)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    print(f"{len(cache)} hook points, e.g. blocks.5.attn.hook_z {list(cache['blocks.5.attn.hook_z'].shape[1:])}"
+          " (pos, n_heads, d_head); `saekit hooks` lists them all")
+    s = score_ioi(model, 1000, "heldout")
+    print(f"IOI on {s.n} held-out prompts: accuracy {s.accuracy:.3f}, mean logit diff {s.logit_diff:.2f}")
+
+
+@dataclass
+class CacheOptions:
+    """Where to write the activation cache."""
+
+    out: str = "runs/cache"
+    """Folder for the safetensors shards and meta.json."""
+    seed: int = 0
+    """Seed of the token stream."""
+
+
+def _train_config(args):
+    from saekit.training.config import TrainConfig
+
+    return TrainConfig(sae=args.sae, data=args.data, optim=args.optim, run=args.run)
+
+
+def cmd_train(args) -> None:
+    """Train an SAE at a hook point (default: the embedded model and corpus)."""
+    from saekit.training.run import run_training
+
+    cfg = _train_config(args)
+    summary = run_training(cfg)
+    print(format_summary(summary, cfg.run.out))
+
+
+def format_summary(summary: dict, out: str) -> str:
+    if not summary:
+        return f"saved to {out}"
+    return (f"SAE at {summary['hook']} (d_sae {summary['d_sae']}, k {summary['k']}), "
+            f"{summary['eval_tokens']} held-out tokens:\n"
+            f"  L0 {summary['l0']:.1f}  explained variance {summary['explained_variance']:.3f}  "
+            f"dead fraction {summary['dead_frac']:.3f}\n"
+            f"  CE loss clean {summary['ce_loss_clean']:.3f}  with SAE {summary['ce_loss_sae']:.3f}  "
+            f"zero-ablated {summary['ce_loss_zero_ablation']:.3f}  recovered {summary['ce_loss_recovered']:.3f}\n"
+            f"saved to {out}")
+
+
+def cmd_cache(args) -> None:
+    """Harvest activations at a hook into safetensors shards for `saekit train --from-cache`."""
+    from saekit.training.run import cache_activations
+
+    path = cache_activations(args.data, args.cache.out, args.cache.seed)
+    print(f"cached activations in {path}")
+
+
+COMMANDS: dict[str, tuple[Callable, list[tuple[type, str]]]] = {
+    "demo": (cmd_demo, [(ModelOptions, "model")]),
+    "hooks": (cmd_hooks, [(ModelOptions, "model")]),
+    "ioi": (cmd_ioi, [(ModelOptions, "model"), (IOIOptions, "ioi")]),
+    "train": (cmd_train, "train"),
+    "cache": (cmd_cache, "cache"),
+}
+
+
+def _groups(spec):
+    """Option groups of a command; training's come from saekit.training.config, imported
+    only when a parser is built (it imports no torch)."""
+    if spec == "train":
+        from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions
+
+        return [(SAEOptions, "sae"), (DataOptions, "data"), (OptimOptions, "optim"), (RunOptions, "run")]
+    if spec == "cache":
+        from saekit.training.config import DataOptions
+
+        return [(DataOptions, "data"), (CacheOptions, "cache")]
+    return spec
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="saekit", description="Train and study sparse autoencoders on transformer "
+               "activations.", add_option_string_dash_variants=sp.DashVariant.DASH,
+               add_config_path_arg=False)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (fn, groups) in COMMANDS.items():
+        sp_ = sub.add_parser(name, help=fn.__doc__.splitlines()[0], description=fn.__doc__,
+                             add_option_string_dash_variants=sp.DashVariant.DASH,
+                             add_config_path_arg=False)
+        for cls, dest in _groups(groups):
+            sp_.add_arguments(cls, dest=dest, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    prog = f"saekit {command}" if command in COMMANDS else "saekit"
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command][0](args)
+    except SaekitError as e:
+        sys.stderr.write(f"{getattr(e, 'prog', prog)}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Load a model as a TransformerLens ``TransformerBridge``.
+
+``load_model()`` returns saekit's embedded model (``pretrained/``); a local folder in
+Hugging Face format or a hub name (``"gpt2"``) goes through the same
+``TransformerBridge.boot_transformers`` path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from saekit.errors import ModelLoadError
+
+EMBEDDED_NAME = "saekit-ioi-6l"
+log = logging.getLogger("saekit.models")
+
+
+def embedded_model_path() -> Path:
+    """Folder of the embedded model, found beside the installed package."""
+    from saekit import pretrained
+
+    return Path(pretrained.__file__).parent / EMBEDDED_NAME
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def resolve_model_name(name: str | None) -> str:
+    """The string ``boot_transformers`` gets: a folder path or a hub name."""
+    if name in (None, "", EMBEDDED_NAME):
+        path = embedded_model_path()
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"the embedded model is missing at {path}; rebuild it with "
+                                 "`python -m saekit.training.build_model`")
+        return str(path)
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").exists():
+            raise ModelLoadError(f"{name} has no config.json: not a Hugging Face model folder")
+        return str(Path(name).resolve())
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+        raise ModelLoadError(f"no such model folder: {name}")
+    return name
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+def load_model(name: str | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32):
+    """A ``TransformerBridge`` for ``name``: ``None`` is the embedded model, else a local
+    folder or a hub name. Raises ``ModelLoadError`` with a one-line reason on failure."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    target = resolve_model_name(name)
+    if not Path(target).is_dir() and not _in_hub_cache(target) and not _hub_reachable():
+        # Fail in seconds, not after the hub client's minute of retries.
+        raise ModelLoadError(f"could not load model {name!r}: it is not a local folder and the hub "
+                             f"cannot be reached (no network); omit --model to use the embedded "
+                             f"default {EMBEDDED_NAME!r}")
+    _quiet_transformers()
+    try:
+        model = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+    except OSError as e:  # transformers raises OSError for unknown repos and for no network
+        offline = "offline" in str(e).lower() or "connect" in str(e).lower() or os.environ.get("HF_HUB_OFFLINE")
+        why = "the hub cannot be reached (no network)" if offline else "no such model on the hub"
+        raise ModelLoadError(f"could not load model {name!r}: {why}; omit --model to use the "
+                             f"embedded default {EMBEDDED_NAME!r}") from None
+    model.eval()
+    model.saekit_name = name or EMBEDDED_NAME  # what cfg.json records as the model name
+    return model

@@ -1,0 +1,180 @@
+"""Build saekit's embedded model: train the tokenizer and a small GPT-2 on saekit's corpus.
+
+    python -m saekit.training.build_model --out pretrained/saekit-ioi-6l
+
+Deterministic from ``--seed`` on CPU. The recipe follows the measurements in
+shared/reference/organism-notes.md: IOI is not learned from packed documents alone within
+a CPU budget, but short single-prompt IOI sequences with a loss on the answer make the rule
+form in a few hundred steps. So every step mixes two batches:
+  * language modelling on packed 128-token corpus sequences (next-token loss on all tokens);
+  * single IOI prompts from the training templates and pairs (BOS + prompt + answer), with
+    the loss on the answer token.
+Held-out templates and held-out name pairs are never trained on; they are scored during
+training and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from saekit import corpus
+from saekit.data import pack
+
+BOS = "<|endoftext|>"
+
+
+def train_tokenizer(seed: int, vocab_size: int, n_docs: int):
+    """Byte-level BPE on the training stream; every IOI word must come out as one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    stream = corpus.stream_text(seed, "train")
+    words = " ".join(corpus.vocabulary_words())
+    # The vocabulary list, repeated, guarantees each name/place/object is frequent enough
+    # to be merged into a single " word" token.
+    texts = [next(stream) for _ in range(n_docs)] + [words] * 200
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=BOS, unk_token=BOS)
+    split_words = [w for w in corpus.vocabulary_words() if len(fast.encode(" " + w)) != 1]
+    if split_words:
+        raise SystemExit(f"tokenizer splits {split_words[:10]}...; raise --vocab-size")
+    return fast
+
+
+def ioi_batch(rng: random.Random, tok, n: int, split: str):
+    """``n`` prompts as right-padded ids [n, T], the answer position and IO/S token ids."""
+    prompts = [corpus.make_ioi(rng, split) for _ in range(n)]
+    ids = [[tok.bos_token_id] + tok.encode(p.text, add_special_tokens=False) for p in prompts]
+    T = max(map(len, ids))
+    x = torch.full((n, T), tok.bos_token_id, dtype=torch.long)
+    for i, row in enumerate(ids):
+        x[i, : len(row)] = torch.tensor(row)
+    last = torch.tensor([len(r) - 1 for r in ids])
+    io = torch.tensor([tok.convert_tokens_to_ids(tok.tokenize(" " + p.io))[0] for p in prompts])
+    s = torch.tensor([tok.convert_tokens_to_ids(tok.tokenize(" " + p.s))[0] for p in prompts])
+    return x, last, io, s
+
+
+@torch.no_grad()
+def score_ioi(model, tok, n: int, split: str, seed: int = 1234) -> dict:
+    """Accuracy (logit IO > logit S) and mean logit difference on ``n`` prompts."""
+    model.eval()
+    x, last, io, s = ioi_batch(random.Random(f"score-{split}-{seed}"), tok, n, split)
+    logits = model(x).logits[torch.arange(n), last]  # [n, vocab]
+    ld = logits.gather(1, io[:, None]) - logits.gather(1, s[:, None])
+    model.train()
+    return {"acc": (ld > 0).float().mean().item(), "logit_diff": ld.mean().item()}
+
+
+@torch.no_grad()
+def heldout_lm_loss(model, tok, n_seq: int = 64, seq_len: int = 128) -> float:
+    model.eval()
+    seqs = pack(corpus.stream_text(0, "heldout"), tok, seq_len)
+    x = torch.stack([next(seqs) for _ in range(n_seq)])
+    loss = model(x, labels=x).loss.item()
+    model.train()
+    return loss
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="pretrained/saekit-ioi-6l")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--vocab-size", type=int, default=2048)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lm-batch", type=int, default=16)
+    ap.add_argument("--ioi-batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads; fixed so that the float results repeat across machines")
+    args = ap.parse_args(argv)
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    t0 = time.time()
+    tok = train_tokenizer(args.seed, args.vocab_size, n_docs=20_000)
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_positions=args.seq_len, n_embd=args.d_model, n_layer=args.n_layer,
+        n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.bos_token_id,
+    )
+    model = GPT2LMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, args.steps) / args.steps))))
+    lm_stream = pack(corpus.stream_text(args.seed, "train"), tok, args.seq_len)
+    rng = random.Random(f"ioi-train-{args.seed}")
+    log = []
+    bar = tqdm(range(args.steps), desc="training", unit="step")
+    for step in bar:
+        x_lm = torch.stack([next(lm_stream) for _ in range(args.lm_batch)])  # [lm_batch, seq]
+        lm_loss = model(x_lm, labels=x_lm).loss
+        x, last, io, _ = ioi_batch(rng, tok, args.ioi_batch, "train")
+        logits = model(x).logits[torch.arange(len(x)), last]  # [ioi_batch, vocab]
+        ioi_loss = F.cross_entropy(logits, io)
+        loss = lm_loss + ioi_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(lm=f"{lm_loss.item():.3f}", ioi=f"{ioi_loss.item():.3f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            row = {"step": step + 1, "lm_loss": lm_loss.item(), "ioi_loss": ioi_loss.item(),
+                   "ioi_heldout": score_ioi(model, tok, 500, "heldout"),
+                   "ioi_train": score_ioi(model, tok, 500, "train"),
+                   "minutes": (time.time() - t0) / 60}
+            log.append(row)
+            tqdm.write(json.dumps(row))
+
+    final = {
+        "ioi_heldout_1000": score_ioi(model, tok, 1000, "heldout", seed=0),
+        "ioi_train_templates_1000": score_ioi(model, tok, 1000, "train", seed=0),
+        "heldout_lm_loss": heldout_lm_loss(model, tok),
+        "train_minutes": (time.time() - t0) / 60,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "args": vars(args),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(final, indent=1))
+    out = Path(args.out)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent if out.parent.exists() else None))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "training_log.json").write_text(json.dumps({"final": final, "log": log}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(f"saved to {out}")
+
+
+if __name__ == "__main__":
+    main()
