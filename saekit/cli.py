@@ -89,8 +89,15 @@ def cmd_ioi(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """The main job on the embedded defaults: load the model, show its hook points, score IOI."""
+    """The main job on the embedded defaults: load the model, show its hook points, score IOI,
+    train a TopK SAE on blocks.5.attn.hook_z and print its summary."""
+    import shutil
+    from pathlib import Path
+
     import torch
+
+    from saekit.training.config import DataOptions, RunOptions, TrainConfig
+    from saekit.training.run import run_training
 
     from saekit.ioi import score_ioi
     from saekit.models import load_model
@@ -106,6 +113,13 @@ def cmd_demo(args) -> None:
           " (pos, n_heads, d_head); `saekit hooks` lists them all")
     s = score_ioi(model, 1000, "heldout")
     print(f"IOI on {s.n} held-out prompts: accuracy {s.accuracy:.3f}, mean logit diff {s.logit_diff:.2f}")
+    out = Path("runs/demo")
+    if (out / "train_config.json").exists():  # the previous demo's run folder
+        shutil.rmtree(out)
+    cfg = TrainConfig(data=DataOptions(model=args.model.model, device=args.model.device),
+                      run=RunOptions(out=str(out)))
+    print(f"training a TopK SAE at {cfg.data.hook} (`saekit train --hook {cfg.data.hook}`) ...")
+    print(format_summary(run_training(cfg), str(out)))
 
 
 @dataclass

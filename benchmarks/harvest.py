@@ -1,0 +1,60 @@
+"""Harvesting throughput at a hook against a bare forward pass to that layer.
+
+    python benchmarks/harvest.py [--hook blocks.5.attn.hook_z] [--model M]
+
+Rows: the bare forward through blocks 0..L (``stop_at_layer=L+1``, no hooks), the full
+forward, and saekit's harvest (``saekit.activations.harvest``: hook, stop as soon as it
+fires, drop BOS, flatten). Target: harvest ≤ 1.15× the bare forward's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+
+import torch
+
+
+def median_time(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hook", default="blocks.5.attn.hook_z")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+
+    from saekit import data
+    from saekit.activations import harvest, resolve_hook
+    from saekit.models import load_model
+
+    model = load_model(args.model)
+    hook = resolve_hook(model, args.hook)
+    layer = int(re.match(r"blocks\.(\d+)\.", args.hook).group(1))
+    tokens = next(data.token_batches(model.tokenizer, None, args.seq_len, args.batch))
+    n = tokens.numel()
+    with torch.no_grad():
+        t_bare = median_time(lambda: model(tokens, stop_at_layer=layer + 1), args.reps)
+        t_full = median_time(lambda: model(tokens), args.reps)
+    t_harvest = median_time(lambda: harvest(model, tokens, hook), args.reps)
+    print(f"| {args.hook}, batch {args.batch}×{args.seq_len}, {torch.get_num_threads()} threads "
+          "| seconds | tokens/s | × bare |\n|---|---|---|---|")
+    for name, t in [(f"bare forward to layer {layer}", t_bare), ("full forward", t_full),
+                    ("saekit harvest", t_harvest)]:
+        print(f"| {name} | {t:.4f} | {n / t:,.0f} | {t / t_bare:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Activations at a hook point: harvest from a model, buffer, and cache on disk.
+
+Training reads activations in *fills*: fill ``i`` is ``fill_tokens`` activation vectors,
+shuffled with a generator seeded by ``(seed, i)``. A fill is a pure function of its index,
+so a run can resume at any step by recomputing one fill: step ``s`` reads batch
+``s % batches_per_fill`` of fill ``s // batches_per_fill``. Sources:
+
+- ``ModelActivations``: runs the model on a token stream, only up to the hook (a hook that
+  stops the forward pass as soon as it has fired);
+- ``CachedActivations``: shards written by ``saekit cache`` (one fill per shard), so a run can
+  train without the model;
+- ``TensorActivations``: an in-memory ``[n, d_in]`` tensor (``train_sae`` from a notebook).
+
+The BOS position is left out: its activations are outliers the SAE should not spend
+latents on, and splicing leaves that position untouched to match.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import einops
+import torch
+from torch import Tensor
+
+from saekit.errors import ConfigError, HookError, SAEFileError
+from saekit.formats import atomic_save_tensors, atomic_write_text, read_json, read_tensors
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """A hook point and the per-token shape of its activations."""
+
+    name: str
+    shape: tuple[int, ...]  # per token, e.g. (n_heads, d_head) for hook_z
+
+    @property
+    def d_in(self) -> int:
+        return math.prod(self.shape)
+
+
+def hook_names(model) -> dict[str, tuple[int, ...]]:
+    """Every hook name of ``model`` (aliases included) with its per-token shape, from a
+    one-token forward pass (cached on the model object)."""
+    if not hasattr(model, "_saekit_hooks"):
+        tokens = torch.tensor([[model.tokenizer.bos_token_id or 0]], device=model.cfg.device)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens)
+        # [batch=1, pos=1, *shape] for token-wise hooks; others (attention patterns) keep all axes
+        model._saekit_hooks = {k: tuple(v.shape[2:]) if v.dim() >= 3 else tuple(v.shape[1:])
+                               for k, v in cache.items()}
+    return model._saekit_hooks
+
+
+def resolve_hook(model, name: str) -> HookSpec:
+    """Check ``name`` exists on ``model``; raise ``HookError`` naming the closest valid hooks."""
+    names = hook_names(model)
+    if name not in names:
+        close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise HookError(f"no hook {name!r} on this model{hint} (`saekit hooks` lists them all)")
+    if "pattern" in name or "attn_scores" in name:
+        raise HookError(f"{name} is an attention pattern, not a per-token activation; pick another hook")
+    return HookSpec(name, names[name])
+
+
+class _Stop(Exception):
+    """Raised inside the hook to end the forward pass once the activation is captured."""
+
+
+def harvest(model, tokens: Tensor, hook: HookSpec) -> Tensor:
+    """Activations at ``hook`` for ``tokens [b, T]`` (BOS position dropped): ``[b·(T−1), d_in]``."""
+    box: list[Tensor] = []
+
+    def grab(act, hook=None):
+        box.append(act.detach())
+        raise _Stop
+
+    with torch.no_grad():
+        try:
+            model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[(hook.name, grab)])
+        except _Stop:
+            pass
+    if not box:
+        raise HookError(f"hook {hook.name} did not fire during the forward pass")
+    act = box[0][:, 1:]  # [b, T-1, *shape]
+    return einops.rearrange(act, "b t ... -> (b t) (...)").float()
+
+
+def fill_permutation(n: int, seed: int, fill: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + fill)
+    return torch.randperm(n, generator=gen)
+
+
+class ModelActivations:
+    """Fills harvested from ``model`` at ``hook`` over batches of token sequences.
+
+    ``token_batches`` must be deterministic; fills are requested in increasing order, and
+    skipped fills only advance the token stream (no model forward)."""
+
+    def __init__(self, model, hook: HookSpec, token_batches: Iterator[Tensor], seqs_per_fill: int):
+        self.model, self.hook, self.seqs_per_fill = model, hook, seqs_per_fill
+        self._tokens = token_batches
+        self._pending: list[Tensor] = []
+        self._next_fill = 0
+
+    def _take_sequences(self, n: int) -> Tensor:
+        while sum(len(b) for b in self._pending) < n:
+            try:
+                self._pending.append(next(self._tokens))
+            except StopIteration:
+                raise ConfigError("the token source ran out before --total-tokens; lower it "
+                                  "or use a larger dataset") from None
+        allseq = torch.cat(self._pending)
+        self._pending = [allseq[n:]] if len(allseq) > n else []
+        return allseq[:n]
+
+    def fill(self, i: int, batch_seqs: int = 32) -> Tensor:
+        if i < self._next_fill:
+            raise ValueError(f"fill {i} requested after fill {self._next_fill - 1}; fills only go forward")
+        while self._next_fill < i:  # resume: skip whole fills without running the model
+            self._take_sequences(self.seqs_per_fill)
+            self._next_fill += 1
+        seqs = self._take_sequences(self.seqs_per_fill)  # [seqs_per_fill, T]
+        self._next_fill += 1
+        return torch.cat([harvest(self.model, seqs[j: j + batch_seqs], self.hook)
+                          for j in range(0, len(seqs), batch_seqs)])
+
+
+class TensorActivations:
+    """Fills cut from an in-memory ``[n, d_in]`` tensor."""
+
+    def __init__(self, acts: Tensor, fill_tokens: int):
+        self.acts, self.fill_tokens = acts, fill_tokens
+
+    @property
+    def n_fills(self) -> int:
+        return max(1, len(self.acts) // self.fill_tokens)
+
+    def fill(self, i: int) -> Tensor:
+        j = i % self.n_fills  # epochs wrap around
+        return self.acts[j * self.fill_tokens: (j + 1) * self.fill_tokens].float()
+
+
+class CachedActivations:
+    """Fills read from a ``saekit cache`` folder (one fill per shard)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise SAEFileError(f"no activation cache at {self.folder}; create one with `saekit cache`")
+        self.meta = read_json(self.folder / "meta.json")
+        self.n_fills = self.meta["n_shards"]
+        self.fill_tokens = self.meta["shard_tokens"]
+
+    def fill(self, i: int) -> Tensor:
+        j = i % self.n_fills
+        return read_tensors(self.folder / shard_name(j))["acts"].float()
+
+
+def shard_name(i: int) -> str:
+    return f"shard_{i:05d}.safetensors"
+
+
+def write_cache(source: ModelActivations, folder, n_shards: int, meta: dict, progress=None) -> Path:
+    """Write ``n_shards`` fills of ``source`` as safetensors shards, then ``meta.json``
+    (written last: a folder without it is an unfinished cache)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shard_tokens = None
+    for i in range(n_shards):
+        acts = source.fill(i)
+        shard_tokens = len(acts)
+        atomic_save_tensors(folder / shard_name(i), {"acts": acts})
+        if progress is not None:
+            progress.update(len(acts))
+    atomic_write_text(folder / "meta.json", json.dumps(
+        {**meta, "n_shards": n_shards, "shard_tokens": shard_tokens}, indent=1))
+    return folder

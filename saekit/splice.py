@@ -1,0 +1,84 @@
+"""Run a model with an SAE's reconstruction in place of the activation at its hook.
+
+The BOS position is left as it is, matching harvesting (``saekit.activations``), where the
+SAE never sees it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saekit.errors import MismatchError
+
+
+def check_sae_fits(model, sae) -> None:
+    """Raise ``MismatchError`` unless ``sae`` reads a hook of ``model`` with its ``d_in``."""
+    from saekit.activations import hook_names
+
+    names = hook_names(model)
+    hook = sae.cfg.hook_name
+    if hook not in names:
+        raise MismatchError(f"the SAE reads hook {hook!r}, which this model does not have; "
+                            "load the model it was trained on (cfg.json: model_name)")
+    d = 1
+    for n in names[hook]:
+        d *= n
+    if d != sae.cfg.d_in:
+        raise MismatchError(f"the SAE expects d_in={sae.cfg.d_in} at {hook} but this model gives {d}; "
+                            f"it was trained on {sae.cfg.model_name or 'another model'}")
+    if not sae.cfg.hook_shape and len(names[hook]) > 1:  # e.g. a SAELens hook_z SAE
+        object.__setattr__(sae.cfg, "hook_shape", tuple(names[hook]))
+
+
+def reconstruct_hook(sae):
+    """A TransformerLens hook function that swaps positions 1: for the SAE's reconstruction."""
+
+    def hook_fn(act: Tensor, hook=None) -> Tensor:
+        x = sae.flatten_hook(act[:, 1:])  # [b, T-1, d_in]
+        x_hat = sae(x.float()).x_hat.to(act.dtype)
+        out = act.clone()
+        out[:, 1:] = sae.unflatten_hook(x_hat)
+        return out
+
+    return hook_fn
+
+
+def zero_hook(act: Tensor, hook=None) -> Tensor:
+    out = act.clone()
+    out[:, 1:] = 0
+    return out
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of ``logits [b, T, V]`` on ``tokens [b, T]``."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+class CELosses(NamedTuple):
+    clean: float
+    sae: float
+    zero: float
+
+    @property
+    def recovered(self) -> float:
+        """(L_zero − L_sae) / (L_zero − L_clean): 1 = the SAE loses nothing, 0 = as bad as
+        zero-ablating the hook (Kissane et al. 2024)."""
+        return (self.zero - self.sae) / (self.zero - self.clean)
+
+
+@torch.no_grad()
+def ce_losses(model, sae, tokens: Tensor, batch_size: int = 32) -> CELosses:
+    """Next-token loss clean, with the SAE spliced in, and with the hook zero-ablated."""
+    check_sae_fits(model, sae)
+    sums = torch.zeros(3)
+    hook = sae.cfg.hook_name
+    for i in range(0, len(tokens), batch_size):
+        t = tokens[i: i + batch_size].to(model.cfg.device)
+        sums[0] += next_token_loss(model(t), t).item() * len(t)
+        sums[1] += next_token_loss(model.run_with_hooks(t, fwd_hooks=[(hook, reconstruct_hook(sae))]), t).item() * len(t)
+        sums[2] += next_token_loss(model.run_with_hooks(t, fwd_hooks=[(hook, zero_hook)]), t).item() * len(t)
+    return CELosses(*(sums / len(tokens)).tolist())

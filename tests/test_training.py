@@ -1,0 +1,190 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from saekit import load_sae
+from saekit.cli import main
+from saekit.errors import ConfigError, HookError, MismatchError, SAEFileError
+from saekit.training import TrainConfig, train_sae
+from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions
+from saekit.training.trainer import TrainingDiverged
+
+
+def synthetic(n=8192, d=32, n_feat=128, k=4, seed=0):
+    """Sparse sums of unit features: an SAE can explain most of the variance."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.nn.functional.normalize(torch.randn(n_feat, d, generator=g), dim=1)
+    idx = torch.randint(0, n_feat, (n, k), generator=g)
+    coef = torch.rand(n, k, generator=g) * 2 + 0.5
+    return (coef[..., None] * feats[idx]).sum(1)
+
+
+def small_cfg(**data):
+    return TrainConfig(sae=SAEOptions(d_sae=256, k=4), optim=OptimOptions(lr=3e-3, warmup_steps=10),
+                       data=DataOptions(batch_size=256, fill_tokens=2048, total_tokens=256 * 200, **data),
+                       run=RunOptions(progress=False, log_every=50))
+
+
+def test_train_sae_on_tensor_beats_the_trivial_baseline():
+    x = synthetic()
+    sae = train_sae(x, small_cfg())
+    out = sae(x)
+    fvu = ((x - out.x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert fvu < 0.25  # predicting the mean gives 1.0
+    assert ((out.codes.values > 0).sum(1) <= 4).all()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256), atol=1e-5, rtol=1e-5)
+
+
+def test_train_sae_on_an_iterable_of_batches():
+    x = synthetic(n=4096)
+    cfg = small_cfg()
+    cfg.data = replace(cfg.data, total_tokens=256 * 16)
+    sae = train_sae((x[i:i + 256] for i in range(0, 4096, 256)), cfg)
+    assert sae.cfg.d_in == 32
+
+
+def test_non_finite_loss_stops_with_error_and_keeps_checkpoint(tmp_path):
+    x = synthetic(n=4096)
+    x[2048:] = float("nan")  # the second half of the data is broken
+    cfg = small_cfg()
+    cfg.data = replace(cfg.data, fill_tokens=4096, total_tokens=256 * 40)
+    cfg.run = replace(cfg.run, checkpoint_every=4)
+
+    def batches():
+        for i in range(0, 4096, 256):
+            yield x[i:i + 256]
+    with pytest.raises(TrainingDiverged, match="at step 8"):
+        train_sae(batches(), cfg, out=str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["step_0000004.pt", "step_0000008.pt"]
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "saekit", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+TINY = ["--d-sae", "256", "-k", "8", "--batch-size", "512", "--fill-tokens", "4064",
+        "--seq-len", "128", "--total-tokens", "20480", "--warmup-steps", "5", "--eval-tokens", "2032",
+        "--progress", "false", "--log-every", "5"]
+
+
+def test_default_train_end_to_end_small_budget(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", "--hook", "blocks.5.attn.hook_z", "--out", str(out), *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "explained variance" in r.stdout and "recovered" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["explained_variance"] <= 1 and summary["l0"] <= 8
+    assert summary["ce_loss_zero_ablation"] > summary["ce_loss_clean"]
+    sae = load_sae(out)
+    assert sae.cfg.hook_name == "blocks.5.attn.hook_z" and len(sae.cfg.hook_shape) == 2
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert {"fvu", "l0", "dead_frac", "aux", "lr"} <= set(rows[0])
+    assert (out / "train_config.json").exists()
+
+
+def test_cache_then_train_from_cache_matches_training_from_the_model(tmp_path):
+    args = [a for a in TINY if a not in ("--eval-tokens", "2032")]
+    args = args[:args.index("--total-tokens")] + ["--total-tokens", "8128"] + args[args.index("--total-tokens") + 2:]
+    r = run_cli("cache", "--out", str(tmp_path / "cache"), "--fill-tokens", "4064", "--total-tokens", "8128")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "cache" / "meta.json").read_text())["n_shards"] == 2
+    r1 = run_cli("train", "--out", str(tmp_path / "a"), "--eval-tokens", "0", *args)
+    r2 = run_cli("train", "--out", str(tmp_path / "b"), "--eval-tokens", "0", "--from-cache", str(tmp_path / "cache"), *args)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-1000:] + r2.stderr[-1000:]
+    a, b = load_sae(tmp_path / "a"), load_sae(tmp_path / "b")
+    assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.W_dec, b.W_dec)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    common = [*TINY, "--eval-tokens", "0", "--checkpoint-every", "4", "--total-tokens", "30720"]
+    ref = run_cli("train", "--out", str(tmp_path / "ref"), *common)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "saekit", "train", "--out", str(out), *common],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "checkpoints").glob("step_0000012.pt")):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "sae.safetensors").exists(), "the run finished before it could be killed"
+    r = run_cli("train", "--out", str(out), "--resume", "true", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = load_sae(tmp_path / "ref"), load_sae(out)
+    for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(a, n), getattr(b, n)), n
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no duplicated rows after the resume
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--hook", "blocks.5.attn.hook_zz"], "closest: blocks.5.attn.hook_z"),
+    (["train", "--k", "500", "--d-sae", "256"], "k=500 exceeds d_sae=256"),
+    (["train", "--from-cache", "/no/such/cache"], "no activation cache at /no/such/cache"),
+    (["train", "--total-tokens", "10", "--batch-size", "512"], "less than one batch"),
+    (["train", "--dataset", "./missing.jsonl"], "no such file or folder: ./missing.jsonl"),
+])
+def test_train_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "o"), "--progress", "false"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["train", "--out", out, *TINY, "--total-tokens", "4096", "--checkpoint-every", "2", "--eval-tokens", "0"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*args, "--resume", "true", "--k", "4"]) == 2
+    assert "--resume with a different config (sae.k changed)" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    from saekit.training import checkpoint as ckpt
+
+    cfg = small_cfg()
+    state = {"step": 1, "w": torch.ones(3)}
+    ckpt.save(tmp_path, state, cfg)
+    ckpt.save(tmp_path, {**state, "step": 2}, cfg)
+    newest = tmp_path / "checkpoints" / "step_0000002.pt"
+    newest.write_bytes(newest.read_bytes()[:-10])  # torn write
+    with pytest.warns(UserWarning, match="fails its checksum"):
+        assert ckpt.latest(tmp_path)["state"]["step"] == 1
+    (tmp_path / "checkpoints" / "step_0000001.pt").write_bytes(b"x")
+    with pytest.warns(UserWarning), pytest.raises(SAEFileError, match="every checkpoint"):
+        ckpt.latest(tmp_path)
+
+
+def test_sae_for_another_model_or_hook_is_a_mismatch(model):
+    from saekit import SAE, SAEConfig
+    from saekit.splice import check_sae_fits
+
+    d = model.cfg.n_heads * model.cfg.d_head
+    with pytest.raises(MismatchError, match="does not have"):
+        check_sae_fits(model, SAE(SAEConfig(d_in=d, d_sae=64, k=4, hook_name="blocks.99.attn.hook_z")))
+    with pytest.raises(MismatchError, match="expects d_in=7"):
+        check_sae_fits(model, SAE(SAEConfig(d_in=7, d_sae=64, k=4, hook_name="blocks.5.attn.hook_z")))
+
+
+def test_unknown_hook_error_names_close_matches(model):
+    from saekit.activations import resolve_hook
+
+    with pytest.raises(HookError, match="blocks.5.attn.hook_z"):
+        resolve_hook(model, "blocks.5.attn.hookz")
+
+
+def test_unwritable_out_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--out", str(blocker / "sub"), *TINY]) == 2
+    assert "cannot write to --out" in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""Training configuration: small nested dataclasses, validated on creation, never mutated
+after the run starts. The ``saekit train`` options are generated from these classes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from saekit.errors import ConfigError
+
+
+@dataclass
+class SAEOptions:
+    """The SAE to train."""
+
+    d_sae: int = 0
+    """Number of latents; 0 means expansion × d_in."""
+    expansion: int = 16
+    """Latents per input dimension, used when d_sae is 0."""
+    k: int = 32
+    """Latents kept per token."""
+    sparsity: Literal["topk"] = "topk"
+    """Sparsifier."""
+    impl: Literal["auto", "torch", "triton"] = "auto"
+    """Encoder/decoder kernels: auto = Triton on CUDA, the torch reference elsewhere."""
+
+    def __post_init__(self):
+        if self.d_sae < 0 or self.expansion < 1 or self.k < 1:
+            raise ConfigError(f"need d_sae >= 0, expansion >= 1, k >= 1 (got {self.d_sae}, {self.expansion}, {self.k})")
+        if self.d_sae and self.k > self.d_sae:
+            raise ConfigError(f"k={self.k} exceeds d_sae={self.d_sae}; lower --k or raise --d-sae")
+
+
+@dataclass
+class DataOptions:
+    """Where activations come from."""
+
+    hook: str = "blocks.5.attn.hook_z"
+    """Full TransformerLens hook name to train on."""
+    model: str | None = None
+    """A hub name (gpt2), a local Hugging Face folder, or omitted for the embedded model."""
+    dataset: str | None = None
+    """A Hugging Face dataset name, a .txt/.jsonl file or folder, or omitted for saekit's corpus."""
+    from_cache: str | None = None
+    """Train from a `saekit cache` folder instead of running the model."""
+    seq_len: int = 128
+    """Tokens per sequence (BOS included)."""
+    total_tokens: int = 4_000_000
+    """Activation vectors to train on."""
+    batch_size: int = 4096
+    """Activation vectors per step."""
+    fill_tokens: int = 131_072
+    """Activations per shuffled buffer fill (and per cache shard)."""
+    device: str = "cpu"
+    """Device for the model and the SAE."""
+
+    def __post_init__(self):
+        for name in ("seq_len", "total_tokens", "batch_size", "fill_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ConfigError("--seq-len must be at least 2 (BOS plus one token)")
+        if self.fill_tokens < self.batch_size:
+            raise ConfigError(f"--fill-tokens ({self.fill_tokens}) must be at least --batch-size ({self.batch_size})")
+        if self.total_tokens < self.batch_size:
+            raise ConfigError(f"--total-tokens ({self.total_tokens}) is less than one batch ({self.batch_size})")
+
+
+@dataclass
+class OptimOptions:
+    """Adam, with a linear warm-up and a linear decay to zero at the end."""
+
+    lr: float = 0.0
+    """Learning rate; 0 means sparsify's rule 2e-4 / sqrt(d_sae / 2^14)."""
+    warmup_steps: int = 100
+    """Steps of linear warm-up."""
+    decay_frac: float = 0.2
+    """Fraction of the run, at the end, over which the rate decays linearly to 0."""
+    adam_eps: float = 6.25e-10
+    """Adam epsilon (OpenAI's TopK value)."""
+    aux: Literal["auxk", "none"] = "auxk"
+    """Auxiliary loss for dead latents."""
+    aux_coef: float = 1 / 32
+    """Weight α of the auxiliary loss."""
+    k_aux: int = 0
+    """Dead latents the auxiliary loss reconstructs with; 0 means d_in / 2."""
+    dead_tokens: int = 1_000_000
+    """A latent is dead after this many tokens without firing."""
+
+    def __post_init__(self):
+        if self.lr < 0 or not 0 <= self.decay_frac <= 1 or self.warmup_steps < 0:
+            raise ConfigError("need lr >= 0, 0 <= decay_frac <= 1, warmup_steps >= 0")
+        if self.dead_tokens < 1:
+            raise ConfigError(f"--dead-tokens must be positive, not {self.dead_tokens}")
+
+
+@dataclass
+class RunOptions:
+    """Files, logging, checkpoints."""
+
+    out: str = "runs/sae"
+    """Run folder: the SAE, its config, metrics.jsonl, checkpoints and the summary."""
+    seed: int = 0
+    """Seed of the SAE init and the data order."""
+    resume: bool = False
+    """Continue from the last checkpoint in --out."""
+    log_every: int = 50
+    """Steps between metric lines."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints."""
+    eval_tokens: int = 32_768
+    """Held-out tokens for the end-of-run summary (0 skips it)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise ConfigError("--log-every and --checkpoint-every must be positive")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as ``train_config.json`` in the run folder."""
+
+    sae: SAEOptions = field(default_factory=SAEOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        parts = {"sae": SAEOptions, "data": DataOptions, "optim": OptimOptions, "run": RunOptions}
+        try:
+            return cls(**{k: parts[k](**v) for k, v in d.items()})
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"not a saekit training config ({e})") from None
+
+    def identity(self) -> dict:
+        """The settings that must match for --resume (everything but bookkeeping)."""
+        d = self.to_dict()
+        for k in ("resume", "progress", "wandb", "log_every", "checkpoint_every"):
+            d["run"].pop(k)
+        d["data"].pop("device")
+        return d

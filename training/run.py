@@ -1,0 +1,195 @@
+"""Entry points: ``run_training`` (``saekit train``), ``cache_activations`` (``saekit cache``)
+and ``train_sae`` (train on in-memory activations from Python)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from saekit.activations import (CachedActivations, ModelActivations, TensorActivations,
+                                resolve_hook, write_cache)
+from saekit.errors import ConfigError
+from saekit.formats import atomic_write_text
+from saekit.sae import SAE, SAEConfig
+from saekit.training import checkpoint as ckpt
+from saekit.training.config import DataOptions, TrainConfig
+from saekit.training.trainer import FillReader, Trainer, fit
+
+
+def _model_source(model, d: DataOptions, seed: int):
+    from saekit import data
+
+    hook = resolve_hook(model, d.hook)
+    tokens = data.token_batches(model.tokenizer, d.dataset, d.seq_len, batch_size=32, seed=seed)
+    return hook, ModelActivations(model, hook, tokens, seqs_per_fill=max(1, d.fill_tokens // (d.seq_len - 1)))
+
+
+def _sae_config(cfg: TrainConfig, d_in: int, hook_name: str, hook_shape, model_name: str) -> SAEConfig:
+    s = cfg.sae
+    return SAEConfig(d_in=d_in, d_sae=s.d_sae or s.expansion * d_in, k=s.k, sparsity=s.sparsity,
+                     hook_name=hook_name, model_name=model_name, hook_shape=tuple(hook_shape), impl=s.impl)
+
+
+def _prepare_out(cfg: TrainConfig) -> tuple[Path, dict | None]:
+    """Create the run folder (failing early if it cannot be written) and find the checkpoint
+    to resume from."""
+    out = Path(cfg.run.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out {out} ({e.strerror}); pick a writable folder") from None
+    state = ckpt.latest(out) if (out / "checkpoints").exists() else None
+    if state and not cfg.run.resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    if state:
+        ckpt.check_same_config(state["config"], cfg)
+    return out, state
+
+
+def _truncate_metrics(out: Path, step: int) -> None:
+    """Drop metric rows logged after the checkpoint we resume from."""
+    path = out / "metrics.jsonl"
+    if path.exists():
+        rows = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train an SAE as ``cfg`` says; write the run folder; return the summary."""
+    from saekit.models import load_model
+    from saekit.training.summary import summarize
+
+    out, state = _prepare_out(cfg)
+    d = cfg.data
+    torch.manual_seed(cfg.run.seed)
+    model = None
+    if d.from_cache:
+        source = CachedActivations(d.from_cache)
+        meta = source.meta
+        sae_cfg = _sae_config(cfg, meta["d_in"], meta["hook_name"], meta["hook_shape"], meta["model_name"])
+        fill_tokens = source.fill_tokens
+    else:
+        model = load_model(d.model, d.device)
+        hook, source = _model_source(model, d, cfg.run.seed)
+        sae_cfg = _sae_config(cfg, hook.d_in, hook.name, hook.shape, model.saekit_name)
+        fill_tokens = source.seqs_per_fill * (d.seq_len - 1)
+    if fill_tokens < d.batch_size:
+        raise ConfigError(f"a buffer fill holds {fill_tokens} activations, fewer than --batch-size {d.batch_size}")
+    sae = SAE(sae_cfg, seed=cfg.run.seed).to(d.device)
+    trainer = Trainer(sae, cfg, total_steps=d.total_tokens // d.batch_size)
+    reader = FillReader(source, d.batch_size, fill_tokens, cfg.run.seed)
+    if state:
+        trainer.load_state_dict(state["state"])
+        _truncate_metrics(out, trainer.step)
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
+        with torch.no_grad():  # b_dec starts at the data mean (methods.md, notation)
+            sae.b_dec.copy_(reader.batch_at(0).mean(0))
+    fit(trainer, reader.batch_at, out, on_log=_loggers(cfg, out))
+    sae.save(out)
+    summary = summarize(sae, trainer, cfg, model) if cfg.run.eval_tokens else {}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def _print_row(row: dict) -> None:
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def _loggers(cfg: TrainConfig, out: Path):
+    """Metric sinks besides metrics.jsonl: the console when there is no progress bar, and
+    Weights & Biases when asked (offline unless WANDB_MODE says otherwise)."""
+    sinks = [] if cfg.run.progress else [_print_row]
+    if cfg.run.wandb:
+        import os
+
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--wandb needs the wandb package: pip install wandb") from None
+        wandb.init(project="saekit", dir=str(out), config=cfg.to_dict(),
+                   mode=os.environ.get("WANDB_MODE", "offline"), resume="allow")
+        sinks.append(wandb.log)
+    return (lambda row: [s(row) for s in sinks]) if sinks else None
+
+
+def cache_activations(d: DataOptions, out: str, seed: int = 0, progress: bool = True) -> Path:
+    """Harvest ``d.total_tokens`` activations at ``d.hook`` into ``out`` (``saekit cache``)."""
+    from saekit.models import load_model
+
+    model = load_model(d.model, d.device)
+    hook, source = _model_source(model, d, seed)
+    shard = source.seqs_per_fill * (d.seq_len - 1)
+    n_shards = max(1, d.total_tokens // shard)
+    meta = {"hook_name": hook.name, "hook_shape": list(hook.shape), "d_in": hook.d_in,
+            "model_name": model.saekit_name, "model": d.model, "dataset": d.dataset,
+            "seq_len": d.seq_len, "seed": seed}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_shards * shard, unit="tok", unit_scale=True, desc="harvesting")
+    try:
+        return write_cache(source, out, n_shards, meta, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def train_sae(acts: Tensor | Iterable[Tensor], cfg: TrainConfig | None = None, *,
+              hook_name: str = "", model_name: str = "", out: str | None = None) -> SAE:
+    """Train an SAE on in-memory activations and return it.
+
+    ``acts`` is a ``[n, d_in]`` tensor (shuffled in buffer fills, wrapping around for more
+    than one epoch) or an iterable of ``[batch, d_in]`` batches (used in order). With no
+    ``cfg``, a tensor gets one epoch in batches of ``min(4096, n)``. Nothing is written
+    unless ``out`` is given."""
+    if cfg is None:
+        if not isinstance(acts, Tensor):
+            raise ConfigError("train_sae on an iterable of batches needs a cfg (for the step count)")
+        bs = min(4096, len(acts))
+        cfg = TrainConfig()
+        cfg.data = dataclasses.replace(cfg.data, batch_size=bs, total_tokens=len(acts) // bs * bs,
+                                       fill_tokens=max(bs, min(cfg.data.fill_tokens, len(acts) // bs * bs)))
+        cfg.run = dataclasses.replace(cfg.run, progress=False)
+    d = cfg.data
+    if isinstance(acts, Tensor):
+        if acts.dim() != 2:
+            raise ConfigError(f"acts must be [n, d_in], got shape {tuple(acts.shape)}")
+        if len(acts) < d.batch_size:
+            raise ConfigError(f"{len(acts)} activations are fewer than one batch ({d.batch_size})")
+        fill_tokens = min(d.fill_tokens, len(acts)) // d.batch_size * d.batch_size
+        reader = FillReader(TensorActivations(acts, fill_tokens), d.batch_size, fill_tokens, cfg.run.seed)
+        batch_at, first = reader.batch_at, reader.batch_at(0)
+        d_in = acts.shape[1]
+    else:
+        it = iter(acts)
+        first = next(it)
+        pending = [first]
+
+        def batch_at(step: int) -> Tensor:
+            if pending:
+                return pending.pop()
+            batch = next(it, None)
+            if batch is None:
+                raise ConfigError(f"the batches ran out at step {step}; give more or lower total_tokens")
+            return batch
+
+        d_in = first.shape[1]
+    sae = SAE(_sae_config(cfg, d_in, hook_name, (), model_name), seed=cfg.run.seed).to(d.device)
+    trainer = Trainer(sae, cfg, total_steps=d.total_tokens // d.batch_size)
+    with torch.no_grad():
+        sae.b_dec.copy_(first.float().mean(0))
+    fit(trainer, batch_at, Path(out) if out else None)
+    if out:
+        sae.save(out)
+    return sae

@@ -1,0 +1,185 @@
+"""The one training loop, for every SAE variant.
+
+Each step: encode, decode, sum the loss terms, backward, remove the decoder gradient's
+component parallel to each row, Adam, renormalize decoder rows. Dead latents are counted
+in tokens since they last fired; AuxK trains on them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from saekit.activations import fill_permutation
+from saekit.errors import SaekitError
+from saekit.sae import SAE
+from saekit.training import checkpoint as ckpt
+from saekit.training.config import TrainConfig
+from saekit.training.losses import auxk_loss, fvu_loss, total_variance
+
+log = logging.getLogger("saekit.training")
+
+
+class TrainingDiverged(SaekitError):
+    """The loss became non-finite."""
+
+
+class Interrupted(SaekitError):
+    """SIGINT/SIGTERM arrived; a checkpoint was written first."""
+
+
+def default_lr(d_sae: int) -> float:
+    """sparsify's rule: 2e-4 / sqrt(d_sae / 2^14)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
+    """Linear warm-up over ``warmup`` steps, constant, linear decay to 0 over the last
+    ``decay_frac`` of the run."""
+    w = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    decay_start = total * (1 - decay_frac)
+    d = 1.0 if step < decay_start else max(0.0, (total - step) / (total - decay_start))
+    return w * d
+
+
+@dataclass
+class StepStats:
+    loss: float
+    fvu: float
+    aux: float
+    l0: float
+    dead_frac: float
+    lr: float
+
+
+class Trainer:
+    """Owns the SAE, the optimizer and the dead-latent counters; ``fit`` runs the loop over
+    ``batch_at(step)``, which must return the step's ``[batch, d_in]`` activations."""
+
+    def __init__(self, sae: SAE, cfg: TrainConfig, total_steps: int):
+        self.sae, self.cfg, self.total_steps = sae, cfg, total_steps
+        o = cfg.optim
+        self.base_lr = o.lr or default_lr(sae.cfg.d_sae)
+        self.opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, eps=o.adam_eps)
+        self.k_aux = o.k_aux or max(1, sae.cfg.d_in // 2)
+        self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_dec.device)
+        self.step = 0
+
+    # ---- one step ----------------------------------------------------------------------------
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.cfg.optim.dead_tokens
+
+    def train_step(self, x: Tensor) -> StepStats:
+        sae, o = self.sae, self.cfg.optim
+        lr = self.base_lr * lr_factor(self.step, self.total_steps, o.warmup_steps, o.decay_frac)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        dead = self.dead_mask() if o.aux == "auxk" else None
+        n_dead = int(dead.sum()) if dead is not None else 0
+        enc = sae.sparsifier.encode(sae, x, None, dead, min(self.k_aux, n_dead))
+        x_hat = sae.decode_codes(enc.codes)
+        denom = total_variance(x)
+        terms = fvu_loss(x, x_hat, denom)
+        if o.aux == "auxk":
+            terms |= auxk_loss(sae, x, x_hat, enc.aux, n_dead, self.k_aux, o.aux_coef, denom)
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step}; lower --lr "
+                                   "(the last good checkpoint is kept)")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grad_()
+        self.opt.step()
+        sae.set_decoder_norm_()
+        with torch.no_grad():  # latents that fired this batch are alive again
+            fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
+            fired[enc.codes.indices[enc.codes.values > 0]] = True
+            self.tokens_since_fired += len(x)
+            self.tokens_since_fired[fired] = 0
+            l0 = (enc.codes.values > 0).sum().item() / len(x)
+        self.step += 1
+        return StepStats(loss.item(), terms["fvu"].item(), terms.get("aux", loss * 0).item(), l0,
+                         n_dead / sae.cfg.d_sae, lr)
+
+    # ---- state for checkpoints ------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "sae": self.sae.state_dict(), "opt": self.opt.state_dict(),
+                "tokens_since_fired": self.tokens_since_fired, "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.step = s["step"]
+        self.sae.load_state_dict(s["sae"])
+        self.opt.load_state_dict(s["opt"])
+        self.tokens_since_fired.copy_(s["tokens_since_fired"])
+        torch.set_rng_state(s["torch_rng"])
+
+
+class FillReader:
+    """Step ``s`` → batch ``s % per_fill`` of shuffled fill ``s // per_fill`` of ``source``."""
+
+    def __init__(self, source, batch_size: int, fill_tokens: int, seed: int):
+        self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.per_fill = fill_tokens // batch_size
+        self._fill_index, self._fill = -1, None
+
+    def batch_at(self, step: int) -> Tensor:
+        f, j = divmod(step, self.per_fill)
+        if f != self._fill_index:
+            acts = self.source.fill(f)
+            self._fill = acts[fill_permutation(len(acts), self.seed, f)]
+            self._fill_index = f
+        return self._fill[j * self.batch_size: (j + 1) * self.batch_size]
+
+
+def fit(trainer: Trainer, batch_at: Callable[[int], Tensor], out: Path | None = None,
+        on_log: Callable[[dict], None] | None = None) -> None:
+    """Run ``trainer`` to ``total_steps``, logging and checkpointing into ``out`` if given.
+    SIGINT/SIGTERM write a checkpoint and raise ``Interrupted``."""
+    cfg = trainer.cfg
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if out else {}
+    bar = None
+    if cfg.run.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=trainer.total_steps * cfg.data.batch_size, initial=trainer.step * cfg.data.batch_size,
+                   unit="tok", unit_scale=True, desc="training", dynamic_ncols=True)
+    t0 = time.time()
+    try:
+        while trainer.step < trainer.total_steps:
+            x = batch_at(trainer.step).to(trainer.sae.W_dec.device)
+            stats = trainer.train_step(x)
+            if bar is not None:
+                bar.update(len(x))
+                bar.set_postfix(fvu=f"{stats.fvu:.3f}", l0=f"{stats.l0:.1f}", dead=f"{stats.dead_frac:.2f}")
+            if trainer.step % cfg.run.log_every == 0 or trainer.step == trainer.total_steps:
+                row = {"step": trainer.step, "tokens": trainer.step * cfg.data.batch_size,
+                       **vars(stats), "elapsed_s": round(time.time() - t0, 2)}
+                if out:
+                    with open(out / "metrics.jsonl", "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                if on_log:
+                    on_log(row)
+            if out and (trainer.step % cfg.run.checkpoint_every == 0 or stop["signal"]):
+                ckpt.save(out, trainer.state_dict(), cfg)
+            if stop["signal"]:
+                raise Interrupted(f"stopped by signal {stop['signal']} at step {trainer.step}; "
+                                  f"checkpoint saved, continue with --resume --out {out}")
+    finally:
+        if bar is not None:
+            bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
