@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -159,6 +160,9 @@ class CachedActivations:
         self.fill_tokens = self.meta["shard_tokens"]
 
     def fill(self, i: int) -> Tensor:
+        if i == self.n_fills:
+            warnings.warn(f"the cache {self.folder} holds {self.n_fills} fills; training goes "
+                          "round it again (cache more tokens to avoid repeating data)", stacklevel=2)
         j = i % self.n_fills
         return read_tensors(self.folder / shard_name(j))["acts"].float()
 

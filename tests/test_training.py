@@ -65,9 +65,8 @@ def test_non_finite_loss_stops_with_error_and_keeps_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["step_0000004.pt", "step_0000008.pt"]
 
 
-def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "saekit", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+# A subprocess uses this process's thread count, so float results match bitwise.
+SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 TINY = ["--d-sae", "256", "-k", "8", "--batch-size", "512", "--fill-tokens", "4064",
@@ -75,11 +74,11 @@ TINY = ["--d-sae", "256", "-k", "8", "--batch-size", "512", "--fill-tokens", "40
         "--progress", "false", "--log-every", "5"]
 
 
-def test_default_train_end_to_end_small_budget(tmp_path):
+def test_default_train_end_to_end_small_budget(tmp_path, capsys):
     out = tmp_path / "run"
-    r = run_cli("train", "--hook", "blocks.5.attn.hook_z", "--out", str(out), *TINY)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "explained variance" in r.stdout and "recovered" in r.stdout
+    assert main(["train", "--hook", "blocks.5.attn.hook_z", "--out", str(out), *TINY]) == 0
+    stdout = capsys.readouterr().out
+    assert "explained variance" in stdout and "recovered" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["explained_variance"] <= 1 and summary["l0"] <= 8
     assert summary["ce_loss_zero_ablation"] > summary["ce_loss_clean"]
@@ -93,32 +92,30 @@ def test_default_train_end_to_end_small_budget(tmp_path):
 
 def test_cache_then_train_from_cache_matches_training_from_the_model(tmp_path):
     args = [a for a in TINY if a not in ("--eval-tokens", "2032")]
-    args = args[:args.index("--total-tokens")] + ["--total-tokens", "8128"] + args[args.index("--total-tokens") + 2:]
-    r = run_cli("cache", "--out", str(tmp_path / "cache"), "--fill-tokens", "4064", "--total-tokens", "8128")
-    assert r.returncode == 0, r.stderr[-2000:]
+    # 14 steps of 512 = two fills of 4064 (7 batches each): exactly what the cache holds
+    args = args[:args.index("--total-tokens")] + ["--total-tokens", "7168"] + args[args.index("--total-tokens") + 2:]
+    assert main(["cache", "--out", str(tmp_path / "cache"), "--fill-tokens", "4064", "--batch-size", "512",
+                 "--total-tokens", "8128"]) == 0
     assert json.loads((tmp_path / "cache" / "meta.json").read_text())["n_shards"] == 2
-    r1 = run_cli("train", "--out", str(tmp_path / "a"), "--eval-tokens", "0", *args)
-    r2 = run_cli("train", "--out", str(tmp_path / "b"), "--eval-tokens", "0", "--from-cache", str(tmp_path / "cache"), *args)
-    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-1000:] + r2.stderr[-1000:]
+    assert main(["train", "--out", str(tmp_path / "a"), "--eval-tokens", "0", *args]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), "--eval-tokens", "0", "--from-cache", str(tmp_path / "cache"), *args]) == 0
     a, b = load_sae(tmp_path / "a"), load_sae(tmp_path / "b")
     assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.W_dec, b.W_dec)
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     common = [*TINY, "--eval-tokens", "0", "--checkpoint-every", "4", "--total-tokens", "30720"]
-    ref = run_cli("train", "--out", str(tmp_path / "ref"), *common)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert main(["train", "--out", str(tmp_path / "ref"), *common]) == 0
     out = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "-m", "saekit", "train", "--out", str(out), *common],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=SUBPROCESS_ENV)
     deadline = time.time() + 300
     while time.time() < deadline and not list((out / "checkpoints").glob("step_0000012.pt")):
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (out / "sae.safetensors").exists(), "the run finished before it could be killed"
-    r = run_cli("train", "--out", str(out), "--resume", "true", *common)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert main(["train", "--out", str(out), "--resume", *common]) == 0
     a, b = load_sae(tmp_path / "ref"), load_sae(out)
     for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(a, n), getattr(b, n)), n
