@@ -204,8 +204,22 @@ def build_parser() -> Parser:
     return p
 
 
+def _setup_logging() -> None:
+    """saekit's INFO lines (e.g. which kernel implementation runs) go to stderr once each."""
+    import logging
+
+    log = logging.getLogger("saekit")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _setup_logging()
     command = next((a for a in argv if not a.startswith("-")), None)
     prog = f"saekit {command}" if command in COMMANDS else "saekit"
     try:

@@ -158,4 +158,4 @@ def load_sae(path, device: str | torch.device = "cpu"):
     if missing:
         raise SAEFileError(f"{folder}: weights file lacks {missing}")
     sae.load_state_dict(w, strict=False)
-    return sae.to(device)
+    return sae.to(device).eval()  # inference: batch-level sparsifiers use their thresholds

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from saekit.errors import ConfigError
 
-SparsityName = Literal["topk"]
+SparsityName = Literal["topk", "gtopk", "mutual_choice", "feature_choice"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class SAEConfig:
     k: int = 32
     """Latents kept per token (TopK)."""
     sparsity: SparsityName = "topk"
-    """Sparsifier: topk."""
+    """Sparsifier: topk, gtopk (g-SAE), mutual_choice, feature_choice."""
     hook_name: str = ""
     """Full TransformerLens hook name the SAE reads, e.g. blocks.5.attn.hook_z."""
     model_name: str = ""
@@ -46,12 +46,28 @@ class SAEConfig:
     """Per-token shape at the hook, e.g. (n_heads, d_head) for hook_z; () means (d_in,)."""
     impl: Literal["auto", "torch", "triton"] = "auto"
     """Encoder/decoder kernels: auto = Triton on CUDA, the torch reference elsewhere."""
+    beta: float = 1.0
+    """gtopk: weight of the gradient term in the selection score."""
+    grad_norm: Literal["rms", "none"] = "rms"
+    """gtopk: divide |g @ W_dec^T| by its RMS over latents per token (rms) or not (none)."""
+    mc_mode: Literal["threshold", "batch"] = "threshold"
+    """mutual_choice inference: the saved threshold, or the batch rule."""
+    capacity: Literal["uniform", "zipf"] = "uniform"
+    """feature_choice: latent capacities m_j, uniform or Zipf by firing-frequency rank."""
+    zipf_s: float = 1.0
+    """feature_choice with zipf capacity: the exponent s in m_j ∝ rank^-s."""
+    rerank_every: int = 100
+    """feature_choice with zipf capacity: steps between re-rankings by frequency."""
+    threshold_decay: float = 0.9
+    """Decay of the moving averages behind inference thresholds and frequencies."""
 
     def __post_init__(self):
         if self.d_in < 1 or self.d_sae < 1:
             raise ConfigError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if not 1 <= self.k <= self.d_sae:
             raise ConfigError(f"k={self.k} must be between 1 and d_sae={self.d_sae}; lower k or raise d_sae")
+        if self.beta < 0 or not 0 <= self.threshold_decay < 1 or self.rerank_every < 1:
+            raise ConfigError("need beta >= 0, 0 <= threshold_decay < 1, rerank_every >= 1")
         if self.hook_shape and math.prod(self.hook_shape) != self.d_in:
             raise ConfigError(f"hook_shape {self.hook_shape} does not flatten to d_in={self.d_in}")
         object.__setattr__(self, "hook_shape", tuple(self.hook_shape))
@@ -107,7 +123,7 @@ class SAE(nn.Module):
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
 
     def encode_codes(self, x: Float[Tensor, "batch d_in"], grad: Tensor | None = None) -> Codes:
-        """The sparse code of ``x`` (``grad`` = ∂L/∂x, used only by gradient-aware sparsifiers)."""
+        """The sparse code of ``x`` (``grad`` = ∂L/∂x, used only by gtopk)."""
         return self.sparsifier.encode(self, x, grad).codes
 
     def decode_codes(self, codes: Codes) -> Float[Tensor, "batch d_in"]:
@@ -158,8 +174,9 @@ class SAE(nn.Module):
         moves along the unit sphere (Gao et al. 2024, §A)."""
         if self.W_dec.grad is None:
             return
-        par = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)  # [d_sae, 1]
-        self.W_dec.grad -= par * self.W_dec
+        g, W = self.W_dec.grad, self.W_dec
+        par = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)  # [d_sae, 1], no [d_sae, d_in] temporary
+        g.addcmul_(par.expand_as(W), W, value=-1)
 
     # ---- files --------------------------------------------------------------------------
     def save(self, path, format: Literal["saekit", "saelens"] = "saekit") -> None:

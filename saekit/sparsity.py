@@ -2,8 +2,15 @@
 
 A sparsifier turns an input batch into a sparse code. It is a small ``nn.Module`` (so it can
 hold buffers such as inference thresholds, saved with the SAE) chosen by name from
-``SAEConfig.sparsity``. Its ``encode`` may also return the AuxK candidates: the top
-``k_aux`` pre-activations among dead latents, for the auxiliary loss.
+``SAEConfig.sparsity``: ``topk``, ``gtopk``, ``mutual_choice``, ``feature_choice``.
+
+``encode(sae, x, grad, aux_weights, k_aux)`` returns the code and, when asked, the auxiliary
+selection: per token the top ``k_aux`` of ``aux_weights ⊙ ReLU(pre)`` among latents with a
+positive weight (AuxK passes the dead mask as weights; aux_zipf graded weights), whose
+values are the plain ``ReLU(pre)``.
+
+Batch-level sparsifiers (Mutual and Feature Choice) give each token a varying number of
+latents; their codes are padded to the widest row with zero values.
 """
 
 from __future__ import annotations
@@ -18,7 +25,37 @@ from saekit.sae import Codes, SAEConfig
 
 class Encoded(NamedTuple):
     codes: Codes
-    aux: Codes | None  # top-k_aux among dead latents, when asked for
+    aux: Codes | None  # the auxiliary-loss selection, when asked for
+
+
+def mask_to_codes(a: Tensor, mask: Tensor) -> Codes:
+    """Codes holding ``a[b, j]`` for every ``mask[b, j]``, rows padded with zeros
+    (differentiable through ``a``). Work and memory are O(nnz), not O(B·d_sae) sorts."""
+    B = a.shape[0]
+    counts = mask.sum(1)
+    n = max(int(counts.max()) if B else 0, 1)
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major: grouped by row, columns ascending
+    pos = torch.arange(len(rows), device=a.device) - (counts.cumsum(0) - counts)[rows]
+    indices = torch.zeros(B, n, dtype=torch.long, device=a.device).index_put((rows, pos), cols)
+    values = a.new_zeros(B, n).index_put((rows, pos), a[rows, cols])
+    return Codes(values, indices)
+
+
+def aux_select(a: Tensor, weights: Tensor | None, k_aux: int) -> Codes | None:
+    """Top ``k_aux`` of ``weights ⊙ a`` among latents with weight > 0; values from ``a``."""
+    if weights is None or k_aux <= 0:
+        return None
+    eligible = (weights > 0).nonzero().flatten()
+    if len(eligible) == 0:
+        return None
+    score = a.index_select(1, eligible) * weights[eligible]  # [B, n_eligible]
+    pos = score.topk(min(k_aux, len(eligible)), dim=1).indices
+    idx = eligible[pos]
+    return Codes(a.gather(1, idx), idx)
+
+
+def _is_mask(weights: Tensor) -> bool:
+    return bool(((weights == 0) | (weights == 1)).all())
 
 
 class TopK(nn.Module):
@@ -29,22 +66,179 @@ class TopK(nn.Module):
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
-        self.k = cfg.k
-        self.impl = cfg.impl
+        self.k, self.impl = cfg.k, cfg.impl
 
     def encode(self, sae, x: Tensor, grad: Tensor | None = None,
-               dead_mask: Tensor | None = None, k_aux: int = 0) -> Encoded:
+               aux_weights: Tensor | None = None, k_aux: int = 0) -> Encoded:
         from saekit import kernels
 
-        if dead_mask is not None and k_aux > 0 and bool(dead_mask.any()):
+        if aux_weights is None or k_aux <= 0 or not bool((aux_weights > 0).any()):
+            top = kernels.encode_topk(x, sae.W_enc, sae.b_enc, sae.b_dec, self.k, impl=self.impl)
+            return Encoded(Codes(*top), None)
+        if _is_mask(aux_weights):  # AuxK: one fused pass selects both
             top, aux = kernels.encode_topk_aux(x, sae.W_enc, sae.b_enc, sae.b_dec, self.k,
-                                               dead_mask, k_aux, impl=self.impl)
+                                               aux_weights > 0, k_aux, impl=self.impl)
             return Encoded(Codes(*top), Codes(*aux))
-        top = kernels.encode_topk(x, sae.W_enc, sae.b_enc, sae.b_dec, self.k, impl=self.impl)
-        return Encoded(Codes(*top), None)
+        a = sae.pre_acts(x).relu()  # graded weights (aux_zipf): the dense path
+        v, i = a.topk(self.k, dim=1)
+        return Encoded(Codes(v, i), aux_select(a, aux_weights, k_aux))
 
 
-SPARSIFIERS: dict[str, type[nn.Module]] = {"topk": TopK}
+class GradientTopK(nn.Module):
+    """g-SAE (Olmo et al. 2024): TopK whose *selection* also weighs each latent's effect on
+    the loss; the kept values are the plain activations.
+
+        s = a ⊙ (1 + β·|g @ W_decᵀ| / rms),   a = ReLU(pre),   g = ∂L/∂x
+
+    saekit's formulation (methods.md §5): L is the next-token loss summed over positions;
+    ``grad_norm="rms"`` divides ``|g @ W_decᵀ|`` by its root-mean-square over latents per
+    token (β becomes scale-free), ``"none"`` keeps raw values. Without ``grad`` (inference
+    without labels) it is exactly TopK."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.k, self.beta, self.grad_norm, self.impl = cfg.k, cfg.beta, cfg.grad_norm, cfg.impl
+        self._topk = TopK(cfg)
+
+    def scores(self, sae, a: Tensor, grad: Tensor) -> Tensor:
+        with torch.no_grad():
+            effect = (grad.float() @ sae.W_dec.T).abs()  # [B, d_sae]
+            if self.grad_norm == "rms":
+                effect = effect / effect.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+            return a.detach() * (1 + self.beta * effect)
+
+    def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
+        if grad is None or self.beta == 0:
+            return self._topk.encode(sae, x, None, aux_weights, k_aux)
+        a = sae.pre_acts(x).relu()
+        idx = self.scores(sae, a, grad).topk(self.k, dim=1).indices
+        return Encoded(Codes(a.gather(1, idx), idx), aux_select(a, aux_weights, k_aux))
+
+
+def _ema_(buf: Tensor, value: Tensor, decay: float, started: Tensor) -> None:
+    """In-place exponential moving average; the first update sets the value."""
+    if not bool(started):
+        buf.copy_(value)
+        started.fill_(True)
+    else:
+        buf.mul_(decay).add_(value * (1 - decay))
+
+
+class MutualChoice(nn.Module):
+    """Mutual Choice (Ayonrinde 2024): the batch's ``k·B`` largest ReLU pre-activations,
+    over all tokens and latents together; per-token L0 varies, its mean is ``k``.
+
+    saekit's choice for inference (methods.md §2): ``theta`` is an EMA of the smallest value
+    kept per training batch and ``f = pre·1[pre > θ]`` (``mc_mode="threshold"``);
+    ``mc_mode="batch"`` keeps the batch rule at inference too.
+
+    The global selection is not a full sort: each row's top ``4k`` candidates are ranked
+    first, which is exact unless some row had all its candidates chosen (then the rank
+    runs over the whole matrix)."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.k, self.mode, self.decay = cfg.k, cfg.mc_mode, cfg.threshold_decay
+        self.register_buffer("theta", torch.zeros(()))
+        self.register_buffer("theta_set", torch.zeros((), dtype=torch.bool))
+
+    def batch_mask(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """Mask of the ``k·B`` largest entries of ``a`` and the smallest kept value."""
+        B, d_sae = a.shape
+        n = min(self.k * B, B * d_sae)
+        m = min(d_sae, 4 * self.k)
+        cand_v, cand_i = a.topk(m, dim=1)  # [B, m]
+        top = cand_v.flatten().topk(n)
+        rows = torch.div(top.indices, m, rounding_mode="floor")
+        full_rows = torch.bincount(rows, minlength=B) == m
+        if m < d_sae and bool(full_rows.any()):  # a row may hold more: rank everything
+            top = a.flatten().topk(n)
+            rows, cols = torch.div(top.indices, d_sae, rounding_mode="floor"), top.indices % d_sae
+        else:
+            cols = cand_i.flatten()[top.indices]
+        mask = torch.zeros_like(a, dtype=torch.bool)
+        mask[rows, cols] = True
+        return mask, top.values.min()
+
+    def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
+        a = sae.pre_acts(x).relu()
+        with torch.no_grad():
+            if self.training or self.mode == "batch":
+                mask, smallest = self.batch_mask(a)
+                if self.training:
+                    _ema_(self.theta, smallest, self.decay, self.theta_set)
+            else:
+                mask = a > self.theta
+        return Encoded(mask_to_codes(a, mask), aux_select(a, aux_weights, k_aux))
+
+
+class FeatureChoice(nn.Module):
+    """Feature Choice (Ayonrinde 2024): each latent ``j`` keeps its ``m_j`` largest
+    activations over the batch (a column-wise top-m), ``Σ m_j = k·B``, so every latent fires
+    in every batch and none can die.
+
+    saekit's choices (methods.md §3): ``capacity="uniform"`` gives ``m_j = round(k·B/d_sae)``
+    (at least 1); ``"zipf"`` gives ``m_j ∝ r_j^(−s)`` normalized to ``k·B``, with ``r_j``
+    latent j's rank by its running firing frequency, re-ranked every ``rerank_every`` calls.
+    Inference: per-latent thresholds ``θ_j`` (EMA of the smallest value latent j kept per
+    batch) and ``f_j = pre_j·1[pre_j > θ_j]``."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.k, self.capacity, self.s = cfg.k, cfg.capacity, cfg.zipf_s
+        self.rerank_every, self.decay = cfg.rerank_every, cfg.threshold_decay
+        self.register_buffer("theta", torch.zeros(cfg.d_sae))
+        self.register_buffer("theta_set", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("freq", torch.zeros(cfg.d_sae))  # running firing frequency
+        self.register_buffer("rank", torch.arange(1, cfg.d_sae + 1, dtype=torch.float))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def capacities(self, B: int) -> Tensor:
+        """``m_j`` per latent, summing to ``k·B`` (largest-remainder rounding)."""
+        d_sae = self.theta.shape[0]
+        total = self.k * B
+        if self.capacity == "uniform":
+            share = torch.full((d_sae,), total / d_sae)
+        else:
+            w = self.rank.pow(-self.s)
+            share = w / w.sum() * total
+        m = share.floor().long().clamp(max=B)
+        short = total - int(m.sum())
+        if short > 0:  # give the remainder to the largest fractional parts
+            frac = (share - share.floor()).masked_fill(m >= B, -1)
+            m[frac.topk(min(short, d_sae)).indices] += 1
+        return m.clamp(1, B)
+
+    def batch_mask(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        B = a.shape[0]
+        m = self.capacities(B)  # [d_sae]
+        vals, rows = a.topk(int(m.max()), dim=0)  # [m_max, d_sae], per latent
+        keep = torch.arange(len(vals), device=a.device)[:, None] < m[None, :]
+        mask = torch.zeros_like(a, dtype=torch.bool)
+        cols = torch.arange(a.shape[1], device=a.device).expand_as(rows)
+        mask[rows[keep], cols[keep]] = True
+        smallest = vals.gather(0, (m - 1)[None, :])[0]  # [d_sae]
+        return mask, smallest
+
+    def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
+        a = sae.pre_acts(x).relu()
+        with torch.no_grad():
+            if self.training:
+                mask, smallest = self.batch_mask(a)
+                _ema_(self.theta, smallest, self.decay, self.theta_set)
+                self.freq.mul_(self.decay).add_(mask.float().mean(0) * (1 - self.decay))
+                self.calls += 1
+                if self.capacity == "zipf" and int(self.calls) % self.rerank_every == 0:
+                    order = self.freq.argsort(descending=True)
+                    self.rank[order] = torch.arange(1, len(order) + 1, dtype=torch.float, device=a.device)
+            else:
+                mask = a > self.theta
+        return Encoded(mask_to_codes(a, mask), aux_select(a, aux_weights, k_aux))
+
+
+SPARSIFIERS: dict[str, type[nn.Module]] = {
+    "topk": TopK, "gtopk": GradientTopK, "mutual_choice": MutualChoice, "feature_choice": FeatureChoice,
+}
 
 
 def make_sparsifier(cfg: SAEConfig) -> nn.Module:

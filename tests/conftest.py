@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# The Triton kernels are tested in Triton's CPU interpreter, which must be switched on before
+# anything imports triton; saekit itself only runs Triton when asked (impl="triton") or on CUDA.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests never reach the network: the embedded model and corpus are local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -20,10 +20,24 @@ class SAEOptions:
     """Latents per input dimension, used when d_sae is 0."""
     k: int = 32
     """Latents kept per token."""
-    sparsity: Literal["topk"] = "topk"
-    """Sparsifier."""
+    sparsity: Literal["topk", "gtopk", "mutual_choice", "feature_choice"] = "topk"
+    """Sparsifier: topk, gtopk (g-SAE), mutual_choice, feature_choice."""
     impl: Literal["auto", "torch", "triton"] = "auto"
     """Encoder/decoder kernels: auto = Triton on CUDA, the torch reference elsewhere."""
+    beta: float = 1.0
+    """gtopk: weight of the gradient term in the selection score."""
+    grad_norm: Literal["rms", "none"] = "rms"
+    """gtopk: normalize |g @ W_dec^T| by its RMS over latents (rms) or not (none)."""
+    mc_mode: Literal["threshold", "batch"] = "threshold"
+    """mutual_choice inference rule: the saved threshold or the batch rule."""
+    capacity: Literal["uniform", "zipf"] = "uniform"
+    """feature_choice capacities."""
+    zipf_s: float = 1.0
+    """feature_choice zipf capacity exponent."""
+    rerank_every: int = 100
+    """feature_choice zipf capacity: steps between re-rankings."""
+    threshold_decay: float = 0.9
+    """mutual/feature_choice: EMA decay of the inference thresholds."""
 
     def __post_init__(self):
         if self.d_sae < 0 or self.expansion < 1 or self.k < 1:
@@ -79,14 +93,18 @@ class OptimOptions:
     """Fraction of the run, at the end, over which the rate decays linearly to 0."""
     adam_eps: float = 6.25e-10
     """Adam epsilon (OpenAI's TopK value)."""
-    aux: Literal["auxk", "none"] = "auxk"
-    """Auxiliary loss for dead latents."""
+    aux: Literal["auxk", "zipf", "none"] = "auxk"
+    """Auxiliary loss: auxk (dead latents), zipf (dead and underused latents), none."""
     aux_coef: float = 1 / 32
     """Weight α of the auxiliary loss."""
     k_aux: int = 0
     """Dead latents the auxiliary loss reconstructs with; 0 means d_in / 2."""
     dead_tokens: int = 1_000_000
     """A latent is dead after this many tokens without firing."""
+    zipf_tail_frac: float = 0.2
+    """aux zipf: share of lowest-ranked latents left out of the Zipf fit."""
+    zipf_gamma: float = 0.5
+    """aux zipf: a latent is underused below gamma times its fitted frequency."""
 
     def __post_init__(self):
         if self.lr < 0 or not 0 <= self.decay_frac <= 1 or self.warmup_steps < 0:

@@ -26,7 +26,8 @@ def auxk_loss(sae, x: Tensor, x_hat: Tensor, aux: Codes | None, n_dead: int, k_a
     """AuxK (Gao et al. 2024 §A.2): reconstruct the residual ``e = x − x̂`` from the top
     ``k_aux`` pre-activations of dead latents, decoded without ``b_dec``:
     ``L_aux = ‖e − ê‖² / Σ‖x − mean(x)‖²``, scaled by ``min(n_dead / k_aux, 1)`` so that a
-    handful of dead latents does not get the full weight. Zero when nothing is dead."""
+    handful of dead latents does not get the full weight. Zero when nothing is dead.
+    aux_zipf uses the same term with its own selection (``n_dead`` = latents eligible)."""
     if aux is None or n_dead == 0:
         return {"aux": x.new_zeros(())}
     from saekit.kernels import decode_sparse
@@ -35,3 +36,27 @@ def auxk_loss(sae, x: Tensor, x_hat: Tensor, aux: Codes | None, n_dead: int, k_a
     e_hat = decode_sparse(aux.values, aux.indices, sae.W_dec, torch.zeros_like(sae.b_dec), impl=sae.cfg.impl)
     scale = min(n_dead / k_aux, 1.0)
     return {"aux": coef * scale * (e - e_hat).pow(2).sum() / denom}
+
+
+def zipf_weights(freq: Tensor, dead: Tensor, tail_frac: float = 0.2, gamma: float = 0.5) -> Tensor:
+    """aux_zipf's per-latent weights — saekit's formulation (methods.md §4).
+
+    Sort latents by running firing frequency ``p``; fit ``log p = c − s·log r`` by least
+    squares over the ranks outside the bottom ``tail_frac`` (and with ``p > 0``); a latent is
+    underused when ``p_j < γ·p̂_j`` and weighs ``1 − p_j / (γ·p̂_j)``; dead latents weigh 1;
+    all others 0. With only dead latents below the fit, the weights are the dead mask and
+    aux_zipf is exactly AuxK."""
+    n = len(freq)
+    order = freq.argsort(descending=True)
+    ranks = torch.empty(n, device=freq.device)
+    ranks[order] = torch.arange(1, n + 1, dtype=torch.float, device=freq.device)
+    fit = (ranks <= n * (1 - tail_frac)) & (freq > 0)
+    w = dead.float()
+    if int(fit.sum()) >= 2:
+        lr, lp = ranks[fit].log(), freq[fit].log()
+        slope = ((lr - lr.mean()) * (lp - lp.mean())).sum() / (lr - lr.mean()).pow(2).sum().clamp_min(1e-12)
+        expected = (lp.mean() + slope * (ranks.log() - lr.mean())).exp()  # p̂ at each rank
+        under = freq < gamma * expected
+        w = torch.where(under, (1 - freq / (gamma * expected)).clamp(0, 1), w)
+        w = torch.maximum(w, dead.float())
+    return w

@@ -32,7 +32,9 @@ def _model_source(model, d: DataOptions, seed: int):
 def _sae_config(cfg: TrainConfig, d_in: int, hook_name: str, hook_shape, model_name: str) -> SAEConfig:
     s = cfg.sae
     return SAEConfig(d_in=d_in, d_sae=s.d_sae or s.expansion * d_in, k=s.k, sparsity=s.sparsity,
-                     hook_name=hook_name, model_name=model_name, hook_shape=tuple(hook_shape), impl=s.impl)
+                     hook_name=hook_name, model_name=model_name, hook_shape=tuple(hook_shape), impl=s.impl,
+                     beta=s.beta, grad_norm=s.grad_norm, mc_mode=s.mc_mode, capacity=s.capacity,
+                     zipf_s=s.zipf_s, rerank_every=s.rerank_every, threshold_decay=s.threshold_decay)
 
 
 def _prepare_out(cfg: TrainConfig) -> tuple[Path, dict | None]:
@@ -94,7 +96,7 @@ def run_training(cfg: TrainConfig) -> dict:
         atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
         with torch.no_grad():  # b_dec starts at the data mean (methods.md, notation)
             sae.b_dec.copy_(reader.batch_at(0).mean(0))
-    fit(trainer, reader.batch_at, out, on_log=_loggers(cfg, out))
+    fit(trainer, reader.batch_at, out, on_log=_loggers(cfg, out), harvested=lambda: reader.tokens_filled)
     sae.save(out)
     summary = summarize(sae, trainer, cfg, model) if cfg.run.eval_tokens else {}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))

@@ -46,7 +46,9 @@ def summarize(sae, trainer, cfg, model=None) -> dict:
     acts = torch.cat([harvest(model, tokens[i: i + 32], hook) for i in range(0, len(tokens), 32)])
     stats = reconstruction_stats(sae, acts.to(sae.W_dec.device))
     ce = ce_losses(model, sae, tokens)
-    summary = {**stats, "dead_frac": dead_frac, "ce_loss_clean": ce.clean, "ce_loss_sae": ce.sae,
+    from saekit.kernels import resolve_impl
+
+    summary = {**stats, "dead_frac": dead_frac, "impl": resolve_impl(sae.cfg.impl, sae.W_dec.device), "ce_loss_clean": ce.clean, "ce_loss_sae": ce.sae,
                "ce_loss_zero_ablation": ce.zero, "ce_loss_recovered": ce.recovered,
                "eval_tokens": len(acts), "steps": trainer.step, "hook": sae.cfg.hook_name,
                "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}

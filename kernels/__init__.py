@@ -1,0 +1,20 @@
+"""saekit.kernels: the SAE's TopK encoder and sparse decoder, in PyTorch and in Triton.
+
+Public API (each op takes impl="auto" | "torch" | "triton"; see resolve_impl):
+
+    encode_topk(x, W_enc, b_enc, b_dec, k) -> TopK(values [B, k], indices [B, k])
+    encode_topk_aux(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux) -> (TopK, TopK for AuxK)
+    decode_sparse(values, indices, W_dec, b_dec) -> x_hat [B, d_in]
+    resolve_impl(impl, device) -> "torch" | "triton"
+
+Layout (SAELens): W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+Every Triton kernel sits beside its PyTorch reference: encoder.py / encoder_triton.py,
+sparse_rows.py / sparse_rows_triton.py. Importing this package imports neither triton nor
+anything that probes a device.
+"""
+
+from .decoder import decode_sparse
+from .dispatch import resolve_impl
+from .encoder import TopK, encode_topk, encode_topk_aux
+
+__all__ = ["TopK", "decode_sparse", "encode_topk", "encode_topk_aux", "resolve_impl"]

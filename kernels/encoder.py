@@ -1,0 +1,192 @@
+"""TopK encoder: `encode_topk` / `encode_topk_aux`, their autograd, and the PyTorch reference.
+
+    pre     = (x - b_dec) @ W_enc + b_enc                        # [B, d_sae]
+    indices = the k largest pre per row (ties: lower index wins)  # [B, k] int64
+    values  = ReLU(pre[indices])                                 # [B, k], sorted descending
+
+Selection ranks `pre` itself and applies ReLU to the kept values (Gao et al. 2024;
+methods.md sec. 1). The scattered sparse code equals scatter(topk(ReLU(pre), k)) always; the
+indices differ from that only in rows with fewer than k positive pre-activations, where the
+extra entries have value 0 either way. Not building ReLU(pre) saves a full pass over
+[B, d_sae] (measured ~95 ms for a fresh 200 MB tensor at B=4096, d_sae=12288 on CPU).
+
+Backward touches only the selected latents (K = k, plus k_aux for AuxK), with g = dL/dvalues
+masked by values > 0 and xc = x - b_dec:
+    grad b_enc[j]    = sum of g[b, s] over (b, s) with indices[b, s] = j
+    grad W_enc[:, j] = sum of g[b, s] * xc[b] over the same (b, s)    (scatter_rows -> W_enc^T)
+    grad x[b]        = sum_s g[b, s] * W_enc[:, indices[b, s]]         (gather_rows)
+    grad b_dec       = -sum_b grad x[b] = -W_enc @ grad b_enc          (no grad x needed)
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .dispatch import TRITON_MAX_K, resolve_impl
+from .select import topk_lower_index
+from .sparse_rows import gather_rows, scatter_rows
+
+
+class TopK(NamedTuple):
+    values: Tensor   # [B, k], ReLU applied, sorted descending, input dtype
+    indices: Tensor  # [B, k] int64
+
+
+# ---- PyTorch reference forward ---------------------------------------------------------
+
+_tls = threading.local()
+
+
+def _workspace(shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """A reused CPU buffer for the pre-activation matrix, one per thread.
+
+    A fresh 200 MB tensor costs ~0.1 s of page faults per step on CPU: glibc hands large
+    blocks back to the OS on free. Measured on one core at B=4096, d_in=768, d_sae=12288:
+    `x @ W_enc` 602 ms into a fresh tensor, 508 ms into a reused one. Only the last
+    shape/dtype is kept (one [B, d_sae] buffer per thread). `pre` never leaves this module,
+    so reusing it is safe.
+    """
+    buf = getattr(_tls, "pre", None)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        _tls.pre = buf = torch.empty(shape, dtype=dtype)
+    return buf
+
+
+def encode_forward_torch(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
+    dead_mask: Tensor | None = None, k_aux: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference forward: (values, indices, aux values, aux indices), see the module docstring.
+
+    x [B, d_in], W_enc [d_in, d_sae], b_enc [d_sae], b_dec [d_in], one dtype; the matmul
+    accumulates in fp32 (BLAS) and returns the input dtype, which is what gets ranked.
+    Aux: top-k_aux among latents where dead_mask [d_sae] is True (k_aux <= their number).
+    """
+    return _select(x - b_dec, W_enc, b_enc, k, dead_mask, k_aux)
+
+
+def _select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None, k_aux: int):
+    """encode_forward_torch given xc = x - b_dec [B, d_in]."""
+    B, d_sae = xc.shape[0], W_enc.shape[1]
+    out = _workspace((B, d_sae), xc.dtype) if xc.device.type == "cpu" else None
+    pre = torch.addmm(b_enc, xc, W_enc, out=out)  # [B, d_sae]
+    values, indices = topk_lower_index(pre, k)
+    if dead_mask is None or k_aux == 0:
+        empty = pre.new_empty(B, 0)
+        return values.relu_(), indices, empty, empty.long()
+    dead_idx = dead_mask.nonzero().flatten()  # ascending, so the tie rule carries over
+    aux_values, aux_pos = topk_lower_index(pre.index_select(1, dead_idx), k_aux)
+    return values.relu_(), indices, aux_values.relu_(), dead_idx[aux_pos]
+
+
+# ---- autograd ---------------------------------------------------------------------------
+
+
+class _EncodeTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, dead_mask, k, k_aux, impl):
+        # xc = x - b_dec is kept for grad W_enc (B*d_in, small) instead of being recomputed.
+        xc = x - b_dec if impl == "torch" or ctx.needs_input_grad[1] else None
+        if impl == "triton":
+            from .encoder_triton import encoder_topk_triton
+
+            out = encoder_topk_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+        else:
+            out = _select(xc, W_enc, b_enc, k, dead_mask, k_aux)
+        values, indices, aux_values, aux_indices = out
+        ctx.mark_non_differentiable(indices, aux_indices)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(xc, W_enc, values, indices, aux_values, aux_indices)
+        ctx.dtypes = (x.dtype, b_dec.dtype)
+        ctx.impl = impl
+        return out
+
+    @staticmethod
+    def backward(ctx, g_values, _gi, g_aux, _gai):
+        xc, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
+        x_dtype, b_dec_dtype = ctx.dtypes
+        sel = [(g, v, i) for g, v, i in ((g_values, values, indices), (g_aux, aux_values, aux_indices))
+               if g is not None and i.shape[1] > 0]
+        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
+        if not sel:
+            return (None,) * 8
+        # Gradient wrt the selected pre-activations; ReLU passes it where the value is > 0.
+        g_BK = torch.cat([g.float() * (v > 0) for g, v, _ in sel], 1)   # [B, K]
+        idx_BK = sel[0][2] if len(sel) == 1 else torch.cat([i for _, _, i in sel], 1)  # [B, K]
+        d_sae = W_enc.shape[1]
+        grad_b_enc = torch.zeros(d_sae, dtype=torch.float32, device=W_enc.device)
+        grad_b_enc.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+        grad_x = grad_W = grad_b_dec = None
+        if need_W:
+            # Built as W_enc^T rows ([d_sae, d_in], contiguous) and returned as its [d_in, d_sae]
+            # view: no copy when W_enc is stored that way (as nn.Linear(d_in, d_sae).weight.T),
+            # else autograd copies it into W_enc's layout.
+            grad_W = scatter_rows(idx_BK, g_BK, xc, d_sae, ctx.impl).t().to(W_enc.dtype)
+        if need_x:
+            grad_xc = gather_rows(idx_BK, g_BK, W_enc.t(), ctx.impl)  # [B, d_in]
+            grad_x = grad_xc.to(x_dtype)
+            grad_b_dec = -grad_xc.sum(0) if need_b_dec else None
+        elif need_b_dec:
+            grad_b_dec = -(W_enc.float() @ grad_b_enc)
+        return (
+            grad_x, grad_W, grad_b_enc.to(W_enc.dtype) if need_b_enc else None,
+            None if grad_b_dec is None else grad_b_dec.to(b_dec_dtype), None, None, None, None,
+        )
+
+
+def _validate(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> None:
+    d_in, d_sae = W_enc.shape
+    if x.shape[-1] != d_in or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
+        raise ValueError(
+            f"shapes: x {tuple(x.shape)}, W_enc {tuple(W_enc.shape)}, b_enc {tuple(b_enc.shape)}, "
+            f"b_dec {tuple(b_dec.shape)}; expected x [..., d_in], W_enc [d_in, d_sae], b_enc [d_sae], b_dec [d_in]"
+        )
+    if not (x.dtype == W_enc.dtype == b_enc.dtype == b_dec.dtype):
+        raise ValueError(f"x, W_enc, b_enc, b_dec must share one dtype, got {x.dtype}, {W_enc.dtype}, {b_enc.dtype}, {b_dec.dtype}")
+    if not 1 <= k <= d_sae:
+        raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
+
+
+def _encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, impl):
+    _validate(x, W_enc, b_enc, b_dec, k)
+    impl = resolve_impl(impl, x.device)
+    if impl == "triton" and max(k, k_aux) > TRITON_MAX_K:
+        raise ValueError(f"impl='triton' supports k, k_aux <= {TRITON_MAX_K}; got k={k}, k_aux={k_aux}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [B, d_in]
+    v, i, av, ai = _EncodeTopK.apply(x2, W_enc, b_enc, b_dec, dead_mask, k, k_aux, impl)
+    return TopK(v.unflatten(0, lead), i.unflatten(0, lead)), TopK(av.unflatten(0, lead), ai.unflatten(0, lead))
+
+
+def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, *, impl: str = "auto") -> TopK:
+    """TopK encoder: the k largest of (x - b_dec) @ W_enc + b_enc per row, ReLU on the values.
+
+    x [..., d_in]; W_enc [d_in, d_sae]; b_enc [d_sae]; b_dec [d_in]; fp32 or bf16 (one dtype).
+    Returns TopK(values [..., k] sorted descending in x's dtype, indices [..., k] int64); among
+    equal values the lower latent index wins. Differentiable wrt x, W_enc, b_enc, b_dec
+    through `values`; the backward touches only the selected latents.
+    impl: "auto" | "torch" | "triton" (see resolve_impl).
+    """
+    return _encode(x, W_enc, b_enc, b_dec, k, None, 0, impl)[0]
+
+
+def encode_topk_aux(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
+    dead_mask: Tensor, k_aux: int, *, impl: str = "auto",
+) -> tuple[TopK, TopK]:
+    """`encode_topk` plus, from the same pre-activations, the AuxK selection (Gao et al. 2024):
+    per row the top-k_aux of ReLU(pre) among latents where dead_mask [d_sae] (bool) is True.
+
+    k_aux is clipped to the number of dead latents (0 dead -> aux tensors of width 0). Both
+    results are differentiable the same way; their gradients add up in W_enc, b_enc, x, b_dec.
+    """
+    if dead_mask.shape != (W_enc.shape[1],) or dead_mask.dtype != torch.bool:
+        raise ValueError(f"dead_mask must be a bool [d_sae={W_enc.shape[1]}] tensor, got {dead_mask.dtype} {tuple(dead_mask.shape)}")
+    if k_aux < 0:
+        raise ValueError(f"k_aux must be >= 0, got {k_aux}")
+    k_aux = min(k_aux, int(dead_mask.sum()))
+    return _encode(x, W_enc, b_enc, b_dec, k, dead_mask.contiguous(), k_aux, impl)

@@ -1,0 +1,141 @@
+"""Exact per-row top-k with saekit's tie rule: among equal values the lower index wins.
+
+torch.topk does not promise an order among ties (on CPU it uses std::partial_sort or
+std::nth_element per row, so tied latents come out arbitrarily), and saekit needs the torch
+and Triton paths to agree index for index. The rule is made exact with 64-bit keys
+
+    key = (order_preserving_int32(value) << 32) | (2**32 - 1 - index)
+
+whose order is "value descending, then index ascending" and which are all distinct. The
+Triton encoder kernel builds the same keys (encoder_triton.py), so both paths rank alike.
+
+Building keys for a whole [B, d_sae] matrix is slow on CPU, so `topk_lower_index` ranks the
+plain values and only re-ranks with keys (a) the k selected entries, to order them, and
+(b) the rare rows with a tie at the k-th place. For large rows on CPU it also avoids running
+torch.topk over every element (see `_hierarchical`): torch.topk costs ~3.5 ns per element there,
+~30% of the time of the encoder matmul itself at d_in=768 (benchmarks/cpu_kernels.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_LOW32 = 0xFFFFFFFF
+# Rows of keys built at once in the exact fallback: bounds its memory to ~32 MB of int64.
+_KEY_CHUNK = 1 << 22
+
+
+def pack_keys(values: Tensor, indices: Tensor) -> Tensor:
+    """int64 keys ordering (value desc, index asc); values any float dtype, indices < 2**32.
+
+    -0.0 is folded to +0.0 so the two compare equal, as they do as floats. NaN is not handled.
+    """
+    bits = values.float().view(torch.int32)
+    bits = torch.where(bits == torch.iinfo(torch.int32).min, 0, bits)  # -0.0 -> +0.0
+    # Flip the magnitude bits of negatives so that signed int32 order equals float order.
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (bits.long() << 32) | (_LOW32 - indices)
+
+
+def unpack_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of `pack_keys`: (values fp32, indices int64)."""
+    bits = (keys >> 32).to(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return bits.view(torch.float32), _LOW32 - (keys & _LOW32)
+
+
+def keyed_topk(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of (value, index) pairs along dim 1 by key: exact, ties to the lower index, sorted."""
+    _, pos = pack_keys(values, indices).topk(k, dim=1)
+    return values.gather(1, pos), indices.gather(1, pos)
+
+
+def _exact_rows(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Keyed top-k over whole rows (the slow, always-exact path), in row chunks."""
+    n = scores.shape[1]
+    step = max(1, _KEY_CHUNK // n)
+    ar = torch.arange(n, device=scores.device)
+    parts = [keyed_topk(rows, ar.expand_as(rows), k) for rows in scores.split(step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _finish(scores: Tensor, k: int, v: Tensor, i: Tensor, tie: Tensor) -> tuple[Tensor, Tensor]:
+    """v, i: the k selected per row, values sorted descending. Put equal values in index
+    order (only rows with such a tie: keys cost ~10 passes) and redo the rows with a tie at
+    the k-th place exactly."""
+    inner = ((v[:, 1:] == v[:, :-1]).any(1) & ~tie).nonzero().flatten()
+    if inner.numel():
+        v[inner], i[inner] = keyed_topk(v[inner], i[inner], k)
+    bad = tie.nonzero().flatten()
+    if bad.numel():
+        v[bad], i[bad] = _exact_rows(scores[bad], k)
+    return v, i
+
+
+def _direct(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk over whole rows, taking k+1 to detect a tie at the k-th place."""
+    n = scores.shape[1]
+    if k == n:
+        ar = torch.arange(n, device=scores.device).expand_as(scores)
+        return keyed_topk(scores, ar, k)
+    v, i = scores.topk(k + 1, dim=1)
+    return _finish(scores, k, v[:, :k], i[:, :k], v[:, k - 1] == v[:, k])
+
+
+def _hierarchical(scores: Tensor, k: int, group: int, n_super: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k that runs torch.topk on ~1/16 of the elements instead of all of them.
+
+    Level 1: strided groups of `group` elements (latent j in group j mod n1, which makes the
+    max a cheap vectorized reduction over `group` contiguous slices). Level 2: `n_super`
+    strided super-groups of level-1 groups. Keep the top-k super-groups, then the top-k
+    level-1 groups inside them, then the top-k elements of those. Each level keeps every
+    element >= the k-th largest value: if the k kept groups' maxima are all >= t, there are k
+    distinct elements >= t, so the answer's k-th value v_k >= t, and a dropped group (max < t
+    when there is no tie at the cut) holds nothing >= v_k. A tie at any cut sends the row to
+    the exact path. Elements outside the grouped prefix are always candidates.
+    """
+    B, n = scores.shape
+    dev = scores.device
+    n1 = n // group                      # level-1 groups
+    per_super = n1 // n_super            # level-1 groups per super-group
+    gm1 = scores[:, : n1 * group].unflatten(1, (group, n1)).amax(1)  # [B, n1]
+    gm2 = gm1[:, : per_super * n_super].unflatten(1, (per_super, n_super)).amax(1)  # [B, n_super]
+    v2, s2 = gm2.topk(k + 1, dim=1)
+    tie = v2[:, k - 1] == v2[:, k]
+
+    g1 = (s2[:, :k, None] + n_super * torch.arange(per_super, device=dev)).flatten(1)  # [B, k*per_super]
+    if per_super * n_super < n1:  # level-1 groups left out of the super-groups
+        g1 = torch.cat([g1, torch.arange(per_super * n_super, n1, device=dev).expand(B, -1)], 1)
+    v1, p1 = gm1.gather(1, g1).topk(k + 1, dim=1)
+    tie |= v1[:, k - 1] == v1[:, k]
+    g1 = g1.gather(1, p1[:, :k])
+
+    cand_BC = (g1[:, :, None] + n1 * torch.arange(group, device=dev)).flatten(1)  # [B, k*group]
+    if n1 * group < n:  # the tail that is in no group
+        cand_BC = torch.cat([cand_BC, torch.arange(n1 * group, n, device=dev).expand(B, -1)], 1)
+    v, p = scores.gather(1, cand_BC).topk(k + 1, dim=1)
+    tie |= v[:, k - 1] == v[:, k]
+    return _finish(scores, k, v[:, :k], cand_BC.gather(1, p[:, :k]), tie)
+
+
+def topk_lower_index(
+    scores: Tensor, k: int, *, group: int = 8, n_super: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-row top-k of `scores` [R, n]: (values [R, k] in scores' dtype, indices [R, k] int64).
+
+    Sorted by value descending; among equal values the lower index comes first and wins the
+    last place. Same result as `keyed_topk(scores, arange(n), k)`, computed faster.
+    `group`/`n_super` (default 4k) shape the CPU hierarchical path; tests shrink them to
+    exercise it on small rows. Defaults from a sweep at B=4096, n=12288, k=32 on one core
+    (benchmarks/cpu_kernels.py): 92 ms against 169 ms for a bare torch.topk.
+    """
+    R, n = scores.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    n_super = 4 * k if n_super is None else n_super
+    # Needs >= 2 level-1 groups per super-group and > k super-groups. On CUDA torch.topk is
+    # a radix select whose cost does not hinge on k the same way: keep it there.
+    if scores.device.type == "cpu" and n // group >= 2 * n_super and n_super > k:
+        return _hierarchical(scores, k, group, n_super)
+    return _direct(scores, k)

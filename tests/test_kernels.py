@@ -1,0 +1,402 @@
+"""saekit.kernels: both impls against an independent dense reference, forward and backward.
+
+The Triton kernels run in Triton's CPU interpreter, which must be on before triton is first
+imported (triton's own tl.zeros, tl.sum, ... are @triton.jit functions decorated at import):
+tests/conftest.py sets TRITON_INTERPRET=1 before importing torch.
+
+Most data is small integers (x, W in {-2..2}): every product and sum is exact in fp32 and
+bf16 (|pre| < 256), so results can be compared exactly, and values repeat, so ties at the
+k-th place are common and the rule "the lower index wins" is exercised. The dense reference
+ranks with a stable descending sort, which keeps the lower index first among equal values.
+bf16 on random (non-integer) data is compared with a stated tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from saekit.kernels import TopK, decode_sparse, encode_topk, encode_topk_aux, resolve_impl
+from saekit.kernels import dispatch
+from saekit.kernels.select import pack_keys, topk_lower_index, unpack_keys
+
+HAS_TRITON = dispatch.triton_available()
+# tests/conftest.py turns the interpreter on before anything imports triton; only a machine
+# without the triton package (macOS) skips the Triton cases.
+triton_case = pytest.mark.skipif(not HAS_TRITON, reason="the triton package is not installed")
+IMPLS = ["torch", pytest.param("triton", marks=triton_case)]
+
+
+# ---- data and the dense reference --------------------------------------------------------
+
+
+def int_sae(d_in, d_sae, B, dtype=torch.float32, seed=0):
+    """x, W_enc, b_enc, b_dec, W_dec with small integer entries: exact arithmetic, many ties."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, lo=-2, hi=3: torch.randint(lo, hi, s, generator=g).to(dtype)  # noqa: E731
+    return r(B, d_in), r(d_in, d_sae), r(d_sae), r(d_in, lo=-1, hi=2), r(d_sae, d_in)
+
+
+def randn_sae(d_in, d_sae, B, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    return r(B, d_in), r(d_in, d_sae) / d_in**0.5, r(d_sae) * 0.1, r(d_in) * 0.1, r(d_sae, d_in) / d_in**0.5
+
+
+def stable_topk(scores, k):
+    """Top-k with the lower index first among equal values: a stable descending sort."""
+    v, i = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return v[..., :k], i[..., :k]
+
+
+def dense_pre(x, W_enc, b_enc, b_dec):
+    return ((x.float() - b_dec.float()).to(x.dtype).float() @ W_enc.float() + b_enc.float()).to(x.dtype)
+
+
+def scatter_dense(values, indices, d_sae):
+    return torch.zeros(*values.shape[:-1], d_sae, dtype=values.dtype).scatter_add(-1, indices, values)
+
+
+def fire(f_dense_and_leaves, upstream):
+    """Sum(output * upstream) backward; returns the grads of the leaves."""
+    out, leaves = f_dense_and_leaves
+    (out.float() * upstream).sum().backward()
+    return [t.grad for t in leaves]
+
+
+def leaves(*ts, x_grad=True):
+    out = [t.detach().clone().requires_grad_(True) for t in ts]
+    out[0].requires_grad_(x_grad)
+    return out
+
+
+def assert_grads_equal(got, want, atol=0.0, rtol=0.0):
+    for name, a, b in zip(["x", "W_enc", "b_enc", "b_dec", "W_dec"], got, want):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a is not None, name
+        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol, msg=lambda m: f"grad {name}: {m}")
+
+
+# ---- dispatch -----------------------------------------------------------------------------
+
+
+def test_resolve_impl(monkeypatch, caplog):
+    assert resolve_impl("auto", "cpu") == "torch"
+    assert resolve_impl("torch", "cpu") == "torch"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve_impl("cuda", "cpu")
+    if HAS_TRITON:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert resolve_impl("triton", "cpu") == "triton"
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match="needs CUDA tensors") as e:
+            resolve_impl("triton", "cpu")
+        assert "\n" not in str(e.value)
+    monkeypatch.setattr(dispatch, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="saekit.kernels"):
+        resolve_impl("auto", "cpu")
+        resolve_impl("auto", "cpu")
+    assert len([r for r in caplog.records if r.name == "saekit.kernels"]) == 1
+
+
+def test_import_and_torch_path_without_the_gpu_package():
+    """`import saekit.kernels` must not need triton (macOS): block it and run the torch path."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'): raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, saekit.kernels as K\n"
+        "assert 'triton' not in sys.modules\n"
+        "x, W = torch.randn(5, 8), torch.randn(8, 20, requires_grad=True)\n"
+        "t = K.encode_topk(x, W, torch.zeros(20), torch.zeros(8), 3)\n"
+        "K.decode_sparse(t.values, t.indices, W.t(), None).sum().backward()\n"
+        "assert K.resolve_impl('auto', 'cpu') == 'torch' and W.grad is not None\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+# ---- exact top-k selection ------------------------------------------------------------------
+
+
+def test_keys_round_trip_and_order():
+    v = torch.tensor([[3.0, -0.0, 0.0, -1.5, 3.0, float("inf"), -float("inf"), 1e-30]])
+    i = torch.arange(v.shape[1]).expand_as(v)
+    vals, idx = unpack_keys(pack_keys(v, i))
+    assert torch.equal(idx, i) and torch.equal(vals, v + 0.0)  # -0.0 comes back as +0.0
+    order = pack_keys(v, i).argsort(descending=True)[0].tolist()
+    assert order == [5, 0, 4, 7, 1, 2, 3, 6]  # value desc; 3.0 and the zeros: lower index first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,group,n_super", [
+    (333, 7, 8, None),    # direct path (row too short for the groups)
+    (333, 5, 4, 10),      # hierarchical, tail elements outside the groups, leftover groups
+    (200, 32, 3, 33),     # hierarchical with the largest k its shape allows
+    (4096, 32, 8, None),  # the default hierarchical configuration
+    (64, 64, 8, None),    # k == n
+])
+def test_topk_lower_index_matches_stable_sort(dtype, n, k, group, n_super):
+    g = torch.Generator().manual_seed(n + k)
+    for scores in (torch.randint(-3, 4, (41, n), generator=g).to(dtype),   # ties everywhere
+                   torch.randn(41, n, generator=g).to(dtype)):
+        v, i = topk_lower_index(scores, k, group=group, n_super=n_super)
+        rv, ri = stable_topk(scores, k)
+        assert torch.equal(i, ri) and torch.equal(v, rv)
+
+
+def test_topk_lower_index_zero_signs_tie():
+    scores = torch.tensor([[-0.0, 0.0, -1.0, 0.0]])
+    _, i = topk_lower_index(scores, 2)
+    assert i.tolist() == [[0, 1]]
+
+
+# ---- encoder forward ---------------------------------------------------------------------------
+
+SHAPES = [(24, 200, 1), (40, 333, 7), (24, 200, 32), (40, 333, 5)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d_in,d_sae,k", SHAPES)
+def test_encode_topk_matches_dense_reference(impl, dtype, d_in, d_sae, k):
+    x, W_enc, b_enc, b_dec, _ = int_sae(d_in, d_sae, 37, dtype, seed=k)
+    top = encode_topk(x, W_enc, b_enc, b_dec, k, impl=impl)
+    assert isinstance(top, TopK) and top.values.dtype == dtype and top.indices.dtype == torch.int64
+    rv, ri = stable_topk(dense_pre(x, W_enc, b_enc, b_dec), k)
+    assert torch.equal(top.indices, ri)
+    assert torch.equal(top.values, rv.relu())
+    # the scattered code is exactly scatter(topk(ReLU(pre), k)) as well
+    rv2, ri2 = stable_topk(dense_pre(x, W_enc, b_enc, b_dec).relu(), k)
+    assert torch.equal(scatter_dense(top.values, top.indices, d_sae), scatter_dense(rv2, ri2, d_sae))
+
+
+@triton_case
+@pytest.mark.parametrize("dtype,tol,gap", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2**-6, 2**-5)])
+def test_encode_topk_random_data_torch_and_triton_agree(dtype, tol, gap):
+    """Random data: the two impls sum in different orders, and torch's bf16 addmm on CPU can
+    round twice (observed: 2 ulp apart), so values agree within `tol` relative (bf16: 2**-6,
+    two ulp) and indices agree on the rows whose k-th and (k+1)-th pre-activations are more
+    than `gap` apart (relative)."""
+    d_in, d_sae, k = 40, 333, 7
+    x, W_enc, b_enc, b_dec, _ = randn_sae(d_in, d_sae, 37, dtype)
+    a = encode_topk(x, W_enc, b_enc, b_dec, k, impl="torch")
+    b = encode_topk(x, W_enc, b_enc, b_dec, k, impl="triton")
+    torch.testing.assert_close(a.values.float(), b.values.float(), rtol=tol, atol=tol)
+    s = dense_pre(*[t.float() for t in (x, W_enc, b_enc, b_dec)]).sort(dim=1, descending=True).values
+    clear = (s[:, k - 1] - s[:, k]) > gap * s[:, k - 1].abs().clamp(min=1)
+    assert clear.sum() >= 10
+    assert torch.equal(a.indices[clear], b.indices[clear])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_encode_topk_leading_dims_and_validation(impl):
+    x, W_enc, b_enc, b_dec, _ = int_sae(24, 200, 12)
+    top = encode_topk(x.view(3, 4, 24), W_enc, b_enc, b_dec, 5, impl=impl)
+    flat = encode_topk(x, W_enc, b_enc, b_dec, 5, impl=impl)
+    assert top.indices.shape == (3, 4, 5) and torch.equal(top.indices.view(12, 5), flat.indices)
+    with pytest.raises(ValueError, match="k must be"):
+        encode_topk(x, W_enc, b_enc, b_dec, 201, impl=impl)
+    with pytest.raises(ValueError, match="one dtype"):
+        encode_topk(x, W_enc.bfloat16(), b_enc, b_dec, 5, impl=impl)
+
+
+# ---- encoder + decoder backward against dense autograd ------------------------------------------
+
+
+def sparse_pipeline(impl, x, W_enc, b_enc, b_dec, W_dec, k):
+    top = encode_topk(x, W_enc, b_enc, b_dec, k, impl=impl)
+    return decode_sparse(top.values, top.indices, W_dec, b_dec, impl=impl)
+
+
+def dense_pipeline(x, W_enc, b_enc, b_dec, W_dec, k):
+    pre = (x - b_dec) @ W_enc + b_enc
+    _, idx = stable_topk(pre.detach(), k)
+    f = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx).relu())
+    return f @ W_dec + b_dec
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("d_in,d_sae,k", [(40, 333, 7), (24, 200, 32)])
+def test_backward_matches_dense_autograd(impl, x_grad, d_in, d_sae, k):
+    params = int_sae(d_in, d_sae, 37, seed=d_sae + k)
+    up = torch.randint(-3, 4, (37, d_in), generator=torch.Generator().manual_seed(1)).float()
+    got_leaves = leaves(*params, x_grad=x_grad)
+    want_leaves = leaves(*params, x_grad=x_grad)
+    got = fire((sparse_pipeline(impl, *got_leaves, k), got_leaves), up)
+    want = fire((dense_pipeline(*want_leaves, k), want_leaves), up)
+    assert_grads_equal(got, want)  # integer data: exact
+    # W_enc's gradient arrives in W_enc's own layout
+    assert got_leaves[1].grad.stride() == got_leaves[1].stride()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_bf16(impl):
+    """bf16 params, random data: grads within 3e-2 of the largest (bf16 output rounding) of
+    fp32 dense autograd through the same selection."""
+    params = randn_sae(40, 333, 37, torch.bfloat16, seed=3)
+    up = torch.randn(37, 40, generator=torch.Generator().manual_seed(2))
+    got_leaves = leaves(*params)
+    top = encode_topk(*got_leaves[:4], 7, impl=impl)
+    x_hat = decode_sparse(top.values, top.indices, got_leaves[4], got_leaves[3], impl=impl)
+    got = fire((x_hat, got_leaves), up)
+    want_leaves = leaves(*[p.float() for p in params])
+    x, W_enc, b_enc, b_dec, W_dec = want_leaves
+    pre = (x - b_dec) @ W_enc + b_enc
+    f = torch.zeros_like(pre).scatter(1, top.indices, pre.gather(1, top.indices).relu())
+    want = fire((f @ W_dec + b_dec, want_leaves), up)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
+
+
+# ---- AuxK -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n_dead,k_aux", [(60, 16), (9, 16), (0, 16), (333, 100), (100, 50)])
+def test_encode_topk_aux(impl, n_dead, k_aux):
+    d_in, d_sae, k = 40, 333, 7
+    params = int_sae(d_in, d_sae, 37, seed=n_dead)
+    g = torch.Generator().manual_seed(n_dead)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[torch.randperm(d_sae, generator=g)[:n_dead]] = True
+    up = torch.randint(-2, 3, (37, d_in), generator=g).float()
+    up_aux = torch.randint(-2, 3, (37, d_in), generator=g).float()
+
+    lv = leaves(*params)
+    top, aux = encode_topk_aux(*lv[:4], k, dead, k_aux, impl=impl)
+    x, W_enc, b_enc, b_dec, W_dec = lv
+    assert aux.values.shape == (37, min(k_aux, n_dead)) and aux.indices.dtype == torch.int64
+    x_hat = decode_sparse(top.values, top.indices, W_dec, b_dec, impl=impl)
+    e_hat = decode_sparse(aux.values, aux.indices, W_dec, None, impl=impl)  # AuxK: no b_dec
+    ((x_hat * up).sum() + (e_hat * up_aux).sum()).backward()
+
+    rv, ri = stable_topk(dense_pre(*params[:4]).masked_fill(~dead, float("-inf")), min(k_aux, n_dead))
+    assert torch.equal(aux.indices, ri) and torch.equal(aux.values, rv.relu())
+    assert bool(dead[aux.indices].all())
+    assert torch.equal(top.indices, encode_topk(*params[:4], k, impl=impl).indices)
+
+    dl = leaves(*params)
+    x, W_enc, b_enc, b_dec, W_dec = dl
+    pre = (x - b_dec) @ W_enc + b_enc
+    f = torch.zeros_like(pre).scatter(1, ri, pre.gather(1, ri).relu())
+    x_hat_d = dense_pipeline(*dl, k)
+    ((x_hat_d * up).sum() + ((f @ W_dec) * up_aux).sum()).backward()
+    assert_grads_equal([t.grad for t in lv], [t.grad for t in dl])
+
+
+def test_encode_topk_aux_validation():
+    x, W_enc, b_enc, b_dec, _ = int_sae(24, 200, 5)
+    with pytest.raises(ValueError, match="dead_mask"):
+        encode_topk_aux(x, W_enc, b_enc, b_dec, 3, torch.zeros(199, dtype=torch.bool), 4)
+
+
+# ---- decoder --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_decode_sparse_matches_dense(impl, with_bias):
+    d_sae, d_in, B, k = 333, 40, 37, 9
+    g = torch.Generator().manual_seed(5)
+    W_dec = torch.randint(-3, 4, (d_sae, d_in), generator=g).float().requires_grad_()
+    b_dec = torch.randint(-3, 4, (d_in,), generator=g).float().requires_grad_() if with_bias else None
+    values = torch.randint(-3, 4, (B, k), generator=g).float().requires_grad_()
+    indices = torch.randint(0, d_sae, (B, k), generator=g)  # duplicates in a row are allowed
+    up = torch.randint(-3, 4, (B, d_in), generator=g).float()
+    out = decode_sparse(values, indices, W_dec, b_dec, impl=impl)
+    (out * up).sum().backward()
+
+    Wd, v = W_dec.detach().clone().requires_grad_(), values.detach().clone().requires_grad_()
+    bd = b_dec.detach().clone().requires_grad_() if with_bias else None
+    ref = scatter_dense(v, indices, d_sae) @ Wd + (bd if with_bias else 0)
+    (ref * up).sum().backward()
+    assert torch.equal(out, ref.detach())
+    assert torch.equal(values.grad, v.grad) and torch.equal(W_dec.grad, Wd.grad)
+    if with_bias:
+        assert torch.equal(b_dec.grad, bd.grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode_sparse_bf16(impl):
+    """bf16 in, fp32 accumulation, bf16 out: within 1 bf16 ulp (2**-8 relative) of fp32 maths."""
+    g = torch.Generator().manual_seed(6)
+    W_dec = torch.randn(200, 24, generator=g).bfloat16()
+    values = torch.rand(37, 5, generator=g).bfloat16()
+    indices = torch.stack([torch.randperm(200, generator=g)[:5] for _ in range(37)])
+    out = decode_sparse(values, indices, W_dec, None, impl=impl)
+    ref = scatter_dense(values.float(), indices, 200) @ W_dec.float()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2**-8, atol=1e-6)
+
+
+def test_scatter_rows_reuses_its_sort_only_for_the_same_unmodified_indices():
+    from saekit.kernels.sparse_rows import scatter_rows_torch
+
+    g = torch.Generator().manual_seed(8)
+    idx = torch.randint(0, 50, (20, 5), generator=g)
+    w, dense = torch.randn(20, 5, generator=g), torch.randn(20, 3, generator=g)
+
+    def naive(i):
+        return torch.zeros(50, 3).index_add_(0, i.reshape(-1), (w[..., None] * dense[:, None]).reshape(-1, 3))
+
+    torch.testing.assert_close(scatter_rows_torch(idx, w, dense, 50), naive(idx))
+    torch.testing.assert_close(scatter_rows_torch(idx.view(20, 5), w, dense, 50), naive(idx))  # cached
+    idx[3, 1] = (idx[3, 1] + 1) % 50  # in place: the version counter moves, the sort is redone
+    torch.testing.assert_close(scatter_rows_torch(idx, w, dense, 50), naive(idx))
+    other = torch.randint(0, 50, (20, 5), generator=g)
+    torch.testing.assert_close(scatter_rows_torch(other, w, dense, 50), naive(other))
+
+
+# ---- the Triton pieces directly ----------------------------------------------------------------------------
+
+
+@triton_case
+def test_triton_sparse_row_kernels_strided_and_empty():
+    from saekit.kernels import sparse_rows as sr
+    from saekit.kernels.sparse_rows_triton import gather_rows_triton, row_dot_triton, scatter_rows_triton
+
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, 333, (37, 11), generator=g)
+    w = torch.randint(-3, 4, (37, 11), generator=g).float()
+    M = torch.randint(-3, 4, (40, 333), generator=g).float().t()  # strided [333, 40], like W_enc.t()
+    dense = torch.randint(-3, 4, (37, 40), generator=g).float()
+    assert torch.equal(gather_rows_triton(idx, w, M), sr.gather_rows_torch(idx, w, M))
+    assert torch.equal(row_dot_triton(idx, dense, M), sr.row_dot_torch(idx, dense, M))
+    assert torch.equal(scatter_rows_triton(idx, w, dense, 333), sr.scatter_rows_torch(idx, w, dense, 333))
+    e = idx[:, :0]
+    assert gather_rows_triton(e, w[:, :0], M).abs().sum() == 0
+    assert row_dot_triton(e, dense, M).shape == (37, 0)
+    assert scatter_rows_triton(e, w[:, :0], dense, 333).abs().sum() == 0
+
+
+@triton_case
+def test_triton_plan_bounds_the_candidate_buffer(monkeypatch):
+    """Under the interpreter and on GPU: the [B, n_chunks, k_pad] int64 candidate buffer stays
+    under 1/8 of the [B, d_sae] pre-activation matrix it replaces (one chunk at least)."""
+    from saekit.kernels import encoder_triton as et
+
+    for interp in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interp)
+        for d_sae in (4096, 32768, 131072):
+            for elt in (2, 4):
+                for k_pads in (32, 128, 32 + 512):
+                    p = et._plan(4096, d_sae, elt, k_pads)
+                    assert p["n_chunks"] * p["tiles_per_chunk"] * p["BLOCK_N"] >= d_sae
+                    if k_pads * 8 <= d_sae * elt / 8:
+                        assert p["n_chunks"] * k_pads * 8 <= d_sae * elt / 8
+                    else:
+                        assert p["n_chunks"] == 1
