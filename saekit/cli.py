@@ -135,7 +135,7 @@ class CacheOptions:
 def _train_config(args):
     from saekit.training.config import TrainConfig
 
-    return TrainConfig(sae=args.sae, data=args.data, optim=args.optim, run=args.run)
+    return TrainConfig(sae=args.sae, variant=args.variant, data=args.data, optim=args.optim, run=args.run)
 
 
 def cmd_train(args) -> None:
@@ -182,7 +182,10 @@ def _groups(spec):
     if spec == "train":
         from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions
 
-        return [(SAEOptions, "sae"), (DataOptions, "data"), (OptimOptions, "optim"), (RunOptions, "run")]
+        from saekit.options import VariantOptions
+
+        return [(SAEOptions, "sae"), (VariantOptions, "variant"), (DataOptions, "data"),
+                (OptimOptions, "optim"), (RunOptions, "run")]
     if spec == "cache":
         from saekit.training.config import DataOptions
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import einops
@@ -22,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from saekit.errors import ConfigError
+from saekit.options import VariantOptions
 
 SparsityName = Literal["topk", "gtopk", "mutual_choice", "feature_choice"]
 
@@ -46,28 +47,14 @@ class SAEConfig:
     """Per-token shape at the hook, e.g. (n_heads, d_head) for hook_z; () means (d_in,)."""
     impl: Literal["auto", "torch", "triton"] = "auto"
     """Encoder/decoder kernels: auto = Triton on CUDA, the torch reference elsewhere."""
-    beta: float = 1.0
-    """gtopk: weight of the gradient term in the selection score."""
-    grad_norm: Literal["rms", "none"] = "rms"
-    """gtopk: divide |g @ W_dec^T| by its RMS over latents per token (rms) or not (none)."""
-    mc_mode: Literal["threshold", "batch"] = "threshold"
-    """mutual_choice inference: the saved threshold, or the batch rule."""
-    capacity: Literal["uniform", "zipf"] = "uniform"
-    """feature_choice: latent capacities m_j, uniform or Zipf by firing-frequency rank."""
-    zipf_s: float = 1.0
-    """feature_choice with zipf capacity: the exponent s in m_j ∝ rank^-s."""
-    rerank_every: int = 100
-    """feature_choice with zipf capacity: steps between re-rankings by frequency."""
-    threshold_decay: float = 0.9
-    """Decay of the moving averages behind inference thresholds and frequencies."""
+    variant: VariantOptions = field(default_factory=VariantOptions)
+    """Settings of the gtopk, mutual_choice and feature_choice sparsifiers."""
 
     def __post_init__(self):
         if self.d_in < 1 or self.d_sae < 1:
             raise ConfigError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if not 1 <= self.k <= self.d_sae:
             raise ConfigError(f"k={self.k} must be between 1 and d_sae={self.d_sae}; lower k or raise d_sae")
-        if self.beta < 0 or not 0 <= self.threshold_decay < 1 or self.rerank_every < 1:
-            raise ConfigError("need beta >= 0, 0 <= threshold_decay < 1, rerank_every >= 1")
         if self.hook_shape and math.prod(self.hook_shape) != self.d_in:
             raise ConfigError(f"hook_shape {self.hook_shape} does not flatten to d_in={self.d_in}")
         object.__setattr__(self, "hook_shape", tuple(self.hook_shape))
@@ -81,6 +68,8 @@ class SAEConfig:
         unknown = set(d) - names
         if unknown:
             raise ConfigError(f"unknown SAE config keys {sorted(unknown)}; is this a saekit cfg.json?")
+        if isinstance(d.get("variant"), dict):
+            d = {**d, "variant": VariantOptions(**d["variant"])}
         return cls(**d)
 
 

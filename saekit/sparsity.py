@@ -97,7 +97,7 @@ class GradientTopK(nn.Module):
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
-        self.k, self.beta, self.grad_norm, self.impl = cfg.k, cfg.beta, cfg.grad_norm, cfg.impl
+        self.k, self.beta, self.grad_norm, self.impl = cfg.k, cfg.variant.beta, cfg.variant.grad_norm, cfg.impl
         self._topk = TopK(cfg)
 
     def scores(self, sae, a: Tensor, grad: Tensor) -> Tensor:
@@ -138,7 +138,7 @@ class MutualChoice(nn.Module):
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
-        self.k, self.mode, self.decay = cfg.k, cfg.mc_mode, cfg.threshold_decay
+        self.k, self.mode, self.decay = cfg.k, cfg.variant.mc_mode, cfg.variant.threshold_decay
         self.register_buffer("theta", torch.zeros(()))
         self.register_buffer("theta_set", torch.zeros((), dtype=torch.bool))
 
@@ -185,8 +185,8 @@ class FeatureChoice(nn.Module):
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
-        self.k, self.capacity, self.s = cfg.k, cfg.capacity, cfg.zipf_s
-        self.rerank_every, self.decay = cfg.rerank_every, cfg.threshold_decay
+        self.k, self.capacity, self.s = cfg.k, cfg.variant.capacity, cfg.variant.zipf_s
+        self.rerank_every, self.decay = cfg.variant.rerank_every, cfg.variant.threshold_decay
         self.register_buffer("theta", torch.zeros(cfg.d_sae))
         self.register_buffer("theta_set", torch.zeros((), dtype=torch.bool))
         self.register_buffer("freq", torch.zeros(cfg.d_sae))  # running firing frequency

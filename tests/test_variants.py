@@ -5,6 +5,7 @@ import torch
 
 from saekit import SAE, SAEConfig
 from saekit.cli import main
+from saekit.options import VariantOptions
 from saekit.sparsity import mask_to_codes
 from saekit.training import TrainConfig, train_sae
 from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions
@@ -12,8 +13,8 @@ from saekit.training.losses import auxk_loss, total_variance, zipf_weights
 from tests.test_training import TINY, synthetic
 
 
-def sae_of(sparsity, d_in=32, d_sae=128, k=4, **kw):
-    return SAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, sparsity=sparsity, **kw), seed=0)
+def sae_of(sparsity, d_in=32, d_sae=128, k=4, **variant):
+    return SAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, sparsity=sparsity, variant=VariantOptions(**variant)), seed=0)
 
 
 def test_mask_to_codes_round_trips():

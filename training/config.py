@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from saekit.errors import ConfigError
+from saekit.options import VariantOptions
 
 
 @dataclass
@@ -24,20 +25,6 @@ class SAEOptions:
     """Sparsifier: topk, gtopk (g-SAE), mutual_choice, feature_choice."""
     impl: Literal["auto", "torch", "triton"] = "auto"
     """Encoder/decoder kernels: auto = Triton on CUDA, the torch reference elsewhere."""
-    beta: float = 1.0
-    """gtopk: weight of the gradient term in the selection score."""
-    grad_norm: Literal["rms", "none"] = "rms"
-    """gtopk: normalize |g @ W_dec^T| by its RMS over latents (rms) or not (none)."""
-    mc_mode: Literal["threshold", "batch"] = "threshold"
-    """mutual_choice inference rule: the saved threshold or the batch rule."""
-    capacity: Literal["uniform", "zipf"] = "uniform"
-    """feature_choice capacities."""
-    zipf_s: float = 1.0
-    """feature_choice zipf capacity exponent."""
-    rerank_every: int = 100
-    """feature_choice zipf capacity: steps between re-rankings."""
-    threshold_decay: float = 0.9
-    """mutual/feature_choice: EMA decay of the inference thresholds."""
 
     def __post_init__(self):
         if self.d_sae < 0 or self.expansion < 1 or self.k < 1:
@@ -144,6 +131,7 @@ class TrainConfig:
     """Everything a training run needs; saved as ``train_config.json`` in the run folder."""
 
     sae: SAEOptions = field(default_factory=SAEOptions)
+    variant: VariantOptions = field(default_factory=VariantOptions)
     data: DataOptions = field(default_factory=DataOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
     run: RunOptions = field(default_factory=RunOptions)
@@ -153,7 +141,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        parts = {"sae": SAEOptions, "data": DataOptions, "optim": OptimOptions, "run": RunOptions}
+        parts = {"sae": SAEOptions, "variant": VariantOptions, "data": DataOptions,
+                 "optim": OptimOptions, "run": RunOptions}
         try:
             return cls(**{k: parts[k](**v) for k, v in d.items()})
         except (KeyError, TypeError) as e:

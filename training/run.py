@@ -33,8 +33,7 @@ def _sae_config(cfg: TrainConfig, d_in: int, hook_name: str, hook_shape, model_n
     s = cfg.sae
     return SAEConfig(d_in=d_in, d_sae=s.d_sae or s.expansion * d_in, k=s.k, sparsity=s.sparsity,
                      hook_name=hook_name, model_name=model_name, hook_shape=tuple(hook_shape), impl=s.impl,
-                     beta=s.beta, grad_norm=s.grad_norm, mc_mode=s.mc_mode, capacity=s.capacity,
-                     zipf_s=s.zipf_s, rerank_every=s.rerank_every, threshold_decay=s.threshold_decay)
+                     variant=cfg.variant)
 
 
 def _prepare_out(cfg: TrainConfig) -> tuple[Path, dict | None]:
