@@ -167,12 +167,47 @@ def cmd_cache(args) -> None:
     print(f"cached activations in {path}")
 
 
+@dataclass
+class BenchOptions:
+    """Which benchmark, and its training budget."""
+
+    suite: str = sp.field(default="synthetic", positional=True)
+    """The benchmark: synthetic (SAE variants on data with known features)."""
+    variants: str = "topk,mutual_choice,feature_choice"
+    """Comma-separated sparsifiers to train."""
+    d_sae: int = 1024
+    """Latents per SAE."""
+    k: int = 8
+    """Mean L0 every variant trains at."""
+    steps: int = 2000
+    """Training steps per variant."""
+
+    def __post_init__(self):
+        if self.suite != "synthetic":
+            raise SaekitError(f"unknown benchmark {self.suite!r}; the one available is 'synthetic'")
+
+
+def cmd_bench(args) -> None:
+    """Benchmarks of training itself: `saekit bench synthetic` scores each variant on ground truth."""
+    from saekit.evals.synthetic import bench, format_table
+
+    o, b = args.synthetic, args.bench
+    variants = [v.strip() for v in b.variants.split(",") if v.strip()]
+    from saekit.sparsity import SPARSIFIERS
+
+    unknown = [v for v in variants if v not in SPARSIFIERS]
+    if unknown:
+        raise SaekitError(f"unknown variants {unknown}; choose from {sorted(SPARSIFIERS)}")
+    print(format_table(bench(o, variants, d_sae=b.d_sae, k=b.k, steps=b.steps), o))
+
+
 COMMANDS: dict[str, tuple[Callable, list[tuple[type, str]]]] = {
     "demo": (cmd_demo, [(ModelOptions, "model")]),
     "hooks": (cmd_hooks, [(ModelOptions, "model")]),
     "ioi": (cmd_ioi, [(ModelOptions, "model"), (IOIOptions, "ioi")]),
     "train": (cmd_train, "train"),
     "cache": (cmd_cache, "cache"),
+    "bench": (cmd_bench, "bench"),
 }
 
 
@@ -186,6 +221,10 @@ def _groups(spec):
 
         return [(SAEOptions, "sae"), (VariantOptions, "variant"), (DataOptions, "data"),
                 (OptimOptions, "optim"), (RunOptions, "run")]
+    if spec == "bench":
+        from saekit.evals.synthetic import SyntheticOptions
+
+        return [(BenchOptions, "bench"), (SyntheticOptions, "synthetic")]
     if spec == "cache":
         from saekit.training.config import DataOptions
 
