@@ -93,6 +93,33 @@ def harvest(model, tokens: Tensor, hook: HookSpec) -> Tensor:
     return einops.rearrange(act, "b t ... -> (b t) (...)").float()
 
 
+def harvest_with_grads(model, tokens: Tensor, hook: HookSpec) -> Tensor:
+    """Activations and loss gradients at ``hook``, packed ``[b·(T−1), 2·d_in]`` as
+    ``[x | ∂L/∂x]`` (BOS dropped), for g-SAE training (methods.md §5).
+
+    The hook replaces the activation by a leaf that requires grad, so the backward stops
+    there; L is the next-token cross-entropy *summed* over positions, so a token's gradient
+    does not shrink with the batch size."""
+    from saekit.splice import next_token_loss
+
+    box: list[Tensor] = []
+
+    def leaf(act, hook=None):
+        x = act.detach().requires_grad_(True)
+        box.append(x)
+        return x
+
+    tokens = tokens.to(model.cfg.device)
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook.name, leaf)])
+        if not box:
+            raise HookError(f"hook {hook.name} did not fire during the forward pass")
+        loss = next_token_loss(logits, tokens) * (tokens.shape[0] * (tokens.shape[1] - 1))
+        (grad,) = torch.autograd.grad(loss, box[0])
+    flat = lambda t: einops.rearrange(t[:, 1:], "b t ... -> (b t) (...)").float()  # noqa: E731
+    return torch.cat([flat(box[0].detach()), flat(grad)], dim=1)
+
+
 def fill_permutation(n: int, seed: int, fill: int) -> Tensor:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + fill)
     return torch.randperm(n, generator=gen)
@@ -104,8 +131,10 @@ class ModelActivations:
     ``token_batches`` must be deterministic; fills are requested in increasing order, and
     skipped fills only advance the token stream (no model forward)."""
 
-    def __init__(self, model, hook: HookSpec, token_batches: Iterator[Tensor], seqs_per_fill: int):
+    def __init__(self, model, hook: HookSpec, token_batches: Iterator[Tensor], seqs_per_fill: int,
+                 with_grads: bool = False):
         self.model, self.hook, self.seqs_per_fill = model, hook, seqs_per_fill
+        self._harvest = harvest_with_grads if with_grads else harvest
         self._tokens = token_batches
         self._pending: list[Tensor] = []
         self._next_fill = 0
@@ -129,7 +158,7 @@ class ModelActivations:
             self._next_fill += 1
         seqs = self._take_sequences(self.seqs_per_fill)  # [seqs_per_fill, T]
         self._next_fill += 1
-        return torch.cat([harvest(self.model, seqs[j: j + batch_seqs], self.hook)
+        return torch.cat([self._harvest(self.model, seqs[j: j + batch_seqs], self.hook)
                           for j in range(0, len(seqs), batch_seqs)])
 
 
@@ -160,11 +189,13 @@ class CachedActivations:
         self.fill_tokens = self.meta["shard_tokens"]
 
     def fill(self, i: int) -> Tensor:
+        """``[n, d_in]``, or ``[n, 2·d_in]`` packed with gradients when the cache has them."""
         if i == self.n_fills:
             warnings.warn(f"the cache {self.folder} holds {self.n_fills} fills; training goes "
                           "round it again (cache more tokens to avoid repeating data)", stacklevel=2)
         j = i % self.n_fills
-        return read_tensors(self.folder / shard_name(j))["acts"].float()
+        t = read_tensors(self.folder / shard_name(j))
+        return torch.cat([t["acts"], t["grads"]], 1).float() if "grads" in t else t["acts"].float()
 
 
 def shard_name(i: int) -> str:
@@ -177,10 +208,12 @@ def write_cache(source: ModelActivations, folder, n_shards: int, meta: dict, pro
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shard_tokens = None
+    d_in = meta["d_in"]
     for i in range(n_shards):
         acts = source.fill(i)
         shard_tokens = len(acts)
-        atomic_save_tensors(folder / shard_name(i), {"acts": acts})
+        tensors = {"acts": acts[:, :d_in], "grads": acts[:, d_in:]} if acts.shape[1] == 2 * d_in else {"acts": acts}
+        atomic_save_tensors(folder / shard_name(i), tensors)
         if progress is not None:
             progress.update(len(acts))
     atomic_write_text(folder / "meta.json", json.dumps(

@@ -130,6 +130,8 @@ class CacheOptions:
     """Folder for the safetensors shards and meta.json."""
     seed: int = 0
     """Seed of the token stream."""
+    with_grads: bool = False
+    """Also store the loss gradient at the hook (for --sparsity gtopk)."""
 
 
 def _train_config(args):
@@ -163,7 +165,7 @@ def cmd_cache(args) -> None:
     """Harvest activations at a hook into safetensors shards for `saekit train --from-cache`."""
     from saekit.training.run import cache_activations
 
-    path = cache_activations(args.data, args.cache.out, args.cache.seed)
+    path = cache_activations(args.data, args.cache.out, args.cache.seed, with_grads=args.cache.with_grads)
     print(f"cached activations in {path}")
 
 

@@ -21,12 +21,12 @@ from saekit.training.config import DataOptions, TrainConfig
 from saekit.training.trainer import FillReader, Trainer, fit
 
 
-def _model_source(model, d: DataOptions, seed: int):
+def _model_source(model, d: DataOptions, seed: int, with_grads: bool = False):
     from saekit import data
 
     hook = resolve_hook(model, d.hook)
     tokens = data.token_batches(model.tokenizer, d.dataset, d.seq_len, batch_size=32, seed=seed)
-    return hook, ModelActivations(model, hook, tokens, seqs_per_fill=max(1, d.fill_tokens // (d.seq_len - 1)))
+    return hook, ModelActivations(model, hook, tokens, max(1, d.fill_tokens // (d.seq_len - 1)), with_grads)
 
 
 def _sae_config(cfg: TrainConfig, d_in: int, hook_name: str, hook_shape, model_name: str) -> SAEConfig:
@@ -77,9 +77,12 @@ def run_training(cfg: TrainConfig) -> dict:
         meta = source.meta
         sae_cfg = _sae_config(cfg, meta["d_in"], meta["hook_name"], meta["hook_shape"], meta["model_name"])
         fill_tokens = source.fill_tokens
+        if cfg.sae.sparsity == "gtopk" and not meta.get("with_grads"):
+            raise ConfigError(f"--sparsity gtopk needs gradients; the cache {d.from_cache} has none "
+                              "(make one with `saekit cache --with-grads`)")
     else:
         model = load_model(d.model, d.device)
-        hook, source = _model_source(model, d, cfg.run.seed)
+        hook, source = _model_source(model, d, cfg.run.seed, with_grads=cfg.sae.sparsity == "gtopk")
         sae_cfg = _sae_config(cfg, hook.d_in, hook.name, hook.shape, model.saekit_name)
         fill_tokens = source.seqs_per_fill * (d.seq_len - 1)
     if fill_tokens < d.batch_size:
@@ -94,7 +97,7 @@ def run_training(cfg: TrainConfig) -> dict:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
         with torch.no_grad():  # b_dec starts at the data mean (methods.md, notation)
-            sae.b_dec.copy_(reader.batch_at(0).mean(0))
+            sae.b_dec.copy_(reader.batch_at(0)[:, : sae_cfg.d_in].mean(0))
     fit(trainer, reader.batch_at, out, on_log=_loggers(cfg, out), harvested=lambda: reader.tokens_filled)
     sae.save(out)
     summary = summarize(sae, trainer, cfg, model) if cfg.run.eval_tokens else {}
@@ -123,17 +126,19 @@ def _loggers(cfg: TrainConfig, out: Path):
     return (lambda row: [s(row) for s in sinks]) if sinks else None
 
 
-def cache_activations(d: DataOptions, out: str, seed: int = 0, progress: bool = True) -> Path:
-    """Harvest ``d.total_tokens`` activations at ``d.hook`` into ``out`` (``saekit cache``)."""
+def cache_activations(d: DataOptions, out: str, seed: int = 0, progress: bool = True,
+                      with_grads: bool = False) -> Path:
+    """Harvest ``d.total_tokens`` activations at ``d.hook`` into ``out`` (``saekit cache``);
+    ``with_grads`` also stores ∂L/∂x for g-SAE training."""
     from saekit.models import load_model
 
     model = load_model(d.model, d.device)
-    hook, source = _model_source(model, d, seed)
+    hook, source = _model_source(model, d, seed, with_grads)
     shard = source.seqs_per_fill * (d.seq_len - 1)
     n_shards = max(1, d.total_tokens // shard)
     meta = {"hook_name": hook.name, "hook_shape": list(hook.shape), "d_in": hook.d_in,
             "model_name": model.saekit_name, "model": d.model, "dataset": d.dataset,
-            "seq_len": d.seq_len, "seed": seed}
+            "seq_len": d.seq_len, "seed": seed, "with_grads": with_grads}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -147,13 +152,15 @@ def cache_activations(d: DataOptions, out: str, seed: int = 0, progress: bool = 
 
 
 def train_sae(acts: Tensor | Iterable[Tensor], cfg: TrainConfig | None = None, *,
-              hook_name: str = "", model_name: str = "", out: str | None = None) -> SAE:
+              grads: Tensor | None = None, hook_name: str = "", model_name: str = "",
+              out: str | None = None) -> SAE:
     """Train an SAE on in-memory activations and return it.
 
     ``acts`` is a ``[n, d_in]`` tensor (shuffled in buffer fills, wrapping around for more
-    than one epoch) or an iterable of ``[batch, d_in]`` batches (used in order). With no
-    ``cfg``, a tensor gets one epoch in batches of ``min(4096, n)``. Nothing is written
-    unless ``out`` is given."""
+    than one epoch) or an iterable of ``[batch, d_in]`` batches (used in order). ``grads``
+    (``[n, d_in]``, ∂L/∂x) go with a tensor for ``gtopk``; an iterable may instead yield
+    ``[batch, 2·d_in]`` batches packed as ``[x | g]``. With no ``cfg``, a tensor gets one
+    epoch in batches of ``min(4096, n)``. Nothing is written unless ``out`` is given."""
     if cfg is None:
         if not isinstance(acts, Tensor):
             raise ConfigError("train_sae on an iterable of batches needs a cfg (for the step count)")
@@ -166,12 +173,16 @@ def train_sae(acts: Tensor | Iterable[Tensor], cfg: TrainConfig | None = None, *
     if isinstance(acts, Tensor):
         if acts.dim() != 2:
             raise ConfigError(f"acts must be [n, d_in], got shape {tuple(acts.shape)}")
+        d_in = acts.shape[1]
+        if grads is not None:
+            if grads.shape != acts.shape:
+                raise ConfigError(f"grads {tuple(grads.shape)} must have the shape of acts {tuple(acts.shape)}")
+            acts = torch.cat([acts, grads], 1)  # packed [x | g], split again by the trainer
         if len(acts) < d.batch_size:
             raise ConfigError(f"{len(acts)} activations are fewer than one batch ({d.batch_size})")
         fill_tokens = min(d.fill_tokens, len(acts)) // d.batch_size * d.batch_size
         reader = FillReader(TensorActivations(acts, fill_tokens), d.batch_size, fill_tokens, cfg.run.seed)
         batch_at, first = reader.batch_at, reader.batch_at(0)
-        d_in = acts.shape[1]
     else:
         it = iter(acts)
         first = next(it)
@@ -185,11 +196,11 @@ def train_sae(acts: Tensor | Iterable[Tensor], cfg: TrainConfig | None = None, *
                 raise ConfigError(f"the batches ran out at step {step}; give more or lower total_tokens")
             return batch
 
-        d_in = first.shape[1]
+        d_in = first.shape[1] // 2 if cfg.sae.sparsity == "gtopk" else first.shape[1]  # gtopk: [x | g]
     sae = SAE(_sae_config(cfg, d_in, hook_name, (), model_name), seed=cfg.run.seed).to(d.device)
     trainer = Trainer(sae, cfg, total_steps=d.total_tokens // d.batch_size)
     with torch.no_grad():
-        sae.b_dec.copy_(first.float().mean(0))
+        sae.b_dec.copy_(first[:, :d_in].float().mean(0))
     fit(trainer, batch_at, Path(out) if out else None)
     if out:
         sae.save(out)

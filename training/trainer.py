@@ -181,7 +181,9 @@ def fit(trainer: Trainer, batch_at: Callable[[int], Tensor], out: Path | None = 
     try:
         while trainer.step < trainer.total_steps:
             x = batch_at(trainer.step).to(trainer.sae.W_dec.device)
-            stats = trainer.train_step(x)
+            d_in = trainer.sae.cfg.d_in
+            grad = x[:, d_in:] if x.shape[1] == 2 * d_in else None  # packed [x | ∂L/∂x] (g-SAE)
+            stats = trainer.train_step(x[:, :d_in], grad)
             if bar is not None:
                 bar.update(len(x))
                 extra = {"harvested": f"{harvested() / 1e6:.2f}M"} if harvested else {}
