@@ -6,6 +6,7 @@ SAE never sees it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -30,8 +31,8 @@ def check_sae_fits(model, sae) -> None:
     if d != sae.cfg.d_in:
         raise MismatchError(f"the SAE expects d_in={sae.cfg.d_in} at {hook} but this model gives {d}; "
                             f"it was trained on {sae.cfg.model_name or 'another model'}")
-    if not sae.cfg.hook_shape and len(names[hook]) > 1:  # e.g. a SAELens hook_z SAE
-        object.__setattr__(sae.cfg, "hook_shape", tuple(names[hook]))
+    if not sae.cfg.hook_shape and len(names[hook]) > 1:  # e.g. a SAELens hook_z SAE: learn
+        sae.cfg = dataclasses.replace(sae.cfg, hook_shape=tuple(names[hook]))  # how to unflatten
 
 
 def reconstruct_hook(sae):
