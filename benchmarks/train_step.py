@@ -53,6 +53,7 @@ def main(argv=None):
 
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in)
+    grad = torch.randn(args.batch, args.d_in) if args.sparsity == "gtopk" else None  # g-SAE selects with it
     sae = SAE(SAEConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k, sparsity=args.sparsity), seed=0)
     cfg = TrainConfig(sae=SAEOptions(d_sae=args.d_sae, k=args.k, sparsity=args.sparsity),
                       data=DataOptions(batch_size=args.batch, total_tokens=args.batch * 10**6,
@@ -70,7 +71,7 @@ def main(argv=None):
             torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc, out=pre)
 
     def step():
-        trainer.train_step(x)
+        trainer.train_step(x, grad)
         if args.dead_frac:  # keep the same latents dead every step
             trainer.tokens_since_fired[: int(args.dead_frac * args.d_sae)] = cfg.optim.dead_tokens
 

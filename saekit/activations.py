@@ -93,13 +93,12 @@ def harvest(model, tokens: Tensor, hook: HookSpec) -> Tensor:
     return einops.rearrange(act, "b t ... -> (b t) (...)").float()
 
 
-def harvest_with_grads(model, tokens: Tensor, hook: HookSpec) -> Tensor:
-    """Activations and loss gradients at ``hook``, packed ``[b·(T−1), 2·d_in]`` as
-    ``[x | ∂L/∂x]`` (BOS dropped), for g-SAE training (methods.md §5).
+def activation_and_grad(model, tokens: Tensor, hook: HookSpec) -> tuple[Tensor, Tensor]:
+    """The activation at ``hook`` and ∂L/∂activation, both ``[b, T, *shape]``.
 
     The hook replaces the activation by a leaf that requires grad, so the backward stops
     there; L is the next-token cross-entropy *summed* over positions, so a token's gradient
-    does not shrink with the batch size."""
+    does not shrink with the batch size (methods.md §5)."""
     from saekit.splice import next_token_loss
 
     box: list[Tensor] = []
@@ -116,8 +115,15 @@ def harvest_with_grads(model, tokens: Tensor, hook: HookSpec) -> Tensor:
             raise HookError(f"hook {hook.name} did not fire during the forward pass")
         loss = next_token_loss(logits, tokens) * (tokens.shape[0] * (tokens.shape[1] - 1))
         (grad,) = torch.autograd.grad(loss, box[0])
+    return box[0].detach(), grad
+
+
+def harvest_with_grads(model, tokens: Tensor, hook: HookSpec) -> Tensor:
+    """Activations and loss gradients at ``hook``, packed ``[b·(T−1), 2·d_in]`` as
+    ``[x | ∂L/∂x]`` (BOS dropped), for g-SAE training."""
+    act, grad = activation_and_grad(model, tokens, hook)
     flat = lambda t: einops.rearrange(t[:, 1:], "b t ... -> (b t) (...)").float()  # noqa: E731
-    return torch.cat([flat(box[0].detach()), flat(grad)], dim=1)
+    return torch.cat([flat(act), flat(grad)], dim=1)
 
 
 def fill_permutation(n: int, seed: int, fill: int) -> Tensor:

@@ -35,12 +35,15 @@ def check_sae_fits(model, sae) -> None:
         sae.cfg = dataclasses.replace(sae.cfg, hook_shape=tuple(names[hook]))  # how to unflatten
 
 
-def reconstruct_hook(sae):
-    """A TransformerLens hook function that swaps positions 1: for the SAE's reconstruction."""
+def reconstruct_hook(sae, grads: Tensor | None = None):
+    """A TransformerLens hook function that swaps positions 1: for the SAE's reconstruction.
+    ``grads`` (``[b, T, *hook_shape]``, ∂L/∂x of the clean run) let a gtopk SAE select with
+    gradients; without them it selects as TopK."""
 
     def hook_fn(act: Tensor, hook=None) -> Tensor:
         x = sae.flatten_hook(act[:, 1:])  # [b, T-1, d_in]
-        x_hat = sae(x.float()).x_hat.to(act.dtype)
+        g = None if grads is None else sae.flatten_hook(grads[:, 1:]).float()
+        x_hat = sae(x.float(), g).x_hat.to(act.dtype)
         out = act.clone()
         out[:, 1:] = sae.unflatten_hook(x_hat)
         return out
@@ -63,6 +66,7 @@ class CELosses(NamedTuple):
     clean: float
     sae: float
     zero: float
+    kl: float  # mean KL(clean ‖ spliced) of the next-token distributions, nats per position
 
     @property
     def recovered(self) -> float:
@@ -72,14 +76,21 @@ class CELosses(NamedTuple):
 
 
 @torch.no_grad()
-def ce_losses(model, sae, tokens: Tensor, batch_size: int = 32) -> CELosses:
-    """Next-token loss clean, with the SAE spliced in, and with the hook zero-ablated."""
+def ce_losses(model, sae, tokens: Tensor, batch_size: int = 32, grads: Tensor | None = None) -> CELosses:
+    """Next-token loss clean, with the SAE spliced in, and with the hook zero-ablated, and
+    the KL of the spliced model's next-token distribution from the clean one. ``grads``
+    (``[n, T, *hook_shape]``) are passed to gradient-aware sparsifiers."""
     check_sae_fits(model, sae)
-    sums = torch.zeros(3)
+    sums = torch.zeros(4)
     hook = sae.cfg.hook_name
     for i in range(0, len(tokens), batch_size):
         t = tokens[i: i + batch_size].to(model.cfg.device)
-        sums[0] += next_token_loss(model(t), t).item() * len(t)
-        sums[1] += next_token_loss(model.run_with_hooks(t, fwd_hooks=[(hook, reconstruct_hook(sae))]), t).item() * len(t)
-        sums[2] += next_token_loss(model.run_with_hooks(t, fwd_hooks=[(hook, zero_hook)]), t).item() * len(t)
+        g = None if grads is None else grads[i: i + batch_size].to(model.cfg.device)
+        clean = model(t)
+        spliced = model.run_with_hooks(t, fwd_hooks=[(hook, reconstruct_hook(sae, g))])
+        zero = model.run_with_hooks(t, fwd_hooks=[(hook, zero_hook)])
+        kl = F.kl_div(spliced.float().log_softmax(-1), clean.float().log_softmax(-1),
+                      log_target=True, reduction="none").sum(-1).mean()
+        losses = [next_token_loss(clean, t), next_token_loss(spliced, t), next_token_loss(zero, t), kl]
+        sums += torch.tensor([v.item() for v in losses]) * len(t)
     return CELosses(*(sums / len(tokens)).tolist())

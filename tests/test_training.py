@@ -82,6 +82,7 @@ def test_default_train_end_to_end_small_budget(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["explained_variance"] <= 1 and summary["l0"] <= 8
     assert summary["ce_loss_zero_ablation"] > summary["ce_loss_clean"]
+    assert summary["kl"] > 0 and 0 <= summary["dense_frac"] <= 1 and summary["l0_std"] >= 0
     sae = load_sae(out)
     assert sae.cfg.hook_name == "blocks.5.attn.hook_z" and len(sae.cfg.hook_shape) == 2
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]

@@ -161,6 +161,10 @@ def test_gtopk_trains_end_to_end_with_harvested_gradients(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--sparsity", "gtopk", "--beta", "2", "--out", str(out), *TINY]) == 0
     assert "explained variance" in capsys.readouterr().out
+    import json
+    summary = json.loads((out / "summary.json").read_text())
+    g = summary["with_grads"]  # evaluated selecting with gradients too
+    assert 0 < g["explained_variance"] <= 1 and g["kl"] >= 0 and abs(g["l0"] - 8) < 1e-6
     args = ["--fill-tokens", "4064", "--batch-size", "512", "--total-tokens", "4064"]
     assert main(["cache", "--with-grads", "--out", str(tmp_path / "c"), *args]) == 0
     from saekit.activations import CachedActivations

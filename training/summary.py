@@ -5,21 +5,28 @@ from __future__ import annotations
 
 import torch
 
-from saekit.activations import harvest, resolve_hook
+from saekit.activations import activation_and_grad, harvest, resolve_hook
 from saekit.splice import ce_losses
 
 
 @torch.no_grad()
-def reconstruction_stats(sae, acts: torch.Tensor, batch_size: int = 4096) -> dict:
-    """L0 and explained variance (1 − FVU) of ``sae`` on ``acts [n, d_in]``."""
-    err = l0 = 0.0
+def reconstruction_stats(sae, acts: torch.Tensor, grads: torch.Tensor | None = None,
+                         batch_size: int = 4096) -> dict:
+    """On ``acts [n, d_in]``: mean L0 and its spread over tokens, explained variance
+    (1 − FVU), and the dense fraction (latents firing on more than 10% of tokens)."""
+    err = 0.0
+    l0s, counts = [], torch.zeros(sae.cfg.d_sae)
     for i in range(0, len(acts), batch_size):
         x = acts[i: i + batch_size]
-        out = sae(x)
+        out = sae(x, None if grads is None else grads[i: i + batch_size])
         err += (x - out.x_hat).pow(2).sum().item()
-        l0 += (out.codes.values > 0).sum().item()
+        on = out.codes.values > 0
+        l0s.append(on.sum(1).float())
+        counts += torch.bincount(out.codes.indices[on].cpu(), minlength=sae.cfg.d_sae).float()
     var = (acts - acts.mean(0)).pow(2).sum().item()
-    return {"l0": l0 / len(acts), "explained_variance": 1 - err / var}
+    l0 = torch.cat(l0s)
+    return {"l0": l0.mean().item(), "l0_std": l0.std().item(), "explained_variance": 1 - err / var,
+            "dense_frac": (counts / len(acts) > 0.1).float().mean().item()}
 
 
 def eval_tokens(model, cfg) -> torch.Tensor:
@@ -48,8 +55,16 @@ def summarize(sae, trainer, cfg, model=None) -> dict:
     ce = ce_losses(model, sae, tokens)
     from saekit.kernels import resolve_impl
 
-    summary = {**stats, "dead_frac": dead_frac, "impl": resolve_impl(sae.cfg.impl, sae.W_dec.device), "ce_loss_clean": ce.clean, "ce_loss_sae": ce.sae,
-               "ce_loss_zero_ablation": ce.zero, "ce_loss_recovered": ce.recovered,
+    summary = {**stats, "dead_frac": dead_frac, "impl": resolve_impl(sae.cfg.impl, sae.W_dec.device),
+               "ce_loss_clean": ce.clean, "ce_loss_sae": ce.sae, "kl": ce.kl, "ce_loss_zero_ablation": ce.zero, "ce_loss_recovered": ce.recovered,
                "eval_tokens": len(acts), "steps": trainer.step, "hook": sae.cfg.hook_name,
                "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}
+    if sae.cfg.sparsity == "gtopk":  # also evaluate selecting with the loss gradients
+        pairs = [activation_and_grad(model, tokens[i: i + 32], hook) for i in range(0, len(tokens), 32)]
+        grads = torch.cat([g for _, g in pairs])  # [n, T, *shape]
+        flat_g = sae.flatten_hook(grads[:, 1:]).reshape(-1, sae.cfg.d_in).float()
+        with_g = reconstruction_stats(sae, acts.to(sae.W_dec.device), flat_g.to(sae.W_dec.device))
+        ce_g = ce_losses(model, sae, tokens, grads=grads)
+        summary["with_grads"] = {**with_g, "ce_loss_sae": ce_g.sae, "kl": ce_g.kl,
+                                 "ce_loss_recovered": ce_g.recovered}
     return summary
