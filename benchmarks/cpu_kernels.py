@@ -18,18 +18,16 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench_timing import run_times
+
 from saekit.kernels import decode_sparse, encode_topk
 from saekit.kernels.select import topk_lower_index
 from saekit.kernels.sparse_rows import gather_rows_torch, row_dot_torch, scatter_rows_torch
 
 
 def timeit(fn, reps: int) -> tuple[float, float]:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
+    """(min, median) milliseconds."""
+    ts = run_times(fn, reps)
     return min(ts) * 1e3, statistics.median(ts) * 1e3
 
 

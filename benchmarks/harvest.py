@@ -14,19 +14,13 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import time
 
 import torch
+from bench_timing import run_times
 
 
 def median_time(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return statistics.median(run_times(fn, reps))
 
 
 def main(argv=None):

@@ -15,20 +15,13 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import time
 
 import torch
+from bench_timing import run_times
 
 
 def timeit(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(run_times(fn, reps, warmup))
 
 
 def peak_rss_mib() -> float:
