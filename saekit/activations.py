@@ -93,6 +93,12 @@ def harvest(model, tokens: Tensor, hook: HookSpec) -> Tensor:
     return einops.rearrange(act, "b t ... -> (b t) (...)").float()
 
 
+def harvest_batches(model, tokens: Tensor, hook: HookSpec, batch_seqs: int = 32, fn=None) -> Tensor:
+    """``harvest`` (or ``fn``) over ``tokens [n, T]`` in chunks of ``batch_seqs`` sequences."""
+    fn = fn or harvest
+    return torch.cat([fn(model, tokens[j: j + batch_seqs], hook) for j in range(0, len(tokens), batch_seqs)])
+
+
 def activation_and_grad(model, tokens: Tensor, hook: HookSpec) -> tuple[Tensor, Tensor]:
     """The activation at ``hook`` and ∂L/∂activation, both ``[b, T, *shape]``.
 
@@ -164,8 +170,7 @@ class ModelActivations:
             self._next_fill += 1
         seqs = self._take_sequences(self.seqs_per_fill)  # [seqs_per_fill, T]
         self._next_fill += 1
-        return torch.cat([self._harvest(self.model, seqs[j: j + batch_seqs], self.hook)
-                          for j in range(0, len(seqs), batch_seqs)])
+        return harvest_batches(self.model, seqs, self.hook, batch_seqs, self._harvest)
 
 
 class TensorActivations:

@@ -94,23 +94,19 @@ def cmd_demo(args) -> None:
     import shutil
     from pathlib import Path
 
-    import torch
-
-    from saekit.training.config import DataOptions, RunOptions, TrainConfig
-    from saekit.training.run import run_training
-
+    from saekit.activations import hook_names
     from saekit.ioi import score_ioi
     from saekit.models import load_model
+    from saekit.training.config import DataOptions, RunOptions, TrainConfig
+    from saekit.training.run import run_training
 
     model = load_model(args.model.model, args.model.device)
     c = model.cfg
     print(f"model {model.saekit_name}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads "
           f"of d_head {c.d_head}, vocab {c.d_vocab}")
-    tokens = torch.tensor([[model.tokenizer.bos_token_id or 0]], device=c.device)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens)
-    print(f"{len(cache)} hook points, e.g. blocks.5.attn.hook_z {list(cache['blocks.5.attn.hook_z'].shape[1:])}"
-          " (pos, n_heads, d_head); `saekit hooks` lists them all")
+    hooks = hook_names(model)
+    print(f"{len(hooks)} hook points, e.g. blocks.5.attn.hook_z {list(hooks['blocks.5.attn.hook_z'])}"
+          " (n_heads, d_head) per token; `saekit hooks` lists them all")
     s = score_ioi(model, 1000, "heldout")
     print(f"IOI on {s.n} held-out prompts: accuracy {s.accuracy:.3f}, mean logit diff {s.logit_diff:.2f}")
     out = Path("runs/demo")

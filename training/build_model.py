@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from saekit import corpus
 from saekit.data import pack
+from saekit.ioi import encode_prompts
 
 BOS = "<|endoftext|>"
 
@@ -62,16 +63,7 @@ def train_tokenizer(seed: int, vocab_size: int, n_docs: int):
 
 def ioi_batch(rng: random.Random, tok, n: int, split: str):
     """``n`` prompts as right-padded ids [n, T], the answer position and IO/S token ids."""
-    prompts = [corpus.make_ioi(rng, split) for _ in range(n)]
-    ids = [[tok.bos_token_id] + tok.encode(p.text, add_special_tokens=False) for p in prompts]
-    T = max(map(len, ids))
-    x = torch.full((n, T), tok.bos_token_id, dtype=torch.long)
-    for i, row in enumerate(ids):
-        x[i, : len(row)] = torch.tensor(row)
-    last = torch.tensor([len(r) - 1 for r in ids])
-    io = torch.tensor([tok.convert_tokens_to_ids(tok.tokenize(" " + p.io))[0] for p in prompts])
-    s = torch.tensor([tok.convert_tokens_to_ids(tok.tokenize(" " + p.s))[0] for p in prompts])
-    return x, last, io, s
+    return encode_prompts(tok, [corpus.make_ioi(rng, split) for _ in range(n)])
 
 
 @torch.no_grad()

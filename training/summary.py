@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from saekit.activations import activation_and_grad, harvest, resolve_hook
+from saekit.activations import activation_and_grad, harvest_batches, resolve_hook
 from saekit.splice import ce_losses
 
 
@@ -50,7 +50,7 @@ def summarize(sae, trainer, cfg, model=None) -> dict:
         model = load_model(cfg.data.model, cfg.data.device)
     tokens = eval_tokens(model, cfg)
     hook = resolve_hook(model, sae.cfg.hook_name)
-    acts = torch.cat([harvest(model, tokens[i: i + 32], hook) for i in range(0, len(tokens), 32)])
+    acts = harvest_batches(model, tokens, hook)
     stats = reconstruction_stats(sae, acts.to(sae.W_dec.device))
     ce = ce_losses(model, sae, tokens)
     from saekit.kernels import resolve_impl
