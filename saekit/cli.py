@@ -166,6 +166,73 @@ def cmd_cache(args) -> None:
 
 
 @dataclass
+class SAEPathOptions:
+    """Which SAE to evaluate."""
+
+    sae: str = ""
+    """SAE folder (saekit, SAELens or sparsify layout); the results are written beside it."""
+    model: str | None = None
+    """The model to run; default: the one the SAE was trained on (cfg.json model_name)."""
+    device: str = "cpu"
+    """Torch device."""
+
+    def __post_init__(self):
+        if not self.sae:
+            raise SaekitError("--sae PATH is required (an SAE folder, e.g. runs/demo)")
+
+
+@dataclass
+class DatasetOption:
+    """Held-out text to evaluate on."""
+
+    dataset: str | None = None
+    """A Hugging Face dataset name, a .txt/.jsonl file or folder, ioi, or omitted for saekit's corpus."""
+
+
+@dataclass
+class CompareOption:
+    """Other SAEs to score side by side."""
+
+    compare: list[str] = sp.field(default_factory=list)
+    """Folders of more SAEs at the same layer, shown beside --sae in the report."""
+
+
+def cmd_eval(args) -> None:
+    """Standard metrics of an SAE (L0, explained variance, CE loss recovered, KL, dead and
+    dense fractions, frequency histogram): eval.json and eval.html beside the SAE."""
+    from saekit.evals.run import run_eval
+
+    a = args.target
+    r = run_eval(a.sae, a.model, args.data.dataset, args.eval, a.device)
+    print(f"{a.sae}: {r['tokens']} tokens  L0 {r['l0']:.1f} (sd {r['l0_std']:.1f})  explained variance "
+          f"{r['explained_variance']:.3f}  CE recovered {r['ce_loss_recovered']:.3f} (zero) "
+          f"{r['ce_loss_recovered_mean']:.3f} (mean)  KL {r['kl']:.4f}  dead {r['dead_frac']:.3f}  "
+          f"dense {r['dense_frac']:.3f}\nwrote eval.json and eval.html in {a.sae}")
+
+
+def cmd_eval_ioi(args) -> None:
+    """Score an SAE against supervised IOI dictionaries on approximation, control and
+    interpretability (Makelov et al. 2024): ioi_eval.json and ioi_eval.html beside the SAE."""
+    from saekit.evals.run import run_eval_ioi
+
+    a = args.target
+    r = run_eval_ioi(a.sae, args.compare.compare, a.model, args.ioi_eval, a.device)
+    print(format_ioi(r) + f"\nwrote ioi_eval.json and ioi_eval.html in {a.sae}")
+
+
+def format_ioi(r: dict) -> str:
+    lines = [f"IOI evaluation on layer {r['layer']} ({r['n_eval']} prompts); IOI nodes: {', '.join(r['ioi_nodes'])}"]
+    for name, n in r["nodes"].items():
+        for label, s in [(f"supervised ({m})", s) for m, s in n["supervised"].items()] + list(n["saes"].items()):
+            ap = s["approximation"]
+            ctl = s["control"]["io"]
+            io = ctl["accuracy"] if "accuracy" in ctl else max(v["accuracy"] for v in ctl["aware"].values())
+            lines.append(f"  {name:<9} {label:<24} sufficiency {ap['sufficiency']:.3f}  necessity "
+                         f"{ap['necessity']:.3f}  io edit accuracy {io:.3f}")
+    return "\n".join(lines)
+
+
+@dataclass
 class BenchOptions:
     """Which benchmark, and its training budget."""
 
@@ -206,6 +273,8 @@ COMMANDS: dict[str, tuple[Callable, list[tuple[type, str]]]] = {
     "train": (cmd_train, "train"),
     "cache": (cmd_cache, "cache"),
     "bench": (cmd_bench, "bench"),
+    "eval": (cmd_eval, "eval"),
+    "eval-ioi": (cmd_eval_ioi, "eval-ioi"),
 }
 
 
@@ -223,6 +292,14 @@ def _groups(spec):
         from saekit.evals.synthetic import SyntheticOptions
 
         return [(BenchOptions, "bench"), (SyntheticOptions, "synthetic")]
+    if spec == "eval":
+        from saekit.evals.options import EvalOptions
+
+        return [(SAEPathOptions, "target"), (DatasetOption, "data"), (EvalOptions, "eval")]
+    if spec == "eval-ioi":
+        from saekit.evals.options import IOIEvalOptions
+
+        return [(SAEPathOptions, "target"), (CompareOption, "compare"), (IOIEvalOptions, "ioi_eval")]
     if spec == "cache":
         from saekit.training.config import DataOptions
 
@@ -248,9 +325,15 @@ def _setup_logging() -> None:
     """saekit's INFO lines (e.g. which kernel implementation runs) go to stderr once each."""
     import logging
 
+    class StderrHandler(logging.StreamHandler):
+        """Writes to the current ``sys.stderr`` (which tests and callers may swap), not the
+        one that existed when the handler was made."""
+
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
     log = logging.getLogger("saekit")
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -177,6 +177,34 @@ def ioi_prompts(n: int, split: Split = "heldout", seed: int = 0) -> list[IOIProm
     return [make_ioi(rng, split) for _ in range(n)]
 
 
+# The style of Wang et al.'s IOI templates, as used for GPT-2 by Makelov, Lange & Nanda
+# (methods.md §7): one clause with both names, the subject repeated, ending before the IO.
+PAPER_TEMPLATES = (
+    "Then, When {A} and {B} went to the {place}, {S} gave a {object} to",
+    "When {A} and {B} went to the {place}, {S} gave a {object} to",
+    "After {A} and {B} went to the {place}, {S} gave a {object} to",
+)
+
+
+def render(template_: str, io: str, s: str, order: str, place: str, obj: str) -> str:
+    """Fill an IOI template: ABB puts the IO first, BAB the subject."""
+    a, b = (io, s) if order == "ABB" else (s, io)
+    return template_.format(A=a, B=b, S=s, place=place, object=obj)
+
+
+def ioi_documents(seed: int = 0) -> Iterator[str]:
+    """Endless completed IOI prompts ("... gave a ball to Mary.") from the held-out and the
+    paper-style templates, with any names: the IOI distribution SAEs are trained on with
+    ``--dataset ioi`` (Makelov et al. train SAEs on IOI prompts beside general text)."""
+    rng = random.Random(f"ioi-documents-{seed}")
+    templates = HELDOUT_TEMPLATES + PAPER_TEMPLATES
+    while True:
+        io, s = rng.sample(NAMES, 2)
+        text = render(rng.choice(templates), io, s, rng.choice(("ABB", "BAB")),
+                      rng.choice(PLACES), rng.choice(OBJECTS))
+        yield f"{text} {io}."
+
+
 # ---- stories ---------------------------------------------------------------------------
 
 _SENTENCES = (

@@ -3,6 +3,7 @@ fixed-length sequences that each start with BOS.
 
 A *source* is named by a string:
 - ``None`` or ``"saekit"``: saekit's own generated corpus (``saekit.corpus``), offline;
+- ``"ioi"``: completed IOI prompts only (``saekit.corpus.ioi_documents``), offline;
 - a path to a ``.txt`` file (one document per blank-line-separated block), a ``.jsonl``
   file (one JSON object per line with a ``"text"`` field), or a folder of such files;
 - anything else: a Hugging Face dataset name, streamed with ``datasets`` (needs network).
@@ -63,6 +64,8 @@ def documents(source: str | None = None, seed: int = 0, split: str = "train", te
     is ``"train"`` or ``"heldout"``; for a hub dataset it is the dataset split."""
     if source in (None, "saekit"):
         return corpus.stream_text(seed, "heldout" if split in ("heldout", "test", "validation") else "train")
+    if source == "ioi":
+        return corpus.ioi_documents(seed if split == "train" else seed + 7919)
     path = Path(source)
     if path.exists():
         return _local_documents(path)

@@ -57,6 +57,23 @@ def zero_hook(act: Tensor, hook=None) -> Tensor:
     return out
 
 
+def mean_hook(mean: Tensor):
+    """Replace positions 1: by ``mean`` (``[*hook_shape]``): mean ablation."""
+
+    def hook_fn(act: Tensor, hook=None) -> Tensor:
+        out = act.clone()
+        out[:, 1:] = mean.to(act.device, act.dtype)
+        return out
+
+    return hook_fn
+
+
+def loss_recovered(clean: float, spliced: float, ablated: float) -> float:
+    """(L_ablated − L_spliced) / (L_ablated − L_clean): 1 = the splice loses nothing, 0 = as
+    bad as the ablation (Kissane et al. 2024)."""
+    return (ablated - spliced) / (ablated - clean)
+
+
 def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     """Mean next-token cross-entropy of ``logits [b, T, V]`` on ``tokens [b, T]``."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
@@ -67,21 +84,28 @@ class CELosses(NamedTuple):
     sae: float
     zero: float
     kl: float  # mean KL(clean ‖ spliced) of the next-token distributions, nats per position
+    mean: float = float("nan")  # loss with the hook mean-ablated, when a mean was given
 
     @property
     def recovered(self) -> float:
-        """(L_zero − L_sae) / (L_zero − L_clean): 1 = the SAE loses nothing, 0 = as bad as
-        zero-ablating the hook (Kissane et al. 2024)."""
-        return (self.zero - self.sae) / (self.zero - self.clean)
+        """Loss recovered against zero ablation."""
+        return loss_recovered(self.clean, self.sae, self.zero)
+
+    @property
+    def recovered_mean(self) -> float:
+        """Loss recovered against mean ablation."""
+        return loss_recovered(self.clean, self.sae, self.mean)
 
 
 @torch.no_grad()
-def ce_losses(model, sae, tokens: Tensor, batch_size: int = 32, grads: Tensor | None = None) -> CELosses:
+def ce_losses(model, sae, tokens: Tensor, batch_size: int = 32, grads: Tensor | None = None,
+              mean: Tensor | None = None) -> CELosses:
     """Next-token loss clean, with the SAE spliced in, and with the hook zero-ablated, and
-    the KL of the spliced model's next-token distribution from the clean one. ``grads``
+    the KL of the spliced model's next-token distribution from the clean one; with ``mean``
+    (``[*hook_shape]``) also the loss with the hook mean-ablated. ``grads``
     (``[n, T, *hook_shape]``) are passed to gradient-aware sparsifiers."""
     check_sae_fits(model, sae)
-    sums = torch.zeros(4)
+    sums = torch.zeros(5)
     hook = sae.cfg.hook_name
     for i in range(0, len(tokens), batch_size):
         t = tokens[i: i + batch_size].to(model.cfg.device)
@@ -92,5 +116,8 @@ def ce_losses(model, sae, tokens: Tensor, batch_size: int = 32, grads: Tensor | 
         kl = F.kl_div(spliced.float().log_softmax(-1), clean.float().log_softmax(-1),
                       log_target=True, reduction="none").sum(-1).mean()
         losses = [next_token_loss(clean, t), next_token_loss(spliced, t), next_token_loss(zero, t), kl]
-        sums += torch.tensor([v.item() for v in losses]) * len(t)
-    return CELosses(*(sums / len(tokens)).tolist())
+        if mean is not None:
+            losses.append(next_token_loss(model.run_with_hooks(t, fwd_hooks=[(hook, mean_hook(mean))]), t))
+        sums[: len(losses)] += torch.tensor([v.item() for v in losses]) * len(t)
+    out = (sums / len(tokens)).tolist()
+    return CELosses(*out[:4], mean=out[4] if mean is not None else float("nan"))

@@ -42,7 +42,8 @@ class DataOptions:
     model: str | None = None
     """A hub name (gpt2), a local Hugging Face folder, or omitted for the embedded model."""
     dataset: str | None = None
-    """A Hugging Face dataset name, a .txt/.jsonl file or folder, or omitted for saekit's corpus."""
+    """A Hugging Face dataset name, a .txt/.jsonl file or folder, ioi (IOI prompts only), or
+    omitted for saekit's corpus."""
     from_cache: str | None = None
     """Train from a `saekit cache` folder instead of running the model."""
     seq_len: int = 128

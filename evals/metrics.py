@@ -1,0 +1,86 @@
+"""Standard SAE metrics (methods.md §8): L0, FVU / explained variance, CE loss recovered
+against zero and mean ablation, KL of the spliced model, dead and dense fractions, the
+firing-frequency histogram and the per-token L0 spread. ``saekit eval`` writes them as
+``eval.json`` beside the SAE, with an HTML report."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saekit.splice import loss_recovered
+
+DENSE = 0.1  # a latent firing on more than 10% of tokens is dense (§8)
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """``Σ‖x − x̂‖² / Σ‖x − mean x‖²`` over rows of ``x [n, d]``."""
+    return ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+
+
+def l0_per_token(codes: Tensor) -> Tensor:
+    """Active latents per row of dense codes ``[n, d_sae]``."""
+    return (codes != 0).sum(1)
+
+
+def frequency_summary(counts: Tensor, n_tokens: int, bins: int = 30) -> dict:
+    """Dead fraction (never fired), dense fraction (> 10% of tokens) and a histogram of
+    log10 firing frequency over the latents that fired."""
+    freq = counts.double() / n_tokens
+    alive = freq[freq > 0].log10()
+    lo = min(alive.min().item(), -6.0) if len(alive) else -6.0
+    hist = torch.histc(alive, bins=bins, min=lo, max=0.0) if len(alive) else torch.zeros(bins)
+    edges = torch.linspace(lo, 0.0, bins + 1)
+    return {"dead_frac": (counts == 0).double().mean().item(), "dense_frac": (freq > DENSE).double().mean().item(),
+            "log10_freq_hist": {"edges": edges.tolist(), "counts": hist.int().tolist()}}
+
+
+class _Accumulator:
+    """Streams reconstruction statistics over batches of activations."""
+
+    def __init__(self, d_sae: int, d_in: int):
+        self.err, self.n = 0.0, 0
+        self.sum, self.sumsq = torch.zeros(d_in, dtype=torch.float64), 0.0
+        self.counts = torch.zeros(d_sae, dtype=torch.long)
+        self.l0s: list[Tensor] = []
+
+    def add(self, x: Tensor, out) -> None:
+        self.err += (x - out.x_hat).pow(2).sum().item()
+        self.sum += x.double().sum(0).cpu()
+        self.sumsq += x.double().pow(2).sum().item()
+        self.n += len(x)
+        on = out.codes.values != 0
+        self.l0s.append(on.sum(1).cpu())
+        self.counts += torch.bincount(out.codes.indices[on].cpu(), minlength=len(self.counts))
+
+    def result(self) -> dict:
+        total_var = self.sumsq - self.sum.pow(2).sum().item() / self.n  # Σ‖x − mean x‖²
+        l0 = torch.cat(self.l0s).float()
+        hist = torch.bincount(l0.long())
+        return {"l0": l0.mean().item(), "l0_std": l0.std().item(), "fvu": self.err / total_var,
+                "explained_variance": 1 - self.err / total_var, "tokens": self.n,
+                "l0_hist": hist.tolist(), **frequency_summary(self.counts, self.n)}
+
+
+@torch.no_grad()
+def evaluate_sae(model, sae, tokens: Tensor, batch_size: int = 32) -> dict:
+    """Every §8 metric of ``sae`` on ``tokens [n, T]`` (BOS positions excluded, as in training)."""
+    from saekit.activations import harvest_batches, resolve_hook
+    from saekit.splice import ce_losses, check_sae_fits
+
+    check_sae_fits(model, sae)
+    hook = resolve_hook(model, sae.cfg.hook_name)
+    acts = harvest_batches(model, tokens, hook, batch_size)  # [n·(T−1), d_in]
+    acc = _Accumulator(sae.cfg.d_sae, sae.cfg.d_in)
+    for i in range(0, len(acts), 4096):
+        x = acts[i: i + 4096].to(sae.W_dec.device)
+        acc.add(x, sae(x))
+    mean = sae.unflatten_hook(acts.mean(0))
+    ce = ce_losses(model, sae, tokens, batch_size, mean=mean)
+    return {**acc.result(), "ce_loss_clean": ce.clean, "ce_loss_sae": ce.sae, "ce_loss_zero_ablation": ce.zero,
+            "ce_loss_mean_ablation": ce.mean, "ce_loss_recovered": ce.recovered,
+            "ce_loss_recovered_mean": ce.recovered_mean, "kl": ce.kl,
+            "hook": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "sparsity": sae.cfg.sparsity}
+
+
+__all__ = ["fvu", "l0_per_token", "frequency_summary", "evaluate_sae", "loss_recovered"]

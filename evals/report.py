@@ -1,0 +1,108 @@
+"""HTML reports with Plotly figures for ``eval.json`` and ``ioi_eval.json``.
+
+A report loads ``plotly.min.js`` from its own folder (written once beside it), so it opens
+offline and two reports in one folder share the script.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from saekit.formats import atomic_write_text
+
+PLOTLY_JS = "plotly.min.js"
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+
+def write_report(path: Path, title: str, parts: list) -> None:
+    """Write ``parts`` (HTML strings and Plotly figures) as one page at ``path``."""
+    from plotly.offline import get_plotlyjs
+
+    path = Path(path)
+    js = path.parent / PLOTLY_JS
+    if not js.exists():
+        atomic_write_text(js, get_plotlyjs())
+    body = "\n".join(p if isinstance(p, str) else p.to_html(full_html=False, include_plotlyjs=False) for p in parts)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<script src='{PLOTLY_JS}'></script><style>body{{font-family:sans-serif;margin:2em}}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+            f"</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>")
+    atomic_write_text(path, page)
+
+
+def eval_parts(r: dict) -> list:
+    """The figures of ``saekit eval``."""
+    keys = ["l0", "l0_std", "explained_variance", "fvu", "ce_loss_recovered", "ce_loss_recovered_mean", "kl",
+            "dead_frac", "dense_frac", "tokens"]
+    h = r["log10_freq_hist"]
+    freq = go.Figure(go.Bar(x=h["edges"][:-1], y=h["counts"], width=h["edges"][1] - h["edges"][0]))
+    freq.update_layout(title="Firing frequency of live latents", xaxis_title="log10 frequency", yaxis_title="latents")
+    l0 = go.Figure(go.Bar(x=list(range(len(r["l0_hist"]))), y=r["l0_hist"]))
+    l0.update_layout(title="Active latents per token", xaxis_title="L0", yaxis_title="tokens")
+    names = ["clean", "SAE", "mean ablation", "zero ablation"]
+    ce = go.Figure(go.Bar(x=names, y=[r["ce_loss_clean"], r["ce_loss_sae"], r["ce_loss_mean_ablation"],
+                                      r["ce_loss_zero_ablation"]]))
+    ce.update_layout(title="Next-token loss", yaxis_title="nats")
+    return [f"<p>{html.escape(r['hook'])}, {r['sparsity']}, d_sae={r['d_sae']}, k={r['k']}</p>",
+            _table([{k: r[k] for k in keys}], keys), freq, l0, ce]
+
+
+def ioi_parts(r: dict) -> list:
+    """The figures of ``saekit eval-ioi``: approximation bars, edit accuracy against weight
+    removed per budget, F1 heatmaps, occlusion/over-splitting, and the node table."""
+    parts = [f"<p>model {html.escape(r['model'])}, layer {r['layer']}, {r['n_eval']} evaluation prompts, "
+             f"{r['n_fit']} fitting prompts. IOI nodes: {html.escape(', '.join(r['ioi_nodes']))}</p>"]
+    for name, n in r["nodes"].items():
+        parts.append(f"<h2>Node {html.escape(name)}</h2>")
+        parts += _node_parts(name, n)
+    cols = ["node", "effect", "ld_clean", "ld_ablated"] if r["node_table"] and "effect" in r["node_table"][0] else ["node"]
+    parts += ["<h2>Nodes: mean-ablation effect on the logit difference</h2>", _table(r["node_table"][:24], cols)]
+    return parts
+
+
+def _node_parts(name: str, n: dict) -> list:
+    rows = {f"supervised ({m})": s["approximation"] for m, s in n["supervised"].items()}
+    rows.update({label: s["approximation"] for label, s in n["saes"].items()})
+    approx = go.Figure([go.Bar(name=k, x=list(rows), y=[v[k] for v in rows.values()])
+                        for k in ("sufficiency", "necessity")])
+    approx.update_layout(title=f"{name}: approximation", barmode="group", yaxis_title="share of logit difference")
+    parts = [approx]
+    for attr in n["unedited_accuracy"]:
+        fig = go.Figure()
+        for m, s in n["supervised"].items():
+            c = s["control"][attr]
+            fig.add_trace(go.Scatter(x=[c["weight_removed"]], y=[c["accuracy"]], mode="markers",
+                                     marker_size=12, name=f"supervised ({m})"))
+        for label, s in n["saes"].items():
+            for kind, per in s["control"][attr].items():
+                b = sorted(per, key=int)
+                fig.add_trace(go.Scatter(x=[per[k]["weight_removed"] for k in b], y=[per[k]["accuracy"] for k in b],
+                                         text=[f"budget {k}" for k in b], mode="lines+markers", name=f"{label} {kind}"))
+        fig.update_layout(title=f"{name}: editing {attr} (unedited accuracy {n['unedited_accuracy'][attr]:.2f})",
+                          xaxis_title="weight removed", yaxis_title="edit accuracy")
+        parts.append(fig)
+    for label, s in n["saes"].items():
+        for attr, hm in s["f1_heatmaps"].items():
+            fig = go.Figure(go.Heatmap(z=hm["f1"], x=hm["values"], y=[f"latent {j}" for j in hm["latents"]],
+                                       zmin=0, zmax=1, colorscale="Viridis"))
+            fig.update_layout(title=f"{name}, {label}: F1 of latents for {attr} values", height=520)
+            parts.append(fig)
+        occ = [{"attribute": a, **{k: v for k, v in o.items() if k != "by"}, "shadowed by": ", ".join(o["by"]),
+                "over-split values": s["oversplitting"][a],
+                "mean best F1": s["interpretability"][a]["mean_best_f1"],
+                "coverage (F1 ≥ 0.7)": s["interpretability"][a]["coverage"]} for a, o in s["occlusion"].items()]
+        parts += [f"<h3>{html.escape(label)}: interpretability, occlusion and over-splitting</h3>",
+                  _table(occ, list(occ[0]))]
+    return parts

@@ -1,0 +1,77 @@
+"""The Python entry points behind ``saekit eval`` and ``saekit eval-ioi``: load the SAE and
+its model, measure, and write the JSON and HTML report beside the SAE (atomically)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from saekit.errors import MismatchError, SAEFileError
+from saekit.evals.options import EvalOptions, IOIEvalOptions
+from saekit.formats import atomic_write_text
+
+
+def model_for(sae, name: str | None = None, device: str = "cpu"):
+    """The model an SAE was trained on (``cfg.model_name``), or ``name`` if the user gave one
+    — which must then be that model, when the SAE records it."""
+    from saekit.models import EMBEDDED_NAME, load_model
+    from saekit.splice import check_sae_fits
+
+    recorded = sae.cfg.model_name
+    if name and recorded and name != recorded and {name, recorded} != {"", EMBEDDED_NAME}:
+        raise MismatchError(f"the SAE was trained on {recorded!r}, not {name!r}; omit --model to use its model")
+    model = load_model(name or (None if recorded in ("", EMBEDDED_NAME) else recorded), device)
+    check_sae_fits(model, sae)
+    return model
+
+
+def _load(path):
+    from saekit.formats import load_sae
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SAEFileError(f"no SAE folder at {path}; pass the folder holding cfg.json (e.g. a `saekit train --out` folder)")
+    return folder, load_sae(folder)
+
+
+def run_eval(sae_path, model: str | None = None, dataset: str | None = None, opts: EvalOptions | None = None,
+             device: str = "cpu") -> dict:
+    """Standard metrics of the SAE at ``sae_path`` on held-out text; writes ``eval.json`` and
+    ``eval.html`` in its folder and returns the metrics."""
+    import torch
+
+    from saekit import data
+    from saekit.evals.metrics import evaluate_sae
+    from saekit.evals.report import eval_parts, write_report
+
+    opts = opts or EvalOptions()
+    folder, sae = _load(sae_path)
+    m = model_for(sae, model, device)
+    n_seq = max(1, opts.tokens // opts.seq_len)
+    seqs = data.pack(data.documents(dataset, opts.seed + 1, "heldout"), m.tokenizer, opts.seq_len)
+    tokens = torch.stack([next(seqs) for _ in range(n_seq)])
+    result = {**evaluate_sae(m, sae, tokens), "model": m.saekit_name, "dataset": dataset or "saekit"}
+    atomic_write_text(folder / "eval.json", json.dumps(result, indent=1))
+    write_report(folder / "eval.html", f"SAE evaluation: {folder.name}", eval_parts(result))
+    return result
+
+
+def run_eval_ioi(sae_path, compare: list[str] = (), model: str | None = None,
+                 opts: IOIEvalOptions | None = None, device: str = "cpu") -> dict:
+    """Score the SAE at ``sae_path`` (and any ``compare`` SAEs of the same layer) against
+    supervised IOI dictionaries; writes ``ioi_eval.json``, ``ioi_eval.html`` and (unless
+    ``opts.save_dictionaries`` is off) ``ioi_dictionaries/`` in its folder."""
+    from saekit.evals.ioi_eval import evaluate_ioi
+    from saekit.evals.report import ioi_parts, write_report
+
+    opts = opts or IOIEvalOptions()
+    folder, sae = _load(sae_path)
+    saes = {folder.name: sae}
+    for path in compare:
+        f, other = _load(path)
+        saes[f.name if f.name not in saes else str(f)] = other
+    m = model_for(sae, model, device)
+    result = evaluate_ioi(m, saes, opts, folder / "ioi_dictionaries" if opts.save_dictionaries else None)
+    atomic_write_text(folder / "ioi_eval.json", json.dumps(result, indent=1))
+    write_report(folder / "ioi_eval.html", f"IOI evaluation: {folder.name}", ioi_parts(result))
+    return result
