@@ -25,12 +25,14 @@ def script_path() -> Path:
 
 
 def command(port: int, address: str) -> list[str]:
-    """The ``streamlit run`` command line: headless, no usage statistics (no network calls)."""
+    """The ``streamlit run`` command line: headless, no usage statistics (no network calls),
+    no deploy button."""
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, not {port}")
     return [sys.executable, "-m", "streamlit", "run", str(script_path()),
             "--server.port", str(port), "--server.address", address, "--server.headless", "true",
-            "--browser.gatherUsageStats", "false", "--global.developmentMode", "false"]
+            "--browser.gatherUsageStats", "false", "--global.developmentMode", "false",
+            "--client.toolbarMode", "minimal"]
 
 
 def launch(sae: str | None, model: str | None, port: int = 8501, address: str = "127.0.0.1") -> int:
