@@ -27,7 +27,7 @@ def _chromium() -> str:
         path = None
     if path is None:
         why = "headless Chromium (Debian package `chromium`) and the `playwright` Python package are needed"
-        if os.environ.get("CI"):
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
             pytest.fail(f"{why}; under CI this is an error (`.ci/run` installs Chromium)")
         pytest.skip(why)
     return path
