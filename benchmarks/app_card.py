@@ -60,7 +60,7 @@ def main(argv=None):
 
     lens_times = run_times(lens, args.reps)
 
-    print(f"| {os.path.basename(os.path.normpath(args.sae))}, {torch.get_num_threads()} threads | "
+    print(f"| {os.path.basename(os.path.abspath(args.sae))}, {torch.get_num_threads()} threads | "
           "median (s) | min (s) | max (s) | runs |")
     print("|---|---|---|---|---|")
     print(f"| first run (loads model, SAE, statistics) | {first:.2f} | {first:.2f} | {first:.2f} | 1 |")
