@@ -96,7 +96,19 @@ def test_window_starts_before_the_peak(stats):
     assert c.peak == BEFORE
 
 
-def test_analyze_command(tmp_path, capsys):
+@pytest.fixture
+def saekit_logger_restored():
+    """``main`` sets up the "saekit" logger (a stderr handler, INFO, no propagation) for the
+    process; undo that so later tests see logging as they would without this one."""
+    import logging
+
+    log = logging.getLogger("saekit")
+    saved = (list(log.handlers), log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+
+
+def test_analyze_command(tmp_path, capsys, saekit_logger_restored):
     make_sae().save(tmp_path / "sae")
     assert main(["analyze", "--sae", str(tmp_path / "sae"), "--tokens", "2000", "--noprogress"]) == 0
     assert "latents fire" in capsys.readouterr().out
