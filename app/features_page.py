@@ -123,7 +123,7 @@ def _dfa(ld: Loaded, latent: int, contexts) -> None:
 
     labels = [f"#{j + 1} ({c.value:.2f})" for j, c in enumerate(contexts)]
     j = st.selectbox("Direct feature attribution for context", range(len(contexts)),
-                     format_func=labels.__getitem__, key="dfa_context")
+                     format_func=labels.__getitem__, key=f"dfa_context_{latent}")
     prefix = contexts[j].prefix
     with model_lock():
         d = dfa(ld.model, ld.sae, prefix.long(), latent, dest=-1)

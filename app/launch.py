@@ -9,7 +9,6 @@ script through environment variables (streamlit gives the script no other clean 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
@@ -35,8 +34,9 @@ def command(port: int, address: str) -> list[str]:
             "--client.toolbarMode", "minimal"]
 
 
-def launch(sae: str | None, model: str | None, port: int = 8501, address: str = "127.0.0.1") -> int:
-    """Run the explorer until interrupted; returns streamlit's exit code."""
+def launch(sae: str | None, model: str | None, port: int = 8501, address: str = "127.0.0.1") -> None:
+    """Become the streamlit server (``exec``), so that a signal to ``saekit app`` (Ctrl-C,
+    ``kill``) reaches the server itself and leaves no orphaned child behind."""
     env = dict(os.environ)
     for key, value in ((ENV_SAE, sae), (ENV_MODEL, model)):
         if value:
@@ -45,4 +45,4 @@ def launch(sae: str | None, model: str | None, port: int = 8501, address: str = 
             env.pop(key, None)
     cmd = command(port, address)
     print(f"saekit app: http://{address}:{port} (Ctrl-C stops it)", flush=True)
-    return subprocess.run(cmd, env=env).returncode
+    os.execve(cmd[0], cmd, env)

@@ -51,7 +51,7 @@ def page(ld: Loaded) -> None:
     if not present:
         st.info("No latent fires on this prompt.")
         return
-    c1, c2 = st.columns([3, 1])
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
     chosen = c1.selectbox("Latent", present, key="lens_latent",
                           format_func=lambda i: f"{i} (max {acts[:, i].max().item():.2f})")
     c2.button("Open its card", key="lens_open", on_click=open_card, args=(chosen,))

@@ -20,7 +20,7 @@ def shaded_tokens(tokens: list[str], acts: list[float], vmax: float, peak: int |
     spans = []
     for i, (t, a) in enumerate(zip(tokens, acts)):
         alpha = max(0.0, min(1.0, a / vmax))
-        style = f"background: rgba({ORANGE}, {alpha:.2f}); border-radius: 3px; white-space: pre;"
+        style = f"background: rgba({ORANGE}, {alpha:.2f}); border-radius: 3px; white-space: pre-wrap;"
         if i == peak:
             style += " border-bottom: 2px solid #333;"
         title = f"{a:.3f}" if a > 0 else "0"
@@ -30,8 +30,8 @@ def shaded_tokens(tokens: list[str], acts: list[float], vmax: float, peak: int |
 
 def context_block(rows: list[tuple[float, str]]) -> str:
     """Lines ``value | shaded tokens`` in a monospace block."""
-    lines = [f'<div style="margin: 2px 0;"><code style="display:inline-block; width: 5em;">{v:.2f}</code>'
-             f"{body}</div>" for v, body in rows]
+    lines = [f'<div style="display: flex; margin: 3px 0;"><span style="flex: 0 0 4.5em; color: #666;">{v:.2f}</span>'
+             f'<span style="flex: 1;">{body}</span></div>' for v, body in rows]
     return '<div style="font-family: monospace; font-size: 0.85em; line-height: 1.7;">' + "".join(lines) + "</div>"
 
 

@@ -259,7 +259,7 @@ def cmd_app(args) -> None:
     from saekit.app.launch import launch
 
     o = args.app
-    sys.exit(launch(o.sae, o.model, o.port, o.address))
+    launch(o.sae, o.model, o.port, o.address)  # replaces this process with the server
 
 
 COMMANDS: dict[str, tuple[Callable, list[tuple[type, str]]]] = {

@@ -47,7 +47,7 @@ def test_features_page_lists_latents_and_shows_a_card(monkeypatch, sae_dir):
     assert [m.label for m in at.metric] == ["firing frequency", "mean activation", "max activation"]
     assert {e.key for e in at.get("plotly_chart")} == {"card_hist", "card_heads", "card_dfa"}
     assert "rgba(255, 140, 0" in at.get("html")[0].proto.body  # contexts shaded by activation
-    at.selectbox(key="dfa_context").set_value(1).run()  # DFA for another context
+    at.selectbox(key=f"dfa_context_{latent}").set_value(1).run()  # DFA for another context
     assert not at.exception
 
 

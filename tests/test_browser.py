@@ -6,6 +6,7 @@ Without Chromium or Playwright the test skips, except under CI (``CI`` set), whe
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -63,12 +64,13 @@ def app_server(model, tmp_path):
     try:
         _wait_healthy(proc, port)
         yield f"http://127.0.0.1:{port}", chromium
-    finally:
-        proc.terminate()
+    finally:  # the server runs in its own session: end that process group, no stray process
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_feature_card_and_steering_in_chromium(app_server, model, tmp_path):
