@@ -217,11 +217,6 @@ class AnalyzeOptions:
     """Show a progress bar on stderr."""
 
 
-def _need_sae(o) -> None:
-    if not o.sae:
-        raise SaekitError("--sae is required: the folder of an SAE (cfg.json and its weights)")
-
-
 def cmd_analyze(args) -> None:
     """Feature statistics of an SAE (frequencies, histograms, top contexts, logit effects),
     saved beside it for `saekit app`."""
@@ -230,7 +225,8 @@ def cmd_analyze(args) -> None:
     from saekit.models import load_model
 
     o = args.analyze
-    _need_sae(o)
+    if not o.sae:
+        raise SaekitError("--sae is required: the folder of an SAE (cfg.json and its weights)")
     sae = load_sae(o.sae, o.device)
     model = load_model(o.model or sae.cfg.model_name or None, o.device)
     stats = analyze(model, sae, o.tokens, dataset=o.dataset, progress=o.progress)
