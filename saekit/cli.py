@@ -266,6 +266,65 @@ def cmd_bench(args) -> None:
     print(format_table(bench(o, variants, d_sae=b.d_sae, k=b.k, steps=b.steps), o))
 
 
+@dataclass
+class AnalyzeOptions:
+    """Which SAE to analyze, on how many tokens."""
+
+    sae: str = ""
+    """The SAE folder (cfg.json and weights); statistics go to its stats/ subfolder."""
+    tokens: int = 200_000
+    """Tokens of the corpus to run over."""
+    model: str | None = None
+    """The model to run; omitted: the SAE's own (cfg.json model_name), else the embedded one."""
+    dataset: str | None = None
+    """A Hugging Face dataset, a .txt/.jsonl file or folder; omitted: saekit's held-out corpus."""
+    device: str = "cpu"
+    """Torch device."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+
+
+def cmd_analyze(args) -> None:
+    """Feature statistics of an SAE (frequencies, histograms, top contexts, logit effects),
+    saved beside it for `saekit app`."""
+    from saekit.evals.features import analyze, save_stats
+    from saekit.formats import load_sae
+    from saekit.models import load_model
+
+    o = args.analyze
+    if not o.sae:
+        raise SaekitError("--sae is required: the folder of an SAE (cfg.json and its weights)")
+    sae = load_sae(o.sae, o.device)
+    model = load_model(o.model or sae.cfg.model_name or None, o.device)
+    stats = analyze(model, sae, o.tokens, dataset=o.dataset, progress=o.progress)
+    path = save_stats(stats, o.sae)
+    alive = int((stats.freq > 0).sum())
+    print(f"{stats.meta['n_tokens']} tokens in {stats.meta['seconds']:.0f} s: {alive}/{stats.d_sae} latents "
+          f"fire, mean frequency {stats.freq.mean().item():.4f}; saved to {path}")
+
+
+@dataclass
+class AppOptions:
+    """Where the explorer listens and what it opens first."""
+
+    sae: str | None = None
+    """The SAE folder to open; omitted: the first SAE shipped in pretrained/saes/."""
+    model: str | None = None
+    """The model to run; omitted: the SAE's own (cfg.json model_name)."""
+    port: int = 8501
+    """Local port of the web page."""
+    address: str = "127.0.0.1"
+    """Interface to listen on; 127.0.0.1 keeps the app on this machine."""
+
+
+def cmd_app(args) -> None:
+    """The Streamlit explorer: browse features, read prompts through the SAE, steer the model."""
+    from saekit.app.launch import launch
+
+    o = args.app
+    launch(o.sae, o.model, o.port, o.address)  # replaces this process with the server
+
+
 COMMANDS: dict[str, tuple[Callable, list[tuple[type, str]]]] = {
     "demo": (cmd_demo, [(ModelOptions, "model")]),
     "hooks": (cmd_hooks, [(ModelOptions, "model")]),
@@ -275,6 +334,8 @@ COMMANDS: dict[str, tuple[Callable, list[tuple[type, str]]]] = {
     "bench": (cmd_bench, "bench"),
     "eval": (cmd_eval, "eval"),
     "eval-ioi": (cmd_eval_ioi, "eval-ioi"),
+    "analyze": (cmd_analyze, [(AnalyzeOptions, "analyze")]),
+    "app": (cmd_app, [(AppOptions, "app")]),
 }
 
 

@@ -159,3 +159,13 @@ def load_sae(path, device: str | torch.device = "cpu"):
         raise SAEFileError(f"{folder}: weights file lacks {missing}")
     sae.load_state_dict(w, strict=False)
     return sae.to(device).eval()  # inference: batch-level sparsifiers use their thresholds
+
+
+# ---- shipped SAEs ----------------------------------------------------------------------------
+
+def shipped_saes() -> list[Path]:
+    """The SAE folders shipped with saekit: ``pretrained/saes/*/`` holding a cfg.json, sorted."""
+    from saekit import pretrained
+
+    root = Path(pretrained.__file__).parent / "saes"
+    return sorted(p for p in root.iterdir() if (p / CFG).is_file()) if root.is_dir() else []

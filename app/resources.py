@@ -1,0 +1,90 @@
+"""What every page needs: the model, the SAE and its statistics, loaded once per process
+(``st.cache_resource``) and checked; a bad choice becomes one message in the page."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+import streamlit as st
+
+from saekit.errors import SAEFileError, SaekitError
+
+
+class Loaded(NamedTuple):
+    model: object
+    sae: object
+    sae_path: str
+    stats: object | None  # saekit.evals.features.FeatureStats, or None when missing/stale
+    stats_error: str | None  # why stats is None, with the command that fixes it
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+@st.cache_resource(show_spinner="Loading the model ...")
+def _model(name: str | None):
+    from saekit.models import load_model
+
+    return load_model(name)
+
+
+@st.cache_resource(show_spinner="Loading the SAE ...")
+def _sae(path: str, _mtime_key: float):
+    from saekit.formats import load_sae
+
+    return load_sae(path)
+
+
+@st.cache_resource(show_spinner="Loading feature statistics ...")
+def _stats(path: str, _mtime_key: float, _sae_obj, fingerprint: str):
+    from saekit.evals.features import load_stats
+
+    return load_stats(path, _sae_obj)
+
+
+@st.cache_resource
+def model_lock() -> threading.Lock:
+    """One lock around runs with hooks: sessions share the cached model, and steering hooks
+    added by one session must not leak into another's forward pass."""
+    return threading.Lock()
+
+
+def load(sae_path: str, model_name: str | None) -> Loaded:
+    """Load and check everything; raises ``SaekitError`` with a one-line, fixable message."""
+    from saekit.evals.features import fingerprint, stats_path
+    from saekit.splice import check_sae_fits
+
+    folder = Path(sae_path).expanduser()
+    if not folder.is_dir():
+        raise SAEFileError(f"no SAE folder at {folder}; pass the folder `saekit train --out` wrote "
+                           "(it holds cfg.json and sae.safetensors)")
+    sae = _sae(str(folder), _mtime(folder / "cfg.json"))
+    name = model_name or sae.cfg.model_name or None
+    try:
+        model = _model(name)
+    except SaekitError as e:
+        raise type(e)(f"{e} (this SAE was trained on {sae.cfg.model_name or 'an unnamed model'}, "
+                      "cfg.json model_name)") from None
+    check_sae_fits(model, sae)
+    try:
+        fp = getattr(sae, "_saekit_fingerprint", None) or fingerprint(sae)
+        sae._saekit_fingerprint = fp  # the cached SAE never changes: hash its decoder once
+        stats, err = _stats(str(folder), _mtime(stats_path(folder)), sae, fp), None
+    except SAEFileError as e:
+        stats, err = None, str(e)
+    return Loaded(model, sae, str(folder), stats, err)
+
+
+def default_sae() -> str:
+    """``saekit app --sae``, else the first shipped SAE, else empty."""
+    from saekit import formats
+
+    env = os.environ.get("SAEKIT_APP_SAE", "")
+    if env:
+        return env
+    shipped = formats.shipped_saes()
+    return str(shipped[0]) if shipped else ""

@@ -1,0 +1,180 @@
+"""The explorer through Streamlit's AppTest: every page, and every bad input ending in a
+message on the page rather than an exception."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from saekit.app.launch import command, script_path
+from saekit.errors import ConfigError
+from tests.app_helpers import PROMPT, analyzed_sae, make_sae
+
+
+@pytest.fixture(scope="module")
+def sae_dir(model, tmp_path_factory):
+    return analyzed_sae(model, tmp_path_factory.mktemp("app") / "sae")
+
+
+def run_app(monkeypatch, sae_path: str | None, page: str | None = None) -> AppTest:
+    if sae_path is None:
+        monkeypatch.delenv("SAEKIT_APP_SAE", raising=False)
+    else:
+        monkeypatch.setenv("SAEKIT_APP_SAE", sae_path)
+    at = AppTest.from_file(str(script_path()), default_timeout=180)
+    at.run()
+    if page is not None:
+        at.sidebar.radio(key="page").set_value(page).run()
+    assert not at.exception
+    return at
+
+
+def texts(elements) -> str:
+    return " | ".join(e.value for e in elements)
+
+
+# ---- the pages ----------------------------------------------------------------------------
+def test_features_page_lists_latents_and_shows_a_card(monkeypatch, sae_dir):
+    at = run_app(monkeypatch, sae_dir)
+    assert not at.error and not at.warning
+    assert at.dataframe[0].value.shape[0] == 256  # one row per latent
+    table = at.dataframe[0].value
+    latent = int(table.sort_values("frequency").iloc[-1]["latent"])  # surely has contexts
+    at.number_input(key="latent").set_value(latent).run()
+    assert at.subheader[0].value == f"Latent {latent}"
+    assert [m.label for m in at.metric] == ["firing frequency", "mean activation", "max activation"]
+    assert {e.key for e in at.get("plotly_chart")} == {"card_hist", "card_heads", "card_dfa"}
+    assert "rgba(255, 140, 0" in at.get("html")[0].proto.body  # contexts shaded by activation
+    at.selectbox(key=f"dfa_context_{latent}").set_value(1).run()  # DFA for another context
+    assert not at.exception
+
+
+def test_features_sort_and_search(monkeypatch, sae_dir):
+    at = run_app(monkeypatch, sae_dir)
+    at.selectbox(key="feat_sort").set_value("frequency, low first").run()
+    freq = at.dataframe[0].value["frequency"].tolist()
+    assert freq == sorted(freq)
+    token = next(t for t in at.dataframe[0].value["top token"] if t.strip())
+    at.text_input(key="feat_search").input(token.strip()).run()
+    shown = at.dataframe[0].value
+    assert 0 < len(shown) < 256
+    assert all(token.strip().lower() in (a + b).lower() for a, b in zip(shown["top token"], shown["boosts"]))
+
+
+def test_prompt_lens_and_click_through_to_the_card(monkeypatch, sae_dir):
+    at = run_app(monkeypatch, sae_dir, "Prompt lens")
+    table = at.dataframe[0].value
+    assert table["token"].tolist()[-1] == " to"  # every prompt token, BOS left out
+    latent = at.selectbox(key="lens_latent").value
+    at.button(key="lens_open").click().run()
+    assert at.sidebar.radio(key="page").value == "Features"
+    assert at.subheader[0].value == f"Latent {latent}"
+
+
+def test_steering_shows_both_continuations_and_the_ioi_logit_difference(monkeypatch, sae_dir):
+    at = run_app(monkeypatch, sae_dir, "Steering")
+    at.number_input(key="steer_n").set_value(2).run()
+    at.number_input(key="steer_latent_0").set_value(5)
+    at.number_input(key="steer_value_0").set_value(300.0)
+    at.selectbox(key="steer_method_1").set_value("ablate")
+    at.number_input(key="steer_latent_1").set_value(7)
+    at.slider(key="steer_tokens").set_value(6)
+    at.button(key="steer_go").click().run()
+    assert not at.exception and not at.error
+    unsteered, steered = (c.value for c in at.code)
+    assert unsteered.startswith(PROMPT) and steered.startswith(PROMPT) and steered != unsteered
+    assert "logit(Mary) − logit(John)" in at.metric[0].label
+
+
+def test_evaluations_page_shows_reports_or_the_command(monkeypatch, sae_dir, tmp_path):
+    at = run_app(monkeypatch, sae_dir, "Evaluations")
+    info = texts(at.info)
+    assert f"saekit eval --sae {sae_dir}" in info and f"saekit eval-ioi --sae {sae_dir}" in info
+    folder = tmp_path / "with_reports"
+    shutil.copytree(sae_dir, folder)
+    (folder / "eval.json").write_text(json.dumps({"l0": 16.0, "ce_loss_recovered": 0.9}))
+    (folder / "ioi_eval.html").write_text("<html><body><h1>IOI report</h1></body></html>")
+    at = run_app(monkeypatch, str(folder), "Evaluations")
+    assert len(at.json) == 1 and json.loads(at.json[0].value)["l0"] == 16.0
+    assert [i.value for i in at.info] == []
+    assert any("IOI report" in getattr(e.proto, "srcdoc", "") for e in at.get("iframe"))
+
+
+def test_shipped_sae_is_the_default(monkeypatch, sae_dir):
+    from saekit import formats
+
+    monkeypatch.setattr(formats, "shipped_saes", lambda: [Path(sae_dir)])
+    at = run_app(monkeypatch, None)
+    assert at.sidebar.text_input(key="sae_path").value == sae_dir
+    assert at.subheader[0].value == "Latent 0"
+
+
+# ---- bad input ----------------------------------------------------------------------------
+def test_no_sae_at_all_says_to_pass_one(monkeypatch):
+    from saekit import formats
+
+    monkeypatch.setattr(formats, "shipped_saes", lambda: [])
+    at = run_app(monkeypatch, None)
+    assert "saekit app --sae PATH" in texts(at.info)
+
+
+def test_wrong_sae_path(monkeypatch, tmp_path):
+    at = run_app(monkeypatch, str(tmp_path / "nowhere"))
+    assert "no SAE folder" in texts(at.error)
+    (tmp_path / "empty").mkdir()
+    at.sidebar.text_input(key="sae_path").input(str(tmp_path / "empty")).run()
+    assert not at.exception and "cfg.json" in texts(at.error)
+
+
+def test_sae_for_another_model(monkeypatch, tmp_path):
+    make_sae(d_in=64, hook_shape=(4, 16)).save(tmp_path / "narrow")
+    at = run_app(monkeypatch, str(tmp_path / "narrow"))
+    assert "expects d_in=64" in texts(at.error)
+    make_sae(model_name="./no-such-model").save(tmp_path / "elsewhere")
+    at = run_app(monkeypatch, str(tmp_path / "elsewhere"))
+    err = texts(at.error)
+    assert "no-such-model" in err and "cfg.json model_name" in err
+
+
+def test_latent_out_of_range(monkeypatch, sae_dir):
+    at = run_app(monkeypatch, sae_dir)
+    at.number_input(key="latent").set_value(256).run()
+    assert "out of range" in texts(at.error) and "256 latents" in texts(at.error)
+    at = run_app(monkeypatch, sae_dir, "Steering")
+    at.number_input(key="steer_latent_0").set_value(999)
+    at.button(key="steer_go").click().run()
+    assert "out of range" in texts(at.error)
+
+
+def test_empty_prompt(monkeypatch, sae_dir):
+    at = run_app(monkeypatch, sae_dir, "Prompt lens")
+    at.text_area(key="lens_prompt").input("   ").run()
+    assert "prompt is empty" in texts(at.warning)
+    at = run_app(monkeypatch, sae_dir, "Steering")
+    at.text_area(key="steer_prompt").input("").run()
+    at.button(key="steer_go").click().run()
+    assert "prompt is empty" in texts(at.warning) and not at.code
+
+
+def test_missing_or_stale_statistics(monkeypatch, sae_dir, tmp_path):
+    folder = tmp_path / "nostats"
+    shutil.copytree(sae_dir, folder, ignore=shutil.ignore_patterns("stats"))
+    at = run_app(monkeypatch, str(folder))
+    assert f"saekit analyze --sae {folder}" in texts(at.warning)
+    assert at.subheader[0].value == "Latent 0"  # the parts of the card that need no statistics
+    assert {"card_heads"} <= {e.key for e in at.get("plotly_chart")}
+    stale = tmp_path / "stale"
+    shutil.copytree(sae_dir, stale)
+    make_sae(seed=1).save(stale)  # new weights, old statistics
+    at = run_app(monkeypatch, str(stale))
+    assert "other SAE weights" in texts(at.warning)
+
+
+def test_launch_command():
+    assert script_path().name == "main.py" and script_path().is_file()
+    cmd = command(8765, "127.0.0.1")
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and "8765" in cmd and "127.0.0.1" in cmd
+    with pytest.raises(ConfigError, match="port"):
+        command(70000, "127.0.0.1")
