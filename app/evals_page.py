@@ -1,4 +1,5 @@
-"""Evaluations: the reports ``saekit eval`` and ``saekit eval-ioi`` write beside the SAE."""
+"""Evaluations: the results ``saekit eval`` and ``saekit eval-ioi`` wrote beside the SAE, drawn
+with the same figures as their HTML reports (``saekit.evals.report``)."""
 
 from __future__ import annotations
 
@@ -6,26 +7,32 @@ import json
 from pathlib import Path
 
 import streamlit as st
-import streamlit.components.v1 as components
 
 REPORTS = (("Evaluation", "eval", "saekit eval --sae {path}"),
            ("IOI evaluation", "ioi_eval", "saekit eval-ioi --sae {path}"))
 
 
 def page(sae_path: str) -> None:
+    from saekit.evals.report import eval_parts, ioi_parts
+
     st.header("Evaluations")
     folder = Path(sae_path)
-    for title, stem, command in REPORTS:
+    for (title, stem, command), parts in zip(REPORTS, (eval_parts, ioi_parts)):
         st.subheader(title)
-        js, page_html = folder / f"{stem}.json", folder / f"{stem}.html"
-        if not js.is_file() and not page_html.is_file():
-            st.info(f"No {stem}.json or {stem}.html beside this SAE. Make them with "
-                    f"`{command.format(path=sae_path)}`.")
+        js = folder / f"{stem}.json"
+        if not js.is_file():
+            st.info(f"No {stem}.json beside this SAE. Make it with `{command.format(path=sae_path)}`.")
             continue
-        if page_html.is_file():
-            components.html(page_html.read_text(encoding="utf-8", errors="replace"), height=700, scrolling=True)
-        if js.is_file():
-            try:
-                st.json(json.loads(js.read_text()), expanded=not page_html.is_file())
-            except json.JSONDecodeError as e:
-                st.error(f"{js} is not valid JSON ({e}); rerun `{command.format(path=sae_path)}`.")
+        try:
+            result = json.loads(js.read_text())
+            figures = parts(result)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            st.error(f"{js} is not a readable {stem}.json ({type(e).__name__}: {e}); rerun "
+                     f"`{command.format(path=sae_path)}`.")
+            continue
+        st.caption(f"The full report is {folder / (stem + '.html')} (opens offline in a browser).")
+        for part in figures:
+            if isinstance(part, str):
+                st.html(part)
+            else:
+                st.plotly_chart(part, use_container_width=True)

@@ -94,12 +94,17 @@ def test_evaluations_page_shows_reports_or_the_command(monkeypatch, sae_dir, tmp
     assert f"saekit eval --sae {sae_dir}" in info and f"saekit eval-ioi --sae {sae_dir}" in info
     folder = tmp_path / "with_reports"
     shutil.copytree(sae_dir, folder)
-    (folder / "eval.json").write_text(json.dumps({"l0": 16.0, "ce_loss_recovered": 0.9}))
-    (folder / "ioi_eval.html").write_text("<html><body><h1>IOI report</h1></body></html>")
+    result = {"hook": "blocks.5.attn.hook_z", "sparsity": "topk", "d_sae": 64, "k": 4, "l0": 16.0, "l0_std": 1.0,
+              "explained_variance": 0.9, "fvu": 0.1, "ce_loss_recovered": 0.9, "ce_loss_recovered_mean": 0.8,
+              "kl": 0.01, "dead_frac": 0.0, "dense_frac": 0.0, "tokens": 100, "l0_hist": [0, 2, 5],
+              "log10_freq_hist": {"edges": [-2.0, -1.0, 0.0], "counts": [3, 4]}, "ce_loss_clean": 1.0,
+              "ce_loss_sae": 1.1, "ce_loss_mean_ablation": 1.5, "ce_loss_zero_ablation": 2.0}
+    (folder / "eval.json").write_text(json.dumps(result))
+    (folder / "ioi_eval.json").write_text("{not json")
     at = run_app(monkeypatch, str(folder), "Evaluations")
-    assert len(at.json) == 1 and json.loads(at.json[0].value)["l0"] == 16.0
-    assert [i.value for i in at.info] == []
-    assert any("IOI report" in getattr(e.proto, "srcdoc", "") for e in at.get("iframe"))
+    assert not at.exception and [i.value for i in at.info] == []
+    assert len(at.get("plotly_chart")) == 3  # frequency and L0 histograms, the CE losses
+    assert "ioi_eval.json is not a readable" in texts(at.error) and "saekit eval-ioi --sae" in texts(at.error)
 
 
 def test_shipped_sae_is_the_default(monkeypatch, sae_dir):
