@@ -38,7 +38,7 @@ class DataOptions:
     """Where activations come from."""
 
     hook: str = "blocks.5.attn.hook_z"
-    """Full TransformerLens hook name to train on."""
+    """Hook to train on: a full TransformerLens name, a pattern (blocks.*.attn.hook_z) or several, comma-separated; repeat --hook for more. One SAE per hook, fed by one forward."""
     model: str | None = None
     """A hub name (gpt2), a local Hugging Face folder, or omitted for the embedded model."""
     dataset: str | None = None
@@ -120,6 +120,8 @@ class RunOptions:
     """Also log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
     progress: bool = True
     """Show a progress bar."""
+    distribute_hooks: bool = False
+    """Under torchrun, spread the hooks' SAEs over the ranks (each trains its own on all the data) instead of data parallelism."""
 
     def __post_init__(self):
         if self.log_every < 1 or self.checkpoint_every < 1:
@@ -151,7 +153,7 @@ class TrainConfig:
     def identity(self) -> dict:
         """The settings that must match for --resume (everything but bookkeeping)."""
         d = self.to_dict()
-        for k in ("resume", "progress", "wandb", "log_every", "checkpoint_every"):
+        for k in ("resume", "progress", "wandb", "log_every", "checkpoint_every", "distribute_hooks"):
             d["run"].pop(k)
         d["data"].pop("device")
         return d
