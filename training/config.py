@@ -153,7 +153,8 @@ class TrainConfig:
     def identity(self) -> dict:
         """The settings that must match for --resume (everything but bookkeeping)."""
         d = self.to_dict()
-        for k in ("resume", "progress", "wandb", "log_every", "checkpoint_every", "distribute_hooks"):
+        # out: a run folder may be moved or copied (to another disk) and resumed there
+        for k in ("out", "resume", "progress", "wandb", "log_every", "checkpoint_every", "distribute_hooks"):
             d["run"].pop(k)
         d["data"].pop("device")
         return d
