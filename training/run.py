@@ -77,8 +77,6 @@ def run_training(cfg: TrainConfig) -> dict:
 
 
 def _run(cfg: TrainConfig, ctx) -> dict:
-    from saekit.models import load_model
-
     d, out = cfg.data, Path(cfg.run.out)
     spread = cfg.run.distribute_hooks
     dp = ctx.world > 1 and not spread
@@ -86,7 +84,51 @@ def _run(cfg: TrainConfig, ctx) -> dict:
     device = ctx.device(d.device)
     _on_writers(ctx, writer, lambda: preflight.check_writable(out))  # before the slow parts
     torch.manual_seed(cfg.run.seed)
-    model = None
+    model, source, hooks, model_name, fill_tokens = _open_source(cfg, device)
+    if dp:
+        distributed.check_supported(cfg.sae.sparsity, d.batch_size, ctx.world)
+    multi = len(hooks) > 1
+    mine = hooks[ctx.rank::ctx.world] if spread else hooks
+    folders = [out / hook_folder(h.name) if multi else out for h in mine]
+    sae_cfgs = [_sae_config(cfg, h.d_in, h.name, h.shape, model_name) for h in mine]
+    _on_writers(ctx, writer, lambda: preflight.check_space(
+        out, [2 * c.d_in * c.d_sae + c.d_sae + c.d_in for c in sae_cfgs]))
+    states = _on_writers(ctx, writer, lambda: [preflight.find_resume_state(f, cfg.run.resume, cfg) for f in folders])
+    if dp:
+        states = distributed.broadcast_object(ctx, states)
+    if not mine:  # more ranks than hooks: nothing for this one
+        return {}
+    if source is None:
+        source = _model_activations(model, mine, d, cfg.run.seed, with_grads=cfg.sae.sparsity == "gtopk")
+    comm = distributed.DataParallel(ctx) if dp else distributed.Collective()
+    readers = [distributed.ShardedFillReader(source.view(h.name) if multi else source, d.batch_size,
+                                             fill_tokens, cfg.run.seed, comm) if dp
+               else FillReader(source.view(h.name) if multi else source, d.batch_size, fill_tokens, cfg.run.seed)
+               for h in mine]
+    jobs = [_job(cfg, c, st, r, f, comm, writer, device) for c, st, r, f in zip(sae_cfgs, states, readers, folders)]
+    if ctx.is_main and not any(states):
+        atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
+    fit_jobs(jobs, on_log=_loggers(cfg, out) if ctx.is_main else None, harvested=lambda: readers[0].tokens_filled,
+             writer=writer, comm=comm, progress=cfg.run.progress and ctx.is_main)
+    if not writer:
+        return {}
+    summaries = {}
+    for job in jobs:
+        job.trainer.sae.save(job.out)
+        summaries[job.name] = summarize(job.trainer.sae, job.trainer, cfg, model) if cfg.run.eval_tokens else {}
+        atomic_write_text(job.out / "summary.json", json.dumps(summaries[job.name], indent=1))
+    if multi:
+        _merge_summaries(out, hooks)
+    return summaries if multi else summaries[mine[0].name]
+
+
+def _open_source(cfg: TrainConfig, device: str):
+    """``(model, source, hooks, model_name, fill_tokens)``: a cache's source, or the model
+    (whose source is built once the ranks know their hooks: ``source`` is then ``None``)."""
+    from saekit.models import load_model
+
+    d = cfg.data
+    model = source = None
     if d.from_cache:
         source = CachedActivations(d.from_cache)
         meta = source.meta
@@ -105,68 +147,36 @@ def _run(cfg: TrainConfig, ctx) -> dict:
         raise ConfigError("--sparsity gtopk harvests gradients for one hook at a time; train each hook in its own run")
     if fill_tokens < d.batch_size:
         raise ConfigError(f"a buffer fill holds {fill_tokens} activations, fewer than --batch-size {d.batch_size}")
-    if dp:
-        distributed.check_supported(cfg.sae.sparsity, d.batch_size, ctx.world)
-    multi = len(hooks) > 1
-    mine = hooks[ctx.rank::ctx.world] if spread else hooks
-    folders = {h.name: out / hook_folder(h.name) if multi else out for h in mine}
-    sae_cfgs = [_sae_config(cfg, h.d_in, h.name, h.shape, model_name) for h in mine]
-    _on_writers(ctx, writer, lambda: preflight.check_space(
-        out, [2 * c.d_in * c.d_sae + c.d_sae + c.d_in for c in sae_cfgs]))
-    states = _on_writers(ctx, writer, lambda: [preflight.find_resume_state(folders[h.name], cfg.run.resume, cfg)
-                                               for h in mine])
-    if dp:
-        states = distributed.broadcast_object(ctx, states)
-    if not mine:  # more ranks than hooks: nothing for this one
-        return _gather_summaries(ctx, {}, multi, out)
-    if not d.from_cache:
-        source = _model_activations(model, mine, d, cfg.run.seed, with_grads=cfg.sae.sparsity == "gtopk")
-    comm = distributed.DataParallel(ctx) if dp else distributed.Collective()
-    jobs, readers = [], []
-    for h, sae_cfg, state in zip(mine, sae_cfgs, states):
-        view = source.view(h.name) if multi else source
-        reader = (distributed.ShardedFillReader(view, d.batch_size, fill_tokens, cfg.run.seed, comm) if dp
-                  else FillReader(view, d.batch_size, fill_tokens, cfg.run.seed))
-        sae = SAE(sae_cfg, seed=cfg.run.seed).to(device)
-        trainer = Trainer(sae, cfg, total_steps=d.total_tokens // d.batch_size, comm=comm)
-        folder = folders[h.name]
-        if state:
-            trainer.load_state_dict(state["state"])
-            if writer:
-                _truncate_metrics(folder, trainer.step)
-        else:
-            if writer:
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / "metrics.jsonl").unlink(missing_ok=True)
-            with torch.no_grad():  # b_dec starts at the data mean (methods.md, notation)
-                sae.b_dec.copy_(comm.mean_rows(reader.batch_at(0)[:, : sae_cfg.d_in]))
-        comm.broadcast_(sae.parameters())
-        jobs.append(Job(trainer, reader.batch_at, folder, h.name))
-        readers.append(reader)
-    if ctx.is_main and not any(states):
-        atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
-    fit_jobs(jobs, on_log=_loggers(cfg, out) if ctx.is_main else None, harvested=lambda: readers[0].tokens_filled,
-             writer=writer, comm=comm, progress=cfg.run.progress and ctx.is_main)
-    if not writer:
-        return {}
-    summaries = {}
-    for job in jobs:
-        sae = job.trainer.sae
-        sae.save(job.out)
-        summary = summarize(sae, job.trainer, cfg, model) if cfg.run.eval_tokens else {}
-        if multi:
-            atomic_write_text(job.out / "summary.json", json.dumps(summary, indent=1))
-        summaries[job.name] = summary
-    return _gather_summaries(ctx if spread else distributed.DistContext(), summaries, multi, out)
+    return model, source, hooks, model_name, fill_tokens
 
 
-def _gather_summaries(ctx, summaries: dict, multi: bool, out: Path) -> dict:
-    """Rank 0 writes ``summary.json``: the summary, or ``{hook: summary}`` for several hooks."""
-    merged = {k: v for part in distributed.gather_objects(ctx, summaries) for k, v in part.items()}
-    result = merged if multi else next(iter(merged.values()), {})
-    if ctx.is_main and merged:
-        atomic_write_text(out / "summary.json", json.dumps(result, indent=1))
-    return result
+def _job(cfg: TrainConfig, sae_cfg: SAEConfig, state: dict | None, reader, folder: Path, comm,
+         writer: bool, device: str) -> Job:
+    """An SAE and its trainer, resumed from ``state`` or started with ``b_dec`` at the data mean."""
+    sae = SAE(sae_cfg, seed=cfg.run.seed).to(device)
+    trainer = Trainer(sae, cfg, total_steps=cfg.data.total_tokens // cfg.data.batch_size, comm=comm)
+    if state:
+        trainer.load_state_dict(state["state"])
+        if writer:
+            _truncate_metrics(folder, trainer.step)
+    else:
+        if writer:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "metrics.jsonl").unlink(missing_ok=True)
+        with torch.no_grad():  # b_dec starts at the data mean (methods.md, notation)
+            sae.b_dec.copy_(comm.mean_rows(reader.batch_at(0)[:, : sae_cfg.d_in]))
+    comm.broadcast_(sae.parameters())  # replicas start identical
+    return Job(trainer, reader.batch_at, folder, sae_cfg.hook_name)
+
+
+def _merge_summaries(out: Path, hooks: list[HookSpec]) -> None:
+    """Write ``out/summary.json`` (``{hook: summary}``) once every hook's summary exists.
+    With --distribute-hooks each rank calls this after writing its own, so the last rank to
+    finish writes it; no rank waits for another (a wait could outlast the group's timeout)."""
+    parts = {h.name: out / hook_folder(h.name) / "summary.json" for h in hooks}
+    if all(p.exists() for p in parts.values()):
+        atomic_write_text(out / "summary.json", json.dumps(
+            {name: json.loads(p.read_text()) for name, p in parts.items()}, indent=1))
 
 
 def _print_row(row: dict) -> None:
