@@ -123,6 +123,9 @@ class Collective:
     def sum_grads_(self, params) -> None:
         pass
 
+    def max_(self, t: Tensor) -> Tensor:
+        return t
+
     def broadcast_(self, tensors) -> None:
         pass
 
@@ -131,7 +134,9 @@ class Collective:
 
     def total_variance(self, x: Tensor) -> Tensor:
         """``Σ‖x − mean(x)‖²`` over the global batch (the FVU denominator)."""
-        return (x - x.mean(0)).pow(2).sum()
+        from saekit.training.losses import total_variance
+
+        return total_variance(x)
 
     def mean_rows(self, x: Tensor) -> Tensor:
         return x.mean(0)
@@ -147,6 +152,12 @@ class DataParallel(Collective):
         import torch.distributed as dist
 
         dist.all_reduce(t)
+        return t
+
+    def max_(self, t: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
     def sum_grads_(self, params) -> None:
