@@ -165,11 +165,13 @@ class FillReader:
     def batch_at(self, step: int) -> Tensor:
         f, j = divmod(step, self.per_fill)
         if f != self._fill_index:
-            acts = self.source.fill(f)
-            self.tokens_filled += len(acts)
-            self._fill = acts[fill_permutation(len(acts), self.seed, f)]
+            self._fill = self.source.fill(f)
+            self.tokens_filled += len(self._fill)
+            self._perm = fill_permutation(len(self._fill), self.seed, f)
             self._fill_index = f
-        return self._fill[j * self.batch_size: (j + 1) * self.batch_size]
+        # gather one batch at a time rather than permuting the whole fill: no second copy
+        # of the fill (which, with many hooks, is also held by the shared source)
+        return self._fill[self._perm[j * self.batch_size: (j + 1) * self.batch_size]]
 
 
 @dataclass
