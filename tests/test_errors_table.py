@@ -81,6 +81,7 @@ def test_the_table_has_at_least_30_rows():
     assert len(ROWS) >= 30
 
 
+@pytest.mark.filterwarnings("ignore:skipping checkpoint")  # row "every checkpoint corrupt" warns first
 @pytest.mark.parametrize("what, how, expected", ROWS, ids=[f"{i + 1}" for i in range(len(ROWS))])
 def test_row(what, how, expected, scratch, model, monkeypatch, capsys, tmp_path):
     import saekit.models
