@@ -18,6 +18,7 @@ latents on, and splicing leaves that position untouched to match.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import json
 import math
 import warnings
@@ -70,6 +71,34 @@ def resolve_hook(model, name: str) -> HookSpec:
     return HookSpec(name, names[name])
 
 
+def resolve_hooks(model, spec: str) -> list[HookSpec]:
+    """The hooks named by ``spec``: one name, a pattern with ``*`` (``blocks.*.attn.hook_z``),
+    or several of either separated by commas. Patterns expand in the model's forward order;
+    a pattern that matches nothing raises ``HookError``."""
+    names = hook_names(model)
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if "*" in part or "?" in part or "[" in part:
+            hits = [n for n in names if fnmatch.fnmatchcase(n, part)]
+            if not hits:
+                raise HookError(f"no hook matches the pattern {part!r} on this model "
+                                "(`saekit hooks` lists them all)")
+            out += hits
+        else:
+            out.append(part)
+    if not out:
+        raise HookError("--hook is empty; name a hook such as blocks.5.attn.hook_z")
+    unique = list(dict.fromkeys(out))  # a hook named twice gets one SAE
+    return [resolve_hook(model, n) for n in unique]
+
+
+def hook_folder(name: str) -> str:
+    """Subfolder of a multi-hook run folder holding the SAE of hook ``name``."""
+    return name.replace("/", "_")
+
+
 class _Stop(Exception):
     """Raised inside the hook to end the forward pass once the activation is captured."""
 
@@ -91,6 +120,28 @@ def harvest(model, tokens: Tensor, hook: HookSpec) -> Tensor:
         raise HookError(f"hook {hook.name} did not fire during the forward pass")
     act = box[0][:, 1:]  # [b, T-1, *shape]
     return einops.rearrange(act, "b t ... -> (b t) (...)").float()
+
+
+def harvest_many(model, tokens: Tensor, hooks: list[HookSpec]) -> dict[str, Tensor]:
+    """``harvest`` at several hooks from one forward pass, stopped once the last has fired:
+    ``{name: [b·(T−1), d_in]}``."""
+    box: dict[str, Tensor] = {}
+
+    def grab(act, hook=None, name=""):
+        box[name] = act.detach()
+        if len(box) == len(hooks):
+            raise _Stop
+
+    fwd = [(h.name, (lambda a, hook=None, n=h.name: grab(a, hook, n))) for h in hooks]
+    with torch.no_grad():
+        try:
+            model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=fwd)
+        except _Stop:
+            pass
+    missing = [h.name for h in hooks if h.name not in box]
+    if missing:
+        raise HookError(f"hook {missing[0]} did not fire during the forward pass")
+    return {n: einops.rearrange(a[:, 1:], "b t ... -> (b t) (...)").float() for n, a in box.items()}
 
 
 def harvest_batches(model, tokens: Tensor, hook: HookSpec, batch_seqs: int = 32, fn=None) -> Tensor:
@@ -138,18 +189,25 @@ def fill_permutation(n: int, seed: int, fill: int) -> Tensor:
 
 
 class ModelActivations:
-    """Fills harvested from ``model`` at ``hook`` over batches of token sequences.
+    """Fills harvested from ``model`` at one or more hooks over batches of token sequences.
 
     ``token_batches`` must be deterministic; fills are requested in increasing order, and
-    skipped fills only advance the token stream (no model forward)."""
+    skipped fills only advance the token stream (no model forward). With several hooks one
+    forward feeds them all (``fills``); ``view(name)`` is the source of one hook. Under
+    data-parallel training ``fill_part`` harvests only this rank's share of the sequences."""
 
-    def __init__(self, model, hook: HookSpec, token_batches: Iterator[Tensor], seqs_per_fill: int,
-                 with_grads: bool = False):
-        self.model, self.hook, self.seqs_per_fill = model, hook, seqs_per_fill
-        self._harvest = harvest_with_grads if with_grads else harvest
+    def __init__(self, model, hook: HookSpec | list[HookSpec], token_batches: Iterator[Tensor],
+                 seqs_per_fill: int, with_grads: bool = False):
+        self.hooks = [hook] if isinstance(hook, HookSpec) else list(hook)
+        if with_grads and len(self.hooks) > 1:
+            raise ConfigError("gradients (--sparsity gtopk) are harvested for one hook at a time; "
+                              "train each hook in its own run")
+        self.model, self.hook, self.seqs_per_fill = model, self.hooks[0], seqs_per_fill
+        self.with_grads = with_grads
         self._tokens = token_batches
         self._pending: list[Tensor] = []
         self._next_fill = 0
+        self._last: tuple[tuple, dict[str, Tensor]] | None = None  # (key, fills) shared by views
 
     def _take_sequences(self, n: int) -> Tensor:
         while sum(len(b) for b in self._pending) < n:
@@ -159,18 +217,68 @@ class ModelActivations:
                 raise ConfigError("the token source ran out before --total-tokens; lower it "
                                   "or use a larger dataset") from None
         allseq = torch.cat(self._pending)
+        self.seq_len = allseq.shape[1]
         self._pending = [allseq[n:]] if len(allseq) > n else []
         return allseq[:n]
 
-    def fill(self, i: int, batch_seqs: int = 32) -> Tensor:
+    def _sequences(self, i: int) -> Tensor:
         if i < self._next_fill:
             raise ValueError(f"fill {i} requested after fill {self._next_fill - 1}; fills only go forward")
         while self._next_fill < i:  # resume: skip whole fills without running the model
             self._take_sequences(self.seqs_per_fill)
             self._next_fill += 1
-        seqs = self._take_sequences(self.seqs_per_fill)  # [seqs_per_fill, T]
         self._next_fill += 1
-        return harvest_batches(self.model, seqs, self.hook, batch_seqs, self._harvest)
+        return self._take_sequences(self.seqs_per_fill)  # [seqs_per_fill, T]
+
+    def fills_part(self, i: int, rank: int = 0, world: int = 1, batch_seqs: int = 32) -> dict[str, Tensor]:
+        """Fill ``i`` at every hook, only the rows of sequence slice ``rank`` of ``world``
+        (``torch.tensor_split`` of the fill's sequences): ``{name: [n_rows, d_in]}``."""
+        key = (i, rank, world)
+        if self._last is None or self._last[0] != key:
+            seqs = self._sequences(i).tensor_split(world)[rank]
+            if self.with_grads:
+                acts = {self.hook.name: harvest_batches(self.model, seqs, self.hook, batch_seqs, harvest_with_grads)}
+            else:
+                parts = [harvest_many(self.model, seqs[j: j + batch_seqs], self.hooks)
+                         for j in range(0, len(seqs), batch_seqs)]
+                acts = {h.name: torch.cat([p[h.name] for p in parts]) for h in self.hooks}
+            self._last = (key, acts)
+        return self._last[1]
+
+    def fills(self, i: int) -> dict[str, Tensor]:
+        return self.fills_part(i)
+
+    def fill(self, i: int, batch_seqs: int = 32) -> Tensor:
+        """Fill ``i`` of the first hook: ``[seqs_per_fill·(T−1), d_in]``."""
+        return self.fills_part(i, batch_seqs=batch_seqs)[self.hook.name]
+
+    def fill_part(self, i: int, rank: int, world: int) -> tuple[Tensor, int, int]:
+        """This rank's rows of fill ``i`` (first hook), their offset in the fill, and the
+        fill's length: rows follow sequences, ``T−1`` per sequence."""
+        return _part_of(self, self.hook.name, i, rank, world)
+
+    def view(self, name: str) -> "HookView":
+        return HookView(self, name)
+
+
+def _part_of(src: ModelActivations, name: str, i: int, rank: int, world: int) -> tuple[Tensor, int, int]:
+    rows = src.fills_part(i, rank, world)[name]
+    per_seq = src.seq_len - 1  # BOS dropped
+    sizes = [len(c) for c in torch.arange(src.seqs_per_fill).tensor_split(world)]
+    return rows, sum(sizes[:rank]) * per_seq, src.seqs_per_fill * per_seq
+
+
+class HookView:
+    """The fills of one hook of a multi-hook ``ModelActivations`` (shares its forward)."""
+
+    def __init__(self, src: ModelActivations, name: str):
+        self.src, self.name = src, name
+
+    def fill(self, i: int) -> Tensor:
+        return self.src.fills_part(i)[self.name]
+
+    def fill_part(self, i: int, rank: int, world: int) -> tuple[Tensor, int, int]:
+        return _part_of(self.src, self.name, i, rank, world)
 
 
 class TensorActivations:
@@ -186,6 +294,11 @@ class TensorActivations:
     def fill(self, i: int) -> Tensor:
         j = i % self.n_fills  # epochs wrap around
         return self.acts[j * self.fill_tokens: (j + 1) * self.fill_tokens].float()
+
+    def fill_part(self, i: int, rank: int, world: int) -> tuple[Tensor, int, int]:
+        """Every rank reads the whole fill (no exchange needed)."""
+        f = self.fill(i)
+        return f, 0, len(f)
 
 
 class CachedActivations:
@@ -207,6 +320,11 @@ class CachedActivations:
         j = i % self.n_fills
         t = read_tensors(self.folder / shard_name(j))
         return torch.cat([t["acts"], t["grads"]], 1).float() if "grads" in t else t["acts"].float()
+
+    def fill_part(self, i: int, rank: int, world: int) -> tuple[Tensor, int, int]:
+        """Every rank reads the whole shard (no exchange needed)."""
+        f = self.fill(i)
+        return f, 0, len(f)
 
 
 def shard_name(i: int) -> str:

@@ -7,6 +7,7 @@ Heavy imports (torch, transformer-lens) happen inside the commands, so ``--help`
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -142,7 +143,11 @@ def cmd_train(args) -> None:
 
     cfg = _train_config(args)
     summary = run_training(cfg)
-    print(format_summary(summary, cfg.run.out))
+    if summary and "hook" not in summary:  # several hooks: {hook: summary}
+        for name, s in summary.items():
+            print(format_summary(s, f"{cfg.run.out}/{name}"))
+    elif summary or os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(format_summary(summary, cfg.run.out))
 
 
 def format_summary(summary: dict, out: str) -> str:
@@ -401,8 +406,25 @@ def _setup_logging() -> None:
         log.propagate = False
 
 
+def join_repeated(argv: list[str], option: str = "--hook") -> list[str]:
+    """``--hook A --hook B`` → ``--hook A,B`` (argparse would keep only the last)."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == option and i + 1 < len(argv):
+            values.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith(option + "="):
+            values.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+        i += 1
+    return rest + [option, ",".join(values)] if len(values) > 1 else argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = join_repeated(sys.argv[1:] if argv is None else list(argv))
     _setup_logging()
     command = next((a for a in argv if not a.startswith("-")), None)
     prog = f"saekit {command}" if command in COMMANDS else "saekit"
@@ -410,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command][0](args)
     except SaekitError as e:
-        sys.stderr.write(f"{getattr(e, 'prog', prog)}: error: {e}\n")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the error: say it once
+            sys.stderr.write(f"{getattr(e, 'prog', prog)}: error: {e}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")

@@ -19,3 +19,18 @@ def model():
     from saekit.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(autouse=True)
+def _reset_saekit_logger():
+    """``saekit.cli.main`` gives the "saekit" logger its own stderr handler, level INFO and no
+    propagation, for the rest of the process; a later test counting INFO records
+    (test_resolve_impl) would then see records logged outside its ``caplog.at_level``.
+    Undo it after every test, as a fresh process would start."""
+    yield
+    import logging
+
+    log = logging.getLogger("saekit")
+    log.handlers.clear()
+    log.setLevel(logging.NOTSET)
+    log.propagate = True

@@ -15,11 +15,15 @@ from pathlib import Path
 
 import torch
 
-from saekit.errors import ConfigError, SAEFileError
+from saekit.errors import ConfigError, SAEFileError, SaekitError
 from saekit.formats import atomic_write_bytes, atomic_write_text
 
 KEEP = 2
 log = logging.getLogger("saekit.training")
+
+
+class CheckpointWriteError(SaekitError):
+    """A checkpoint could not be written (full disk, vanished folder); the previous one is kept."""
 
 
 def _dir(out: Path) -> Path:
@@ -31,8 +35,12 @@ def save(out: Path, state: dict, cfg) -> Path:
     torch.save({"state": state, "config": cfg.identity()}, buf)
     data = buf.getvalue()
     path = _dir(out) / f"step_{state['step']:07d}.pt"
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(data))
-    atomic_write_text(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest())
+    try:  # the checksum is written last: a checkpoint without one is never trusted
+        atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(data))
+        atomic_write_text(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest())
+    except OSError as e:
+        raise CheckpointWriteError(f"could not write checkpoint {path} ({e.strerror or e}); free space "
+                                   "or fix --out, then --resume (the previous checkpoint is kept)") from None
     for old in sorted(_dir(out).glob("step_*.pt"))[:-KEEP]:
         old.unlink(missing_ok=True)
         old.with_suffix(".sha256").unlink(missing_ok=True)

@@ -27,8 +27,9 @@ class SAEOptions:
     """Encoder/decoder kernels: auto = Triton on CUDA, the torch reference elsewhere."""
 
     def __post_init__(self):
-        if self.d_sae < 0 or self.expansion < 1 or self.k < 1:
-            raise ConfigError(f"need d_sae >= 0, expansion >= 1, k >= 1 (got {self.d_sae}, {self.expansion}, {self.k})")
+        for name, low in (("d_sae", 0), ("expansion", 1), ("k", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(self, name)}")
         if self.d_sae and self.k > self.d_sae:
             raise ConfigError(f"k={self.k} exceeds d_sae={self.d_sae}; lower --k or raise --d-sae")
 
@@ -38,7 +39,7 @@ class DataOptions:
     """Where activations come from."""
 
     hook: str = "blocks.5.attn.hook_z"
-    """Full TransformerLens hook name to train on."""
+    """Hook to train on: a full TransformerLens name, a pattern (blocks.*.attn.hook_z) or several, comma-separated; repeat --hook for more. One SAE per hook, fed by one forward."""
     model: str | None = None
     """A hub name (gpt2), a local Hugging Face folder, or omitted for the embedded model."""
     dataset: str | None = None
@@ -95,8 +96,12 @@ class OptimOptions:
     """aux zipf: a latent is underused below gamma times its fitted frequency."""
 
     def __post_init__(self):
-        if self.lr < 0 or not 0 <= self.decay_frac <= 1 or self.warmup_steps < 0:
-            raise ConfigError("need lr >= 0, 0 <= decay_frac <= 1, warmup_steps >= 0")
+        if self.lr < 0:
+            raise ConfigError(f"--lr must be at least 0 (0 picks it from d_sae), not {self.lr}")
+        if not 0 <= self.decay_frac <= 1:
+            raise ConfigError(f"--decay-frac must be between 0 and 1, not {self.decay_frac}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be at least 0, not {self.warmup_steps}")
         if self.dead_tokens < 1:
             raise ConfigError(f"--dead-tokens must be positive, not {self.dead_tokens}")
 
@@ -121,10 +126,13 @@ class RunOptions:
     """Also log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
     progress: bool = True
     """Show a progress bar."""
+    distribute_hooks: bool = False
+    """Under torchrun, spread the hooks' SAEs over the ranks (each trains its own on all the data) instead of data parallelism."""
 
     def __post_init__(self):
-        if self.log_every < 1 or self.checkpoint_every < 1:
-            raise ConfigError("--log-every and --checkpoint-every must be positive")
+        for name in ("log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
 
 
 @dataclass
@@ -152,7 +160,8 @@ class TrainConfig:
     def identity(self) -> dict:
         """The settings that must match for --resume (everything but bookkeeping)."""
         d = self.to_dict()
-        for k in ("resume", "progress", "wandb", "log_every", "checkpoint_every"):
+        # out: a run folder may be moved or copied (to another disk) and resumed there
+        for k in ("out", "resume", "progress", "wandb", "log_every", "checkpoint_every", "distribute_hooks"):
             d["run"].pop(k)
         d["data"].pop("device")
         return d

@@ -11,22 +11,29 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from saekit.activations import (CachedActivations, ModelActivations, TensorActivations,
-                                resolve_hook, write_cache)
-from saekit.errors import ConfigError
+from saekit.activations import (CachedActivations, HookSpec, ModelActivations, TensorActivations,
+                                hook_folder, resolve_hook, resolve_hooks, write_cache)
+from saekit.errors import ConfigError, SaekitError
 from saekit.formats import atomic_write_text
 from saekit.sae import SAE, SAEConfig
-from saekit.training import checkpoint as ckpt
+from saekit.training import distributed, preflight
 from saekit.training.config import DataOptions, TrainConfig
-from saekit.training.trainer import FillReader, Trainer, fit
+from saekit.training.summary import summarize
+from saekit.training.trainer import FillReader, Job, Trainer, fit, fit_jobs
 
 
 def _model_source(model, d: DataOptions, seed: int, with_grads: bool = False):
+    if any(c in d.hook for c in ",*?["):
+        raise ConfigError(f"saekit cache takes one hook, not {d.hook!r}; run it once per hook")
+    hook = resolve_hook(model, d.hook)
+    return hook, _model_activations(model, [hook], d, seed, with_grads)
+
+
+def _model_activations(model, hooks: list[HookSpec], d: DataOptions, seed: int, with_grads: bool = False):
     from saekit import data
 
-    hook = resolve_hook(model, d.hook)
     tokens = data.token_batches(model.tokenizer, d.dataset, d.seq_len, batch_size=32, seed=seed)
-    return hook, ModelActivations(model, hook, tokens, max(1, d.fill_tokens // (d.seq_len - 1)), with_grads)
+    return ModelActivations(model, hooks, tokens, max(1, d.fill_tokens // (d.seq_len - 1)), with_grads)
 
 
 def _sae_config(cfg: TrainConfig, d_in: int, hook_name: str, hook_shape, model_name: str) -> SAEConfig:
@@ -34,25 +41,6 @@ def _sae_config(cfg: TrainConfig, d_in: int, hook_name: str, hook_shape, model_n
     return SAEConfig(d_in=d_in, d_sae=s.d_sae or s.expansion * d_in, k=s.k, sparsity=s.sparsity,
                      hook_name=hook_name, model_name=model_name, hook_shape=tuple(hook_shape), impl=s.impl,
                      variant=cfg.variant)
-
-
-def _prepare_out(cfg: TrainConfig) -> tuple[Path, dict | None]:
-    """Create the run folder (failing early if it cannot be written) and find the checkpoint
-    to resume from."""
-    out = Path(cfg.run.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"0" * 1024)
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to --out {out} ({e.strerror}); pick a writable folder") from None
-    state = ckpt.latest(out) if (out / "checkpoints").exists() else None
-    if state and not cfg.run.resume:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
-    if state:
-        ckpt.check_same_config(state["config"], cfg)
-    return out, state
 
 
 def _truncate_metrics(out: Path, step: int) -> None:
@@ -63,46 +51,132 @@ def _truncate_metrics(out: Path, step: int) -> None:
         atomic_write_text(path, "".join(r + "\n" for r in rows))
 
 
-def run_training(cfg: TrainConfig) -> dict:
-    """Train an SAE as ``cfg`` says; write the run folder; return the summary."""
-    from saekit.models import load_model
-    from saekit.training.summary import summarize
+def _on_writers(ctx, writer: bool, fn):
+    """``fn()`` on the ranks that write; its ``SaekitError`` is raised on every rank."""
+    result, error = None, None
+    if writer:
+        try:
+            result = fn()
+        except SaekitError as e:
+            error = e
+    distributed.raise_if_any(ctx, error)
+    return result
 
-    out, state = _prepare_out(cfg)
-    d = cfg.data
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train an SAE per hook named by ``cfg.data.hook`` (one name, a pattern, or several);
+    write the run folder; return the summary (for several hooks ``{hook: summary}``).
+
+    Under ``torchrun`` the ranks train data-parallel (``saekit.training.distributed``), or
+    with ``--distribute-hooks`` each rank trains its share of the hooks on the whole data."""
+    ctx = distributed.init(cfg.data.device)
+    try:
+        return _run(cfg, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _run(cfg: TrainConfig, ctx) -> dict:
+    d, out = cfg.data, Path(cfg.run.out)
+    spread = cfg.run.distribute_hooks
+    dp = ctx.world > 1 and not spread
+    writer = ctx.is_main or spread  # ranks that write run folders
+    device = ctx.device(d.device)
+    _on_writers(ctx, writer, lambda: preflight.check_writable(out))  # before the slow parts
     torch.manual_seed(cfg.run.seed)
-    model = None
+    model, source, hooks, model_name, fill_tokens = _open_source(cfg, device)
+    if dp:
+        distributed.check_supported(cfg.sae.sparsity, d.batch_size, ctx.world)
+    multi = len(hooks) > 1
+    mine = hooks[ctx.rank::ctx.world] if spread else hooks
+    folders = [out / hook_folder(h.name) if multi else out for h in mine]
+    sae_cfgs = [_sae_config(cfg, h.d_in, h.name, h.shape, model_name) for h in mine]
+    _on_writers(ctx, writer, lambda: preflight.check_space(
+        out, [2 * c.d_in * c.d_sae + c.d_sae + c.d_in for c in sae_cfgs]))
+    states = _on_writers(ctx, writer, lambda: [preflight.find_resume_state(f, cfg.run.resume, cfg) for f in folders])
+    if dp:
+        states = distributed.broadcast_object(ctx, states)
+    if not mine:  # more ranks than hooks: nothing for this one
+        return {}
+    if source is None:
+        source = _model_activations(model, mine, d, cfg.run.seed, with_grads=cfg.sae.sparsity == "gtopk")
+    comm = distributed.DataParallel(ctx) if dp else distributed.Collective()
+    readers = [distributed.ShardedFillReader(source.view(h.name) if multi else source, d.batch_size,
+                                             fill_tokens, cfg.run.seed, comm) if dp
+               else FillReader(source.view(h.name) if multi else source, d.batch_size, fill_tokens, cfg.run.seed)
+               for h in mine]
+    jobs = [_job(cfg, c, st, r, f, comm, writer, device) for c, st, r, f in zip(sae_cfgs, states, readers, folders)]
+    if ctx.is_main and not any(states):
+        atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
+    fit_jobs(jobs, on_log=_loggers(cfg, out) if ctx.is_main else None, harvested=lambda: readers[0].tokens_filled,
+             writer=writer, comm=comm, progress=cfg.run.progress and ctx.is_main)
+    if not writer:
+        return {}
+    summaries = {}
+    for job in jobs:
+        job.trainer.sae.save(job.out)
+        summaries[job.name] = summarize(job.trainer.sae, job.trainer, cfg, model) if cfg.run.eval_tokens else {}
+        atomic_write_text(job.out / "summary.json", json.dumps(summaries[job.name], indent=1))
+    if multi:
+        _merge_summaries(out, hooks)
+    return summaries if multi else summaries[mine[0].name]
+
+
+def _open_source(cfg: TrainConfig, device: str):
+    """``(model, source, hooks, model_name, fill_tokens)``: a cache's source, or the model
+    (whose source is built once the ranks know their hooks: ``source`` is then ``None``)."""
+    from saekit.models import load_model
+
+    d = cfg.data
+    model = source = None
     if d.from_cache:
         source = CachedActivations(d.from_cache)
         meta = source.meta
-        sae_cfg = _sae_config(cfg, meta["d_in"], meta["hook_name"], meta["hook_shape"], meta["model_name"])
+        if any(c in d.hook for c in ",*?["):
+            raise ConfigError("--from-cache holds one hook's activations; train several hooks from the model")
+        hooks, model_name = [HookSpec(meta["hook_name"], tuple(meta["hook_shape"]))], meta["model_name"]
         fill_tokens = source.fill_tokens
         if cfg.sae.sparsity == "gtopk" and not meta.get("with_grads"):
             raise ConfigError(f"--sparsity gtopk needs gradients; the cache {d.from_cache} has none "
                               "(make one with `saekit cache --with-grads`)")
     else:
-        model = load_model(d.model, d.device)
-        hook, source = _model_source(model, d, cfg.run.seed, with_grads=cfg.sae.sparsity == "gtopk")
-        sae_cfg = _sae_config(cfg, hook.d_in, hook.name, hook.shape, model.saekit_name)
-        fill_tokens = source.seqs_per_fill * (d.seq_len - 1)
+        model = load_model(d.model, device)
+        hooks, model_name = resolve_hooks(model, d.hook), model.saekit_name
+        fill_tokens = max(1, d.fill_tokens // (d.seq_len - 1)) * (d.seq_len - 1)
+    if len(hooks) > 1 and cfg.sae.sparsity == "gtopk":
+        raise ConfigError("--sparsity gtopk harvests gradients for one hook at a time; train each hook in its own run")
     if fill_tokens < d.batch_size:
         raise ConfigError(f"a buffer fill holds {fill_tokens} activations, fewer than --batch-size {d.batch_size}")
-    sae = SAE(sae_cfg, seed=cfg.run.seed).to(d.device)
-    trainer = Trainer(sae, cfg, total_steps=d.total_tokens // d.batch_size)
-    reader = FillReader(source, d.batch_size, fill_tokens, cfg.run.seed)
+    return model, source, hooks, model_name, fill_tokens
+
+
+def _job(cfg: TrainConfig, sae_cfg: SAEConfig, state: dict | None, reader, folder: Path, comm,
+         writer: bool, device: str) -> Job:
+    """An SAE and its trainer, resumed from ``state`` or started with ``b_dec`` at the data mean."""
+    sae = SAE(sae_cfg, seed=cfg.run.seed).to(device)
+    trainer = Trainer(sae, cfg, total_steps=cfg.data.total_tokens // cfg.data.batch_size, comm=comm)
     if state:
         trainer.load_state_dict(state["state"])
-        _truncate_metrics(out, trainer.step)
+        if writer:
+            _truncate_metrics(folder, trainer.step)
     else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=1))
+        if writer:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "metrics.jsonl").unlink(missing_ok=True)
         with torch.no_grad():  # b_dec starts at the data mean (methods.md, notation)
-            sae.b_dec.copy_(reader.batch_at(0)[:, : sae_cfg.d_in].mean(0))
-    fit(trainer, reader.batch_at, out, on_log=_loggers(cfg, out), harvested=lambda: reader.tokens_filled)
-    sae.save(out)
-    summary = summarize(sae, trainer, cfg, model) if cfg.run.eval_tokens else {}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    return summary
+            sae.b_dec.copy_(comm.mean_rows(reader.batch_at(0)[:, : sae_cfg.d_in]))
+    comm.broadcast_(sae.parameters())  # replicas start identical
+    return Job(trainer, reader.batch_at, folder, sae_cfg.hook_name)
+
+
+def _merge_summaries(out: Path, hooks: list[HookSpec]) -> None:
+    """Write ``out/summary.json`` (``{hook: summary}``) once every hook's summary exists.
+    With --distribute-hooks each rank calls this after writing its own, so the last rank to
+    finish writes it; no rank waits for another (a wait could outlast the group's timeout)."""
+    parts = {h.name: out / hook_folder(h.name) / "summary.json" for h in hooks}
+    if all(p.exists() for p in parts.values()):
+        atomic_write_text(out / "summary.json", json.dumps(
+            {name: json.loads(p.read_text()) for name, p in parts.items()}, indent=1))
 
 
 def _print_row(row: dict) -> None:

@@ -24,7 +24,8 @@ from saekit.errors import SaekitError
 from saekit.sae import SAE
 from saekit.training import checkpoint as ckpt
 from saekit.training.config import TrainConfig
-from saekit.training.losses import auxk_loss, fvu_loss, total_variance, zipf_weights
+from saekit.training.distributed import Collective
+from saekit.training.losses import auxk_loss, fvu_loss, zipf_weights
 
 log = logging.getLogger("saekit.training")
 
@@ -64,10 +65,15 @@ class StepStats:
 class Trainer:
     """Owns the SAE, the optimizer and the dead-latent counters; ``fit`` runs the loop over
     ``batch_at(step)``, which returns the step's ``[batch, d_in]`` activations, or
-    ``[batch, 2·d_in]`` packed with their loss gradients for g-SAEs."""
+    ``[batch, 2·d_in]`` packed with their loss gradients for g-SAEs.
 
-    def __init__(self, sae: SAE, cfg: TrainConfig, total_steps: int):
+    ``comm`` (``saekit.training.distributed``) makes the step data-parallel: each rank
+    passes its rows of the global batch and every batch-wide quantity (FVU denominator,
+    gradients, firing counts, logged stats) is summed over ranks; the default is one process."""
+
+    def __init__(self, sae: SAE, cfg: TrainConfig, total_steps: int, comm: Collective | None = None):
         self.sae, self.cfg, self.total_steps = sae, cfg, total_steps
+        self.comm = comm or Collective()
         o = cfg.optim
         self.base_lr = o.lr or default_lr(sae.cfg.d_sae)
         # fused: one kernel per parameter instead of a dozen passes (~80 -> ~14 ms a step
@@ -101,30 +107,36 @@ class Trainer:
         n_aux = int((weights > 0).sum()) if weights is not None else 0
         enc = sae.sparsifier.encode(sae, x, grad, weights if n_aux else None, min(self.k_aux, n_aux))
         x_hat = sae.decode_codes(enc.codes)
-        denom = total_variance(x)
+        denom = self.comm.total_variance(x)  # of the global batch: each rank's terms are partial sums
         terms = fvu_loss(x, x_hat, denom)
         if weights is not None:
             terms |= auxk_loss(sae, x, x_hat, enc.aux, n_aux, self.k_aux, o.aux_coef, denom)
         loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step}; lower --lr "
+        with torch.no_grad():  # one reduction for the logged terms and the firing counts
+            on = enc.codes.values > 0
+            counts = torch.bincount(enc.codes.indices[on], minlength=sae.cfg.d_sae)
+            aux = terms.get("aux", loss * 0)
+            packed = self.comm.sum_(torch.cat([torch.stack([loss, terms["fvu"], aux, on.sum().float()]).detach(),
+                                               counts.float()]))
+            loss_all, fvu_all, aux_all, n_on = packed[:4].tolist()
+            counts = packed[4:].long()
+            n_tok = len(x) * self.comm.world
+        if not math.isfinite(loss_all):  # every rank sees the same sum, so all stop together
+            raise TrainingDiverged(f"loss became {loss_all} at step {self.step}; lower --lr "
                                    "(the last good checkpoint is kept)")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.comm.sum_grads_(sae.parameters())
         sae.remove_parallel_grad_()
         self.opt.step()
         sae.set_decoder_norm_()
         with torch.no_grad():  # latents that fired this batch are alive again
-            on = enc.codes.values > 0
-            counts = torch.bincount(enc.codes.indices[on], minlength=sae.cfg.d_sae)
-            self.tokens_since_fired += len(x)
+            self.tokens_since_fired += n_tok
             self.tokens_since_fired[counts > 0] = 0
-            self.freq.mul_(0.99).add_(counts.float() / len(x), alpha=0.01)
-            l0 = on.sum().item() / len(x)
+            self.freq.mul_(0.99).add_(counts.float() / n_tok, alpha=0.01)
         self.step += 1
         n_dead = int(self.dead_mask().sum())
-        return StepStats(loss.item(), terms["fvu"].item(), terms.get("aux", loss * 0).item(), l0,
-                         n_dead / sae.cfg.d_sae, lr)
+        return StepStats(loss_all, fvu_all, aux_all, n_on / n_tok, n_dead / sae.cfg.d_sae, lr)
 
     # ---- state for checkpoints ------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -153,57 +165,116 @@ class FillReader:
     def batch_at(self, step: int) -> Tensor:
         f, j = divmod(step, self.per_fill)
         if f != self._fill_index:
-            acts = self.source.fill(f)
-            self.tokens_filled += len(acts)
-            self._fill = acts[fill_permutation(len(acts), self.seed, f)]
+            self._fill = self.source.fill(f)
+            self.tokens_filled += len(self._fill)
+            self._perm = fill_permutation(len(self._fill), self.seed, f)
             self._fill_index = f
-        return self._fill[j * self.batch_size: (j + 1) * self.batch_size]
+        # gather one batch at a time rather than permuting the whole fill: no second copy
+        # of the fill (which, with many hooks, is also held by the shared source)
+        return self._fill[self._perm[j * self.batch_size: (j + 1) * self.batch_size]]
+
+
+@dataclass
+class Job:
+    """One SAE in a run: its trainer, where its batches come from, and its run folder."""
+
+    trainer: Trainer
+    batch_at: Callable[[int], Tensor]
+    out: Path | None = None
+    name: str = ""
 
 
 def fit(trainer: Trainer, batch_at: Callable[[int], Tensor], out: Path | None = None,
         on_log: Callable[[dict], None] | None = None, harvested: Callable[[], int] | None = None) -> None:
-    """Run ``trainer`` to ``total_steps``, logging and checkpointing into ``out`` if given.
+    """Run one trainer to ``total_steps`` (see ``fit_jobs``)."""
+    fit_jobs([Job(trainer, batch_at, out)], on_log=on_log, harvested=harvested)
+
+
+def fit_jobs(jobs: list[Job], on_log: Callable[[dict], None] | None = None,
+             harvested: Callable[[], int] | None = None, writer: bool = True,
+             comm: Collective | None = None, progress: bool | None = None) -> None:
+    """Run every job's trainer to ``total_steps``, step by step together (their batches come
+    from one model forward); each logs and checkpoints into its ``out`` when ``writer``.
+
+    A job resumed from an older checkpoint than the others trains alone until it catches up.
     ``harvested()`` (optional) gives the activations read so far, shown on the progress bar.
-    SIGINT/SIGTERM write a checkpoint and raise ``Interrupted``."""
-    cfg = trainer.cfg
+    SIGINT/SIGTERM write a checkpoint and raise ``Interrupted``; under data parallelism
+    (``comm``) the ranks agree on stopping, so they stop at the same step. ``progress``
+    overrides ``cfg.run.progress`` (only one rank shows a bar)."""
+    comm = comm or Collective()
+    cfg, total = jobs[0].trainer.cfg, jobs[0].trainer.total_steps
     stop = {"signal": None}
 
     def handler(signum, frame):
         stop["signal"] = signum
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if out else {}
+    catch = any(j.out for j in jobs) or comm.world > 1
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if catch else {}
+    step = min(j.trainer.step for j in jobs)
     bar = None
-    if cfg.run.progress:
+    if cfg.run.progress if progress is None else progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=trainer.total_steps * cfg.data.batch_size, initial=trainer.step * cfg.data.batch_size,
+        bar = tqdm(total=total * cfg.data.batch_size, initial=step * cfg.data.batch_size,
                    unit="tok", unit_scale=True, desc="training", dynamic_ncols=True)
     t0 = time.time()
     try:
-        while trainer.step < trainer.total_steps:
-            x = batch_at(trainer.step).to(trainer.sae.W_dec.device)
-            d_in = trainer.sae.cfg.d_in
-            grad = x[:, d_in:] if x.shape[1] == 2 * d_in else None  # packed [x | ∂L/∂x] (g-SAE)
-            stats = trainer.train_step(x[:, :d_in], grad)
+        while step < total:
+            for job in (j for j in jobs if j.trainer.step == step):
+                stats = _step(job)
+                if job.trainer.step % cfg.run.log_every == 0 or job.trainer.step == total:
+                    _log(job, stats, t0, writer, on_log, len(jobs) > 1)
+            step += 1
             if bar is not None:
-                bar.update(len(x))
+                bar.update(cfg.data.batch_size)
                 extra = {"harvested": f"{harvested() / 1e6:.2f}M"} if harvested else {}
                 bar.set_postfix(fvu=f"{stats.fvu:.3f}", l0=f"{stats.l0:.1f}", dead=f"{stats.dead_frac:.2f}", **extra)
-            if trainer.step % cfg.run.log_every == 0 or trainer.step == trainer.total_steps:
-                row = {"step": trainer.step, "tokens": trainer.step * cfg.data.batch_size,
-                       **vars(stats), "elapsed_s": round(time.time() - t0, 2)}
-                if out:
-                    with open(out / "metrics.jsonl", "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                if on_log:
-                    on_log(row)
-            if out and (trainer.step % cfg.run.checkpoint_every == 0 or stop["signal"]):
-                ckpt.save(out, trainer.state_dict(), cfg)
-            if stop["signal"]:
-                raise Interrupted(f"stopped by signal {stop['signal']} at step {trainer.step}; "
+            stopping = comm.any(stop["signal"] is not None)
+            if step % cfg.run.checkpoint_every == 0 or stopping:
+                _checkpoint(jobs, cfg, writer, comm)
+            if stopping:
+                out = jobs[0].out.parent if len(jobs) > 1 else jobs[0].out
+                raise Interrupted(f"stopped by signal {stop['signal'] or 'on another rank'} at step {step}; "
                                   f"checkpoint saved, continue with --resume --out {out}")
     finally:
         if bar is not None:
             bar.close()
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _step(job: Job) -> StepStats:
+    trainer = job.trainer
+    x = job.batch_at(trainer.step).to(trainer.sae.W_dec.device)
+    d_in = trainer.sae.cfg.d_in
+    grad = x[:, d_in:] if x.shape[1] == 2 * d_in else None  # packed [x | ∂L/∂x] (g-SAE)
+    return trainer.train_step(x[:, :d_in], grad)
+
+
+def _log(job: Job, stats: StepStats, t0: float, writer: bool, on_log, named: bool) -> None:
+    t = job.trainer
+    row = {"step": t.step, "tokens": t.step * t.cfg.data.batch_size, **vars(stats),
+           "elapsed_s": round(time.time() - t0, 2)}
+    if job.out and writer:
+        with open(job.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    if on_log and writer:
+        on_log({"hook": job.name, **row} if named else row)
+
+
+def _checkpoint(jobs: list[Job], cfg, writer: bool, comm: Collective) -> None:
+    """Checkpoint every job; all ranks learn whether the writer failed (else they would wait
+    for it forever in the next all-reduce)."""
+    error = None
+    for job in jobs:
+        comm.broadcast_(job.trainer.sae.parameters())  # re-sync replicas (a no-op in one process)
+        if job.out and writer and error is None:
+            try:
+                ckpt.save(job.out, job.trainer.state_dict(), cfg)
+            except (OSError, SaekitError) as e:
+                error = e
+    if comm.any(error is not None):
+        if isinstance(error, SaekitError):
+            raise error
+        why = f" ({error.strerror or error})" if error else " on rank 0"
+        raise ckpt.CheckpointWriteError(f"could not write a checkpoint{why}; free space or fix --out, then --resume")

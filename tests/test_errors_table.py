@@ -1,0 +1,104 @@
+"""Every row of docs/errors.md is a test: the command (or Python call) in the row, run here,
+ends with exactly the row's one-line error (exit code 2 from the CLI).
+
+CLI rows run in-process through ``saekit.cli.main``; the embedded model is loaded once
+(``load_model`` is patched to return the session's copy when no --model is given), and the
+working directory is a scratch folder, so default output folders land there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+ERRORS_MD = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+
+
+def table_rows() -> list[tuple[str, str, str]]:
+    """(bad input, how it is tried, expected line) for each row of the tables."""
+    rows = []
+    for line in ERRORS_MD.read_text().splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if len(cells) == 4 and cells[0].isdigit():
+            # a code span: `x`, or `` x `` when x holds a backtick
+            how, expected = (re.fullmatch(r"(`+) ?(.*?) ?\1", c).group(2).replace("\\|", "|") for c in cells[2:])
+            rows.append((cells[1], how, expected))
+    return rows
+
+
+def prepare(d: Path) -> None:
+    """The files the rows' $DIR paths name (docs/errors.md lists them)."""
+    from saekit.sae import SAE, SAEConfig
+    from saekit.training import checkpoint as ckpt
+    from saekit.training.config import TrainConfig
+
+    (d / "bad.jsonl").write_text('{"txt": "no text field"}\n')
+    (d / "notes.csv").write_text("a,b\n")
+    (d / "empty").mkdir()
+    (d / "tiny.txt").write_text("Mary and John went to the store.\n")
+    (d / "a-file").write_text("a regular file")
+    meta = {"hook_name": "blocks.5.attn.hook_z", "hook_shape": [8, 64], "d_in": 512, "model_name": "saekit-ioi-6l",
+            "with_grads": False, "n_shards": 1, "shard_tokens": 4096}
+    (d / "cache").mkdir()
+    (d / "cache" / "meta.json").write_text(json.dumps(meta))
+    (d / "corrupt-sae").mkdir()
+    (d / "corrupt-sae" / "cfg.json").write_text("{not json")
+    SAE(SAEConfig(d_in=8, d_sae=16, k=2), seed=0).save(d / "torn-sae")
+    w = d / "torn-sae" / "sae.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    ckpt.save(d / "run", {"step": 4}, TrainConfig())
+    (d / "corrupt-run" / "checkpoints").mkdir(parents=True)
+    (d / "corrupt-run" / "checkpoints" / "step_0000004.pt").write_bytes(b"x")
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    d = tmp_path_factory.mktemp("errors")
+    prepare(d)
+    return d
+
+
+def python_namespace(model):
+    import saekit
+    from saekit import SAE, SAEConfig
+    from saekit.splice import check_sae_fits
+    from saekit.training import train_sae
+    from saekit.training.distributed import check_supported
+
+    return {"saekit": saekit, "torch": torch, "SAE": SAE, "SAEConfig": SAEConfig, "model": model,
+            "check_sae_fits": check_sae_fits, "train_sae": train_sae, "check_supported": check_supported}
+
+
+ROWS = table_rows()
+
+
+def test_the_table_has_at_least_30_rows():
+    assert len(ROWS) >= 30
+
+
+@pytest.mark.filterwarnings("ignore:skipping checkpoint")  # row "every checkpoint corrupt" warns first
+@pytest.mark.parametrize("what, how, expected", ROWS, ids=[f"{i + 1}" for i in range(len(ROWS))])
+def test_row(what, how, expected, scratch, model, monkeypatch, capsys, tmp_path):
+    import saekit.models
+    from saekit.cli import main
+    from saekit.errors import SaekitError
+
+    real = saekit.models.load_model
+    monkeypatch.setattr(saekit.models, "load_model",
+                        lambda name=None, device="cpu", **kw: model if name is None else real(name, device, **kw))
+    monkeypatch.chdir(tmp_path)
+    how, expected = (s.replace("$DIR", str(scratch)) for s in (how, expected))
+    if how.startswith("saekit "):
+        assert main(shlex.split(how)[1:]) == 2, what
+        got = capsys.readouterr().err
+        assert got.count("\n") == 1, got  # one line
+        assert got.strip() == expected, what
+    else:
+        with pytest.raises(SaekitError) as e:
+            eval(how, python_namespace(model))
+        assert f"{type(e.value).__name__}: {e.value}" == expected, what
