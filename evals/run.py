@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from saekit.errors import MismatchError, SAEFileError
+from saekit.errors import MismatchError
 from saekit.evals.options import EvalOptions, IOIEvalOptions
 from saekit.formats import atomic_write_text
 
@@ -28,10 +28,7 @@ def model_for(sae, name: str | None = None, device: str = "cpu"):
 def _load(path):
     from saekit.formats import load_sae
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise SAEFileError(f"no SAE folder at {path}; pass the folder holding cfg.json (e.g. a `saekit train --out` folder)")
-    return folder, load_sae(folder)
+    return Path(path), load_sae(path)
 
 
 def run_eval(sae_path, model: str | None = None, dataset: str | None = None, opts: EvalOptions | None = None,

@@ -51,6 +51,10 @@ def prepare(d: Path) -> None:
     SAE(SAEConfig(d_in=8, d_sae=16, k=2), seed=0).save(d / "torn-sae")
     w = d / "torn-sae" / "sae.safetensors"
     w.write_bytes(w.read_bytes()[:100])
+    for name, hook, shape in (("l3-sae", "blocks.3.attn.hook_z", (4, 32)), ("l5-sae", "blocks.5.attn.hook_z", (4, 32)),
+                              ("resid-sae", "blocks.3.hook_resid_post", ())):
+        SAE(SAEConfig(d_in=128, d_sae=64, k=4, hook_name=hook, model_name="saekit-ioi-6l", hook_shape=shape),
+            seed=0).save(d / name)
     ckpt.save(d / "run", {"step": 4}, TrainConfig())
     (d / "corrupt-run" / "checkpoints").mkdir(parents=True)
     (d / "corrupt-run" / "checkpoints" / "step_0000004.pt").write_bytes(b"x")
