@@ -73,6 +73,15 @@ def app_server(model, tmp_path):
             proc.wait()
 
 
+def _settle(page) -> None:
+    """Wait until the app has finished the rerun an input started (Streamlit shows its status
+    widget meanwhile), so the next click is not lost in a rerun on a busy machine."""
+    from playwright.sync_api import expect
+
+    page.wait_for_timeout(300)
+    expect(page.get_by_test_id("stStatusWidget")).to_be_hidden(timeout=120_000)
+
+
 def test_feature_card_and_steering_in_chromium(app_server, model, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -100,9 +109,11 @@ def test_feature_card_and_steering_in_chromium(app_server, model, tmp_path):
         expect(row_latent).to_have_count(1)  # the Features page's input is gone
         row_latent.fill(str(LATENT))
         row_latent.press("Enter")
+        _settle(page)
         value = page.get_by_label("Value", exact=True)
         value.fill(str(COEF))
         value.press("Enter")
+        _settle(page)
         page.get_by_role("button", name="Generate").click()
         expect(page.get_by_text("Steered", exact=True)).to_be_visible()
         expect(page.get_by_text(PROMPT + expected.steered)).to_be_visible()
