@@ -4,6 +4,8 @@ Public API (each op takes impl="auto" | "torch" | "triton"; see resolve_impl):
 
     encode_topk(x, W_enc, b_enc, b_dec, k) -> TopK(values [B, k], indices [B, k])
     encode_topk_aux(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux) -> (TopK, TopK for AuxK)
+    encode_selected(x, W_enc, b_enc, b_dec, values, indices) -> values with the sparse backward,
+        for selections made elsewhere (Mutual/Feature Choice, g-TopK)
     decode_sparse(values, indices, W_dec, b_dec) -> x_hat [B, d_in]
     resolve_impl(impl, device) -> "torch" | "triton"
 
@@ -15,6 +17,6 @@ anything that probes a device.
 
 from .decoder import decode_sparse
 from .dispatch import resolve_impl
-from .encoder import TopK, encode_topk, encode_topk_aux
+from .encoder import TopK, encode_selected, encode_topk, encode_topk_aux
 
-__all__ = ["TopK", "decode_sparse", "encode_topk", "encode_topk_aux", "resolve_impl"]
+__all__ = ["TopK", "decode_sparse", "encode_selected", "encode_topk", "encode_topk_aux", "resolve_impl"]

@@ -108,34 +108,67 @@ class _EncodeTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_values, _gi, g_aux, _gai):
         xc, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
-        x_dtype, b_dec_dtype = ctx.dtypes
         sel = [(g, v, i) for g, v, i in ((g_values, values, indices), (g_aux, aux_values, aux_indices))
                if g is not None and i.shape[1] > 0]
-        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
-        if not sel:
-            return (None,) * 8
-        # Gradient wrt the selected pre-activations; ReLU passes it where the value is > 0.
-        g_BK = torch.cat([g.float() * (v > 0) for g, v, _ in sel], 1)   # [B, K]
-        idx_BK = sel[0][2] if len(sel) == 1 else torch.cat([i for _, _, i in sel], 1)  # [B, K]
-        d_sae = W_enc.shape[1]
-        grad_b_enc = torch.zeros(d_sae, dtype=torch.float32, device=W_enc.device)
-        grad_b_enc.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
-        grad_x = grad_W = grad_b_dec = None
-        if need_W:
-            # Built as W_enc^T rows ([d_sae, d_in], contiguous) and returned as its [d_in, d_sae]
-            # view: no copy when W_enc is stored that way (as nn.Linear(d_in, d_sae).weight.T),
-            # else autograd copies it into W_enc's layout.
-            grad_W = scatter_rows(idx_BK, g_BK, xc, d_sae, ctx.impl).t().to(W_enc.dtype)
-        if need_x:
-            grad_xc = gather_rows(idx_BK, g_BK, W_enc.t(), ctx.impl)  # [B, d_in]
-            grad_x = grad_xc.to(x_dtype)
-            grad_b_dec = -grad_xc.sum(0) if need_b_dec else None
-        elif need_b_dec:
-            grad_b_dec = -(W_enc.float() @ grad_b_enc)
-        return (
-            grad_x, grad_W, grad_b_enc.to(W_enc.dtype) if need_b_enc else None,
-            None if grad_b_dec is None else grad_b_dec.to(b_dec_dtype), None, None, None, None,
-        )
+        return (*_sparse_backward(ctx, xc, W_enc, sel), None, None, None, None)
+
+
+def _sparse_backward(ctx, xc: Tensor, W_enc: Tensor, sel: list) -> tuple:
+    """Gradients wrt (x, W_enc, b_enc, b_dec) of ReLU'd pre-activations selected at
+    ``sel = [(grad [B, K], values [B, K], indices [B, K]), ...]``: O(B·K·d_in) work."""
+    x_dtype, b_dec_dtype = ctx.dtypes
+    need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
+    if not sel:
+        return (None,) * 4
+    # Gradient wrt the selected pre-activations; ReLU passes it where the value is > 0.
+    g_BK = torch.cat([g.float() * (v > 0) for g, v, _ in sel], 1)   # [B, K]
+    idx_BK = sel[0][2] if len(sel) == 1 else torch.cat([i for _, _, i in sel], 1)  # [B, K]
+    d_sae = W_enc.shape[1]
+    grad_b_enc = torch.zeros(d_sae, dtype=torch.float32, device=W_enc.device)
+    grad_b_enc.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+    grad_x = grad_W = grad_b_dec = None
+    if need_W:
+        # Built as W_enc^T rows ([d_sae, d_in], contiguous) and returned as its [d_in, d_sae]
+        # view: no copy when W_enc is stored that way (as nn.Linear(d_in, d_sae).weight.T),
+        # else autograd copies it into W_enc's layout.
+        grad_W = scatter_rows(idx_BK, g_BK, xc, d_sae, ctx.impl).t().to(W_enc.dtype)
+    if need_x:
+        grad_xc = gather_rows(idx_BK, g_BK, W_enc.t(), ctx.impl)  # [B, d_in]
+        grad_x = grad_xc.to(x_dtype)
+        grad_b_dec = -grad_xc.sum(0) if need_b_dec else None
+    elif need_b_dec:
+        grad_b_dec = -(W_enc.float() @ grad_b_enc)
+    return (grad_x, grad_W, grad_b_enc.to(W_enc.dtype) if need_b_enc else None,
+            None if grad_b_dec is None else grad_b_dec.to(b_dec_dtype))
+
+
+class _EncodeSelected(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, values, indices, impl):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x - b_dec, W_enc, values, indices)
+        ctx.dtypes = (x.dtype, b_dec.dtype)
+        ctx.impl = impl
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, W_enc, values, indices = ctx.saved_tensors
+        sel = [(g, values, indices)] if g is not None and indices.shape[1] > 0 else []
+        return (*_sparse_backward(ctx, xc, W_enc, sel), None, None, None)
+
+
+def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, values: Tensor, indices: Tensor,
+                    *, impl: str = "auto") -> Tensor:
+    """The encoder's activations at latents the caller selected, with `encode_topk`'s sparse
+    backward. Same as ``ReLU((x - b_dec) @ W_enc + b_enc).gather(1, indices)`` given that
+    ``values`` [B, K] are those numbers, computed without autograd (batch-level sparsifiers
+    need the dense pre-activations to select, but not a dense backward). Padding entries
+    (value 0) get no gradient. x [B, d_in]; indices [B, K] int64."""
+    _validate(x, W_enc, b_enc, b_dec, 1)
+    if values.shape != indices.shape or values.shape[0] != x.shape[0]:
+        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must be [B={x.shape[0]}, K]")
+    return _EncodeSelected.apply(x, W_enc, b_enc, b_dec, values.detach(), indices, resolve_impl(impl, x.device))
 
 
 def _validate(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> None:

@@ -30,11 +30,19 @@ class Encoded(NamedTuple):
 
 def mask_to_codes(a: Tensor, mask: Tensor) -> Codes:
     """Codes holding ``a[b, j]`` for every ``mask[b, j]``, rows padded with zeros
-    (differentiable through ``a``). Work and memory are O(nnz), not O(B·d_sae) sorts."""
+    (differentiable through ``a``)."""
+    return pairs_to_codes(a, *mask.nonzero(as_tuple=True))  # row-major already
+
+
+def pairs_to_codes(a: Tensor, rows: Tensor, cols: Tensor) -> Codes:
+    """Codes holding ``a[rows[i], cols[i]]``, grouped by row (in the pairs' order within a
+    row), rows padded with zeros. Work and memory are O(nnz), not O(B·d_sae) sorts."""
     B = a.shape[0]
-    counts = mask.sum(1)
+    if len(rows) and bool((rows[1:] < rows[:-1]).any()):
+        order = torch.sort(rows, stable=True).indices
+        rows, cols = rows[order], cols[order]
+    counts = torch.bincount(rows, minlength=B)
     n = max(int(counts.max()) if B else 0, 1)
-    rows, cols = mask.nonzero(as_tuple=True)  # row-major: grouped by row, columns ascending
     pos = torch.arange(len(rows), device=a.device) - (counts.cumsum(0) - counts)[rows]
     indices = torch.zeros(B, n, dtype=torch.long, device=a.device).index_put((rows, pos), cols)
     values = a.new_zeros(B, n).index_put((rows, pos), a[rows, cols])
@@ -52,6 +60,18 @@ def aux_select(a: Tensor, weights: Tensor | None, k_aux: int) -> Codes | None:
     pos = score.topk(min(k_aux, len(eligible)), dim=1).indices
     idx = eligible[pos]
     return Codes(a.gather(1, idx), idx)
+
+
+def differentiable(sae, x: Tensor, codes: Codes | None) -> Codes | None:
+    """``codes`` selected from pre-activations computed without autograd, given values that
+    carry the encoder's sparse backward (``kernels.encode_selected``): batch-level and
+    gradient-aware selections then train as cheaply as TopK's, with no dense backward."""
+    if codes is None or not torch.is_grad_enabled():
+        return codes
+    from saekit import kernels
+
+    v = kernels.encode_selected(x, sae.W_enc, sae.b_enc, sae.b_dec, codes.values, codes.indices, impl=sae.cfg.impl)
+    return Codes(v, codes.indices)
 
 
 def _is_mask(weights: Tensor) -> bool:
@@ -79,9 +99,11 @@ class TopK(nn.Module):
             top, aux = kernels.encode_topk_aux(x, sae.W_enc, sae.b_enc, sae.b_dec, self.k,
                                                aux_weights > 0, k_aux, impl=self.impl)
             return Encoded(Codes(*top), Codes(*aux))
-        a = sae.pre_acts(x).relu()  # graded weights (aux_zipf): the dense path
-        v, i = a.topk(self.k, dim=1)
-        return Encoded(Codes(v, i), aux_select(a, aux_weights, k_aux))
+        with torch.no_grad():  # graded weights (aux_zipf): select from the dense pre-activations
+            a = sae.pre_acts(x).relu()
+            v, i = a.topk(self.k, dim=1)
+            aux = aux_select(a, aux_weights, k_aux)
+        return Encoded(differentiable(sae, x, Codes(v, i)), differentiable(sae, x, aux))
 
 
 class GradientTopK(nn.Module):
@@ -110,9 +132,11 @@ class GradientTopK(nn.Module):
     def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
         if grad is None or self.beta == 0:
             return self._topk.encode(sae, x, None, aux_weights, k_aux)
-        a = sae.pre_acts(x).relu()
-        idx = self.scores(sae, a, grad).topk(self.k, dim=1).indices
-        return Encoded(Codes(a.gather(1, idx), idx), aux_select(a, aux_weights, k_aux))
+        with torch.no_grad():
+            a = sae.pre_acts(x).relu()
+            idx = self.scores(sae, a, grad).topk(self.k, dim=1).indices
+            codes, aux = Codes(a.gather(1, idx), idx), aux_select(a, aux_weights, k_aux)
+        return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
 
 
 def _ema_(buf: Tensor, value: Tensor, decay: float, started: Tensor) -> None:
@@ -142,8 +166,8 @@ class MutualChoice(nn.Module):
         self.register_buffer("theta", torch.zeros(()))
         self.register_buffer("theta_set", torch.zeros((), dtype=torch.bool))
 
-    def batch_mask(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        """Mask of the ``k·B`` largest entries of ``a`` and the smallest kept value."""
+    def batch_select(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows, cols) of the ``k·B`` largest entries of ``a`` and the smallest kept value."""
         B, d_sae = a.shape
         n = min(self.k * B, B * d_sae)
         m = min(d_sae, 4 * self.k)
@@ -156,20 +180,20 @@ class MutualChoice(nn.Module):
             rows, cols = torch.div(top.indices, d_sae, rounding_mode="floor"), top.indices % d_sae
         else:
             cols = cand_i.flatten()[top.indices]
-        mask = torch.zeros_like(a, dtype=torch.bool)
-        mask[rows, cols] = True
-        return mask, top.values.min()
+        return rows, cols, top.values.min()
 
     def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
-        a = sae.pre_acts(x).relu()
         with torch.no_grad():
+            a = sae.pre_acts(x).relu()
             if self.training or self.mode == "batch":
-                mask, smallest = self.batch_mask(a)
+                rows, cols, smallest = self.batch_select(a)
+                codes = pairs_to_codes(a, rows, cols)
                 if self.training:
                     _ema_(self.theta, smallest, self.decay, self.theta_set)
             else:
-                mask = a > self.theta
-        return Encoded(mask_to_codes(a, mask), aux_select(a, aux_weights, k_aux))
+                codes = mask_to_codes(a, a > self.theta)
+            aux = aux_select(a, aux_weights, k_aux)
+        return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
 
 
 class FeatureChoice(nn.Module):
@@ -209,31 +233,33 @@ class FeatureChoice(nn.Module):
             m[frac.topk(min(short, d_sae)).indices] += 1
         return m.clamp(1, B)
 
-    def batch_mask(self, a: Tensor) -> tuple[Tensor, Tensor]:
+    def batch_select(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(rows, cols) of each latent's ``m_j`` largest entries, ``m`` and each latent's
+        smallest kept value."""
         B = a.shape[0]
         m = self.capacities(B)  # [d_sae]
         vals, rows = a.topk(int(m.max()), dim=0)  # [m_max, d_sae], per latent
         keep = torch.arange(len(vals), device=a.device)[:, None] < m[None, :]
-        mask = torch.zeros_like(a, dtype=torch.bool)
         cols = torch.arange(a.shape[1], device=a.device).expand_as(rows)
-        mask[rows[keep], cols[keep]] = True
         smallest = vals.gather(0, (m - 1)[None, :])[0]  # [d_sae]
-        return mask, smallest
+        return rows[keep], cols[keep], m, smallest
 
     def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
-        a = sae.pre_acts(x).relu()
         with torch.no_grad():
+            a = sae.pre_acts(x).relu()
             if self.training:
-                mask, smallest = self.batch_mask(a)
+                rows, cols, m, smallest = self.batch_select(a)
+                codes = pairs_to_codes(a, rows, cols)
                 _ema_(self.theta, smallest, self.decay, self.theta_set)
-                self.freq.mul_(self.decay).add_(mask.float().mean(0) * (1 - self.decay))
+                self.freq.mul_(self.decay).add_(m.float() / a.shape[0] * (1 - self.decay))
                 self.calls += 1
                 if self.capacity == "zipf" and int(self.calls) % self.rerank_every == 0:
                     order = self.freq.argsort(descending=True)
                     self.rank[order] = torch.arange(1, len(order) + 1, dtype=torch.float, device=a.device)
             else:
-                mask = a > self.theta
-        return Encoded(mask_to_codes(a, mask), aux_select(a, aux_weights, k_aux))
+                codes = mask_to_codes(a, a > self.theta)
+            aux = aux_select(a, aux_weights, k_aux)
+        return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
 
 
 SPARSIFIERS: dict[str, type[nn.Module]] = {

@@ -17,6 +17,12 @@ def sae_of(sparsity, d_in=32, d_sae=128, k=4, **variant):
     return SAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, sparsity=sparsity, variant=VariantOptions(**variant)), seed=0)
 
 
+def _mask(a, rows, cols):
+    mask = torch.zeros_like(a, dtype=torch.bool)
+    mask[rows, cols] = True
+    return mask
+
+
 def test_mask_to_codes_round_trips():
     a = torch.rand(5, 9)
     mask = torch.rand(5, 9) > 0.6
@@ -32,14 +38,15 @@ def test_mutual_choice_keeps_exactly_k_times_batch():
     assert int((codes.values > 0).sum()) == 4 * 64
     a = sae.pre_acts(x).relu()
     mc = sae.sparsifier
-    mask, smallest = mc.batch_mask(a)
+    rows, cols, smallest = mc.batch_select(a)
+    mask = _mask(a, rows, cols)
     top = a.flatten().topk(4 * 64)
     assert torch.equal(mask.flatten().nonzero().flatten().sort().values, top.indices.sort().values)
     assert smallest == top.values.min()
     # one token holding more than 4k of the batch's largest values takes the exact fallback
     a2 = a.clone()
     a2[0] += 100
-    mask2, _ = mc.batch_mask(a2)
+    mask2 = _mask(a2, *mc.batch_select(a2)[:2])
     assert int(mask2[0].sum()) == 128 and int(mask2.sum()) == 4 * 64
 
 
@@ -52,8 +59,9 @@ def test_feature_choice_keeps_exactly_m_j_per_latent():
         x = torch.randn(256, 32)
         m = fc.capacities(256)
         assert int(m.sum()) == 4 * 256 and (m >= 1).all()
-        mask, _ = fc.batch_mask(sae.pre_acts(x).relu())
-        assert torch.equal(mask.sum(0), m)
+        a = sae.pre_acts(x).relu()
+        rows, cols, m2, _ = fc.batch_select(a)
+        assert torch.equal(_mask(a, rows, cols).sum(0), m) and torch.equal(m2, m)
 
 
 def test_feature_choice_leaves_no_dead_latents_after_training():
@@ -78,12 +86,31 @@ def test_threshold_inference_matches_the_batch_rule(sparsity):
     fresh = x[8192:8192 + 512]
     sae.train()
     with torch.no_grad():
-        batch_mask, _ = sae.sparsifier.batch_mask(sae.pre_acts(fresh).relu())
+        a = sae.pre_acts(fresh).relu()
+        batch_mask = _mask(a, *sae.sparsifier.batch_select(a)[:2])
         sae.eval()
         thr_mask = sae.encode(fresh) > 0
     overlap = (batch_mask & thr_mask).sum() / batch_mask.sum()
     assert overlap >= 0.85, overlap
     assert abs(thr_mask.sum(1).float().mean() - 4) <= 0.8
+
+
+@pytest.mark.parametrize("sparsity", ["mutual_choice", "feature_choice", "gtopk"])
+def test_sparse_backward_of_selected_latents_matches_dense_autograd(sparsity):
+    """Batch-level and gradient-aware selections train through kernels.encode_selected; its
+    gradients equal autograd through the dense ReLU(pre-activations) at the same selection."""
+    sae = sae_of(sparsity, beta=2.0).train()
+    x, g = torch.randn(48, 32, requires_grad=True), torch.randn(48, 32)
+    w = torch.randn(48, 32)
+    enc = sae.sparsifier.encode(sae, x, g)
+    (sae.decode_codes(enc.codes) * w).sum().backward()
+    sparse = [t.grad.clone() for t in (x, sae.W_enc, sae.b_enc, sae.b_dec)]
+    for t in (x, sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec):
+        t.grad = None
+    dense = sae.pre_acts(x).relu().gather(1, enc.codes.indices) * (enc.codes.values > 0)
+    (sae.decode_codes(enc.codes._replace(values=dense)) * w).sum().backward()
+    for got, want in zip(sparse, (x.grad, sae.W_enc.grad, sae.b_enc.grad, sae.b_dec.grad)):
+        assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_gtopk_with_beta_zero_is_topk_and_gradient_changes_selection():
