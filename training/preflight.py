@@ -8,6 +8,7 @@ before the model is loaded, with one line that says why.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -18,10 +19,11 @@ MiB = 2**20
 
 
 def check_writable(out: Path) -> None:
-    """Create ``out`` and write and delete a small probe file in it."""
+    """Create ``out`` and write and delete a small probe file in it (named per process: with
+    ``--distribute-hooks`` every rank probes the same folder at once)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test.{os.getpid()}"
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as e:
