@@ -82,6 +82,21 @@ def _settle(page) -> None:
     expect(page.get_by_test_id("stStatusWidget")).to_be_hidden(timeout=120_000)
 
 
+def _set_number(page, label: str, value) -> None:
+    """Type ``value`` into a number input and commit it; again if a rerun that was still
+    running replaced the widget and dropped the typing."""
+    from playwright.sync_api import expect
+
+    box = page.get_by_label(label, exact=True)
+    for _ in range(3):
+        box.fill(str(value))
+        box.press("Enter")
+        _settle(page)
+        if float(box.input_value()) == float(value):
+            return
+    expect(box).to_have_value(str(value))  # fails with the value it kept
+
+
 def test_feature_card_and_steering_in_chromium(app_server, model, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -105,15 +120,10 @@ def test_feature_card_and_steering_in_chromium(app_server, model, tmp_path):
         # Steering: one "add" intervention, then generate
         page.get_by_test_id("stSidebar").get_by_text("Steering", exact=True).click()
         expect(page.get_by_role("heading", name="Steering")).to_be_visible()
-        row_latent = page.get_by_label("Latent", exact=True)
-        expect(row_latent).to_have_count(1)  # the Features page's input is gone
-        row_latent.fill(str(LATENT))
-        row_latent.press("Enter")
         _settle(page)
-        value = page.get_by_label("Value", exact=True)
-        value.fill(str(COEF))
-        value.press("Enter")
-        _settle(page)
+        expect(page.get_by_label("Latent", exact=True)).to_have_count(1)  # the Features page's input is gone
+        _set_number(page, "Latent", LATENT)
+        _set_number(page, "Value", COEF)
         page.get_by_role("button", name="Generate").click()
         expect(page.get_by_text("Steered", exact=True)).to_be_visible()
         expect(page.get_by_text(PROMPT + expected.steered)).to_be_visible()
