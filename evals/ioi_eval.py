@@ -122,7 +122,8 @@ def eval_node(model, node: Node, p: Prepared, saes: dict) -> dict:
                                      "control": control, "dictionary": sup}
         if method == "mean":
             changes = {t: control[t]["changes_output"] for t in D.ATTRIBUTES}
-            norms = {t: sup.norms(t)[torch.bincount(p.fit.labels[t]) > 0].mean().item() for t in D.ATTRIBUTES}
+            seen = {t: torch.bincount(p.fit.labels[t], minlength=len(values[t])) > 0 for t in D.ATTRIBUTES}
+            norms = {t: sup.norms(t)[seen[t]].mean().item() for t in D.ATTRIBUTES}
     for label, sae in saes.items():
         res["saes"][label] = eval_sae_at_node(axes.NodeSAE(sae, sl), run, a, x, x_cf, p, truth, changes, norms, base)
     return res
