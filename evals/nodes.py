@@ -18,7 +18,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from saekit.errors import ConfigError, HookError
+from saekit.activations import capture
+from saekit.errors import ConfigError
 from saekit.evals.ioi_data import IOIData
 
 
@@ -71,29 +72,13 @@ def model_dims(model) -> tuple[int, int, int]:
     return c.n_layers, c.n_heads, c.d_head
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
 def _capture(model, data: IOIData, hook: str, take, batch: int = 256) -> Tensor:
-    """``take(act, rows)`` of the activation at ``hook`` for each batch of prompts, stopping the
-    forward pass there."""
+    """``take(act, rows)`` of the activation at ``hook`` for each batch of prompts (the
+    forward pass stops at the hook)."""
     out = []
     for i in range(0, len(data), batch):
-        box = []
-
-        def grab(act, hook=None):
-            box.append(take(act, slice(i, i + len(act))).float().cpu())
-            raise _Stop
-
-        try:
-            model.run_with_hooks(data.tokens[i: i + batch].to(model.cfg.device), fwd_hooks=[(hook, grab)])
-        except _Stop:
-            pass
-        if not box:
-            raise HookError(f"{hook} did not fire; is this a TransformerBridge with attention blocks?")
-        out.append(box[0])
+        act = capture(model, data.tokens[i: i + batch], [hook])[hook]
+        out.append(take(act, slice(i, i + len(act))).float().cpu())
     return torch.cat(out)
 
 

@@ -103,45 +103,42 @@ class _Stop(Exception):
     """Raised inside the hook to end the forward pass once the activation is captured."""
 
 
-def harvest(model, tokens: Tensor, hook: HookSpec) -> Tensor:
-    """Activations at ``hook`` for ``tokens [b, T]`` (BOS position dropped): ``[b·(T−1), d_in]``."""
-    box: list[Tensor] = []
-
-    def grab(act, hook=None):
-        box.append(act.detach())
-        raise _Stop
-
-    with torch.no_grad():
-        try:
-            model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[(hook.name, grab)])
-        except _Stop:
-            pass
-    if not box:
-        raise HookError(f"hook {hook.name} did not fire during the forward pass")
-    act = box[0][:, 1:]  # [b, T-1, *shape]
-    return einops.rearrange(act, "b t ... -> (b t) (...)").float()
-
-
-def harvest_many(model, tokens: Tensor, hooks: list[HookSpec]) -> dict[str, Tensor]:
-    """``harvest`` at several hooks from one forward pass, stopped once the last has fired:
-    ``{name: [b·(T−1), d_in]}``."""
+def capture(model, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
+    """Raw activations ``{name: [b, T, *shape]}`` at hooks ``names`` for ``tokens [b, T]``,
+    from one forward pass stopped once the last of them has fired."""
     box: dict[str, Tensor] = {}
 
     def grab(act, hook=None, name=""):
         box[name] = act.detach()
-        if len(box) == len(hooks):
+        if len(box) == len(names):
             raise _Stop
 
-    fwd = [(h.name, (lambda a, hook=None, n=h.name: grab(a, hook, n))) for h in hooks]
+    fwd = [(n, (lambda a, hook=None, n=n: grab(a, hook, n))) for n in names]
     with torch.no_grad():
         try:
             model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=fwd)
         except _Stop:
             pass
-    missing = [h.name for h in hooks if h.name not in box]
+    missing = [n for n in names if n not in box]
     if missing:
         raise HookError(f"hook {missing[0]} did not fire during the forward pass")
-    return {n: einops.rearrange(a[:, 1:], "b t ... -> (b t) (...)").float() for n, a in box.items()}
+    return box
+
+
+def _tokens_flat(act: Tensor) -> Tensor:
+    """``[b, T, *shape]`` without the BOS position, as ``[b·(T−1), d_in]`` float."""
+    return einops.rearrange(act[:, 1:], "b t ... -> (b t) (...)").float()
+
+
+def harvest(model, tokens: Tensor, hook: HookSpec) -> Tensor:
+    """Activations at ``hook`` for ``tokens [b, T]`` (BOS position dropped): ``[b·(T−1), d_in]``."""
+    return _tokens_flat(capture(model, tokens, [hook.name])[hook.name])
+
+
+def harvest_many(model, tokens: Tensor, hooks: list[HookSpec]) -> dict[str, Tensor]:
+    """``harvest`` at several hooks from one forward pass, stopped once the last has fired:
+    ``{name: [b·(T−1), d_in]}``."""
+    return {n: _tokens_flat(a) for n, a in capture(model, tokens, [h.name for h in hooks]).items()}
 
 
 def harvest_batches(model, tokens: Tensor, hook: HookSpec, batch_seqs: int = 32, fn=None) -> Tensor:
