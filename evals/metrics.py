@@ -63,6 +63,18 @@ class _Accumulator:
 
 
 @torch.no_grad()
+def reconstruction_stats(sae, acts: Tensor, grads: Tensor | None = None, batch_size: int = 4096) -> dict:
+    """On ``acts [n, d_in]`` (``grads``, the loss gradients, for gtopk): L0 (mean, spread,
+    histogram), FVU and explained variance, dead and dense fractions, frequency histogram."""
+    acc = _Accumulator(sae.cfg.d_sae, sae.cfg.d_in)
+    for i in range(0, len(acts), batch_size):
+        x = acts[i: i + batch_size].to(sae.W_dec.device)
+        g = None if grads is None else grads[i: i + batch_size].to(sae.W_dec.device)
+        acc.add(x, sae(x, g))
+    return acc.result()
+
+
+@torch.no_grad()
 def evaluate_sae(model, sae, tokens: Tensor, batch_size: int = 32) -> dict:
     """Every §8 metric of ``sae`` on ``tokens [n, T]`` (BOS positions excluded, as in training)."""
     from saekit.activations import harvest_batches, resolve_hook
@@ -71,16 +83,13 @@ def evaluate_sae(model, sae, tokens: Tensor, batch_size: int = 32) -> dict:
     check_sae_fits(model, sae)
     hook = resolve_hook(model, sae.cfg.hook_name)
     acts = harvest_batches(model, tokens, hook, batch_size)  # [n·(T−1), d_in]
-    acc = _Accumulator(sae.cfg.d_sae, sae.cfg.d_in)
-    for i in range(0, len(acts), 4096):
-        x = acts[i: i + 4096].to(sae.W_dec.device)
-        acc.add(x, sae(x))
+    stats = reconstruction_stats(sae, acts)
     mean = sae.unflatten_hook(acts.mean(0))
     ce = ce_losses(model, sae, tokens, batch_size, mean=mean)
-    return {**acc.result(), "ce_loss_clean": ce.clean, "ce_loss_sae": ce.sae, "ce_loss_zero_ablation": ce.zero,
+    return {**stats, "ce_loss_clean": ce.clean, "ce_loss_sae": ce.sae, "ce_loss_zero_ablation": ce.zero,
             "ce_loss_mean_ablation": ce.mean, "ce_loss_recovered": ce.recovered,
             "ce_loss_recovered_mean": ce.recovered_mean, "kl": ce.kl,
             "hook": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "sparsity": sae.cfg.sparsity}
 
 
-__all__ = ["fvu", "l0_per_token", "frequency_summary", "evaluate_sae", "loss_recovered"]
+__all__ = ["reconstruction_stats", "fvu", "l0_per_token", "frequency_summary", "evaluate_sae", "loss_recovered"]

@@ -9,24 +9,16 @@ from saekit.activations import activation_and_grad, harvest_batches, resolve_hoo
 from saekit.splice import ce_losses
 
 
-@torch.no_grad()
-def reconstruction_stats(sae, acts: torch.Tensor, grads: torch.Tensor | None = None,
-                         batch_size: int = 4096) -> dict:
-    """On ``acts [n, d_in]``: mean L0 and its spread over tokens, explained variance
-    (1 − FVU), and the dense fraction (latents firing on more than 10% of tokens)."""
-    err = 0.0
-    l0s, counts = [], torch.zeros(sae.cfg.d_sae)
-    for i in range(0, len(acts), batch_size):
-        x = acts[i: i + batch_size]
-        out = sae(x, None if grads is None else grads[i: i + batch_size])
-        err += (x - out.x_hat).pow(2).sum().item()
-        on = out.codes.values > 0
-        l0s.append(on.sum(1).float())
-        counts += torch.bincount(out.codes.indices[on].cpu(), minlength=sae.cfg.d_sae).float()
-    var = (acts - acts.mean(0)).pow(2).sum().item()
-    l0 = torch.cat(l0s)
-    return {"l0": l0.mean().item(), "l0_std": l0.std().item(), "explained_variance": 1 - err / var,
-            "dense_frac": (counts / len(acts) > 0.1).float().mean().item()}
+# What the summary reports of saekit.evals.metrics.reconstruction_stats (eval.json has all).
+SUMMARY_STATS = ("l0", "l0_std", "explained_variance", "dense_frac")
+
+
+def reconstruction_stats(sae, acts: torch.Tensor, grads: torch.Tensor | None = None) -> dict:
+    """Mean L0 and its spread over tokens, explained variance (1 − FVU) and the dense
+    fraction (latents firing on more than 10% of tokens) on ``acts [n, d_in]``."""
+    from saekit.evals.metrics import reconstruction_stats as full
+
+    return {k: v for k, v in full(sae, acts, grads).items() if k in SUMMARY_STATS}
 
 
 def eval_tokens(model, cfg) -> torch.Tensor:
