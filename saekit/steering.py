@@ -120,30 +120,31 @@ def _set_latents(sae, x: Tensor, set_fn: Callable[[Tensor], None]) -> Tensor:
 
 
 @dataclass(eq=False)
-class Add(Intervention):
-    """Add ``coef`` times latent ``latent``'s decoder direction."""
+class _OnLatent(Intervention):
+    """An intervention on one latent, checked to be in range."""
 
     latent: int
-    coef: float
 
     def __post_init__(self):
         super().__post_init__()
         self.latent = _check_latent(self.sae, self.latent)
+
+
+@dataclass(eq=False)
+class Add(_OnLatent):
+    """Add ``coef`` times latent ``latent``'s decoder direction."""
+
+    coef: float
 
     def edit(self, x):
         return x + self.coef * self.sae.W_dec[self.latent]
 
 
 @dataclass(eq=False)
-class Clamp(Intervention):
+class Clamp(_OnLatent):
     """Set latent ``latent`` to ``value`` (re-encode, set, decode, keep the error term)."""
 
-    latent: int
     value: float
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.latent = _check_latent(self.sae, self.latent)
 
     def edit(self, x):
         return _set_latents(self.sae, x, lambda f: f[:, self.latent].fill_(self.value))
@@ -167,17 +168,12 @@ class Ablate(Intervention):
 
 
 @dataclass(eq=False)
-class Cap(Intervention):
+class Cap(_OnLatent):
     """Cap the projection of ``x`` on latent ``latent``'s unit decoder direction at ``value``.
     No encoding: it bounds how far the activation points along that direction, whatever
     the sparsifier selects."""
 
-    latent: int
     value: float
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.latent = _check_latent(self.sae, self.latent)
 
     def edit(self, x):
         d = self.sae.W_dec[self.latent]
