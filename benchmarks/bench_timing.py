@@ -13,3 +13,21 @@ def run_times(fn, reps: int, warmup: int = 1) -> list[float]:
         fn()
         times.append(time.perf_counter() - t)
     return times
+
+
+def interleaved_times(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of ``reps`` rounds, each calling every function of ``fns`` once in turn.
+
+    On a shared machine the speed drifts by 10-30% over seconds; timing the things to be
+    compared side by side, round after round, exposes them to the same drift, so their
+    ratio is far steadier than that of two separate timing loops."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times

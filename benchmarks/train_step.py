@@ -6,7 +6,9 @@ The step is the trainer's own (``saekit.training.trainer.Trainer.train_step``): 
 decode, loss, backward, parallel-gradient removal, Adam, decoder renormalization. The
 floor is the single dense encoder product ``(x − b_dec) @ W_enc + b_enc`` that any exact
 TopK SAE must compute, written into a reused buffer (a fresh 200 MB output would add page
-faults to the floor and flatter the ratio). Prints a table; the last line is
+faults to the floor and flatter the ratio), with W_enc stored either way round; the faster
+counts. The floors and the step are timed in turns, round after round (medians), so that the
+machine's drift hits them alike. Prints a table; the last line is
 ``tokens_per_s=<n> floor_tokens_per_s=<n>``.
 """
 
@@ -17,11 +19,7 @@ import resource
 import statistics
 
 import torch
-from bench_timing import run_times
-
-
-def timeit(fn, reps: int, warmup: int = 2) -> float:
-    return statistics.median(run_times(fn, reps, warmup))
+from bench_timing import interleaved_times
 
 
 def peak_rss_mib() -> float:
@@ -58,10 +56,16 @@ def main(argv=None):
         trainer.tokens_since_fired[:n] = cfg.optim.dead_tokens
 
     pre = torch.empty(args.batch, args.d_sae)
+    # The SAE stores W_enc transposed ([d_sae, d_in] rows); the floor is timed with both
+    # storage orders and the faster one counts, so the layout cannot flatter the ratio.
+    layouts = {"W_enc as [d_sae, d_in] rows": sae.W_enc.detach(),
+               "W_enc as [d_in, d_sae] rows": sae.W_enc.detach().contiguous()}
 
-    def floor():  # into a reused buffer: the fastest way to compute the product here
-        with torch.no_grad():
-            torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc, out=pre)
+    def floor_with(W):  # into a reused buffer: the fastest way to compute the product here
+        def floor():
+            with torch.no_grad():
+                torch.addmm(sae.b_enc, x - sae.b_dec, W, out=pre)
+        return floor
 
     def step():
         trainer.train_step(x, grad)
@@ -69,14 +73,18 @@ def main(argv=None):
             trainer.tokens_since_fired[: int(args.dead_frac * args.d_sae)] = cfg.optim.dead_tokens
 
     rss0 = peak_rss_mib()
-    t_floor = timeit(floor, args.reps)
-    t_step = timeit(step, args.reps)
+    fns = {**{name: floor_with(W) for name, W in layouts.items()}, "step": step}
+    times = {name: statistics.median(t) for name, t in interleaved_times(fns, args.reps, warmup=2).items()}
+    t_step = times.pop("step")
+    t_layouts = times
+    t_floor = min(t_layouts.values())
     rss1 = peak_rss_mib()
     params_mib = sum(p.numel() for p in sae.parameters()) * 4 / 2**20
     rows = [
         ("threads", torch.get_num_threads()),
         ("shape", f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} {args.sparsity}"),
-        ("floor: dense encoder matmul (s)", f"{t_floor:.4f}"),
+        *((f"dense encoder matmul, {name} (s)", f"{t:.4f}") for name, t in t_layouts.items()),
+        ("floor: the faster of the two (s)", f"{t_floor:.4f}"),
         ("full training step (s)", f"{t_step:.4f}"),
         ("step / floor tokens per s", f"{t_floor / t_step:.2f}"),
         ("SAE parameters (MiB)", f"{params_mib:.0f}"),

@@ -4,9 +4,10 @@
     f   = sparsify(pre)                       # most entries exactly 0
     x̂   = f @ W_dec + b_dec                   # [.., d_in]
 
-Parameters use the SAELens layout (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``) so
-files interoperate. Activations at ``hook_z`` (``[.., n_heads, d_head]``) are flattened to
-``d_in = n_heads·d_head``; ``cfg.hook_shape`` records how to unflatten them.
+Files and state dicts use the SAELens layout (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``)
+so they interoperate; ``W_enc`` is stored as its transpose ``W_enc_T`` (see ``SAE.W_enc``).
+Activations at ``hook_z`` (``[.., n_heads, d_head]``) are flattened to ``d_in = n_heads·d_head``;
+``cfg.hook_shape`` records how to unflatten them.
 """
 
 from __future__ import annotations
@@ -90,6 +91,19 @@ class SAEOutput(NamedTuple):
     codes: Codes
 
 
+_ROW_BLOCK = 512  # decoder rows per block in remove_parallel_grad_
+
+
+def _W_enc_to_file(module, state_dict, prefix, local_metadata) -> None:
+    """State dicts hold ``W_enc [d_in, d_sae]`` (SAELens' key and shape), not the storage."""
+    state_dict[prefix + "W_enc"] = state_dict.pop(prefix + "W_enc_T").t()
+
+
+def _W_enc_from_file(module, state_dict, prefix, *args) -> None:
+    if prefix + "W_enc" in state_dict:
+        state_dict[prefix + "W_enc_T"] = state_dict.pop(prefix + "W_enc").t()
+
+
 class SAE(nn.Module):
     """A sparse autoencoder. ``cfg`` fixes its shape, sparsifier and the hook it reads."""
 
@@ -102,10 +116,25 @@ class SAE(nn.Module):
         W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)  # [d_sae, d_in], unit rows
-        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous())  # [d_in, d_sae]; Gao et al. init
+        self.W_enc_T = nn.Parameter(W_dec.clone())  # W_enc stored as its rows; Gao et al. init
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.sparsifier = make_sparsifier(cfg)
+        self.register_state_dict_post_hook(_W_enc_to_file)
+        self.register_load_state_dict_pre_hook(_W_enc_from_file)
+
+    @property
+    def W_enc(self) -> Float[Tensor, "d_in d_sae"]:
+        """The encoder matrix ``[d_in, d_sae]``, a view of the stored ``W_enc_T [d_sae, d_in]``.
+
+        Stored transposed because the training step's work is per latent: the sparse backward
+        builds W_enc's gradient one latent row at a time and fused Adam wants contiguous
+        parameters, so ``[d_in, d_sae]`` storage would cost a 37 MB transposed copy of the
+        gradient a step at d_sae=12288 (~30 ms on CPU). Reads, in-place edits under
+        ``no_grad`` and autograd all work through this view; the gradient lands in
+        ``W_enc_T.grad``. State dicts and files use the key ``W_enc`` and the ``[d_in, d_sae]``
+        shape, as SAELens does."""
+        return self.W_enc_T.t()
 
     # ---- the maths ------------------------------------------------------------------------
     def pre_acts(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:
@@ -164,8 +193,10 @@ class SAE(nn.Module):
         if self.W_dec.grad is None:
             return
         g, W = self.W_dec.grad, self.W_dec
-        par = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)  # [d_sae, 1], no [d_sae, d_in] temporary
-        g.addcmul_(par.expand_as(W), W, value=-1)
+        # In blocks of rows whose temporaries stay in cache: ~4 ms against ~13 ms for one bmm
+        # (or (g * W).sum(1)) at d_sae=12288, d_in=768 on CPU.
+        for gb, Wb in zip(g.split(_ROW_BLOCK), W.split(_ROW_BLOCK)):
+            gb.addcmul_((gb * Wb).sum(1, keepdim=True), Wb, value=-1)
 
     # ---- files --------------------------------------------------------------------------
     def save(self, path, format: Literal["saekit", "saelens"] = "saekit") -> None:

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from saekit import SAE, SAEConfig, load_sae
 from saekit.errors import ConfigError, SAEFileError
-from saekit.training.losses import auxk_loss, total_variance
+from saekit.training.losses import auxk_loss, squared_error, total_variance
 
 
 def make_sae(d_in=24, d_sae=96, k=5, seed=0, **kw):
@@ -68,7 +68,7 @@ def test_auxk_zero_without_dead_and_positive_with_dead():
     aux = auxk_loss(sae, x, x_hat, enc.aux, 40, 12, 1 / 32, denom)["aux"]
     assert aux.item() > 0
     aux.backward()
-    assert sae.W_enc.grad[:, :40].abs().sum() > 0 and sae.W_enc.grad[:, 40:].abs().sum() == 0
+    assert sae.W_enc_T.grad[:40].abs().sum() > 0 and sae.W_enc_T.grad[40:].abs().sum() == 0  # rows = latents
 
 
 @pytest.mark.parametrize("fmt", ["saekit", "saelens"])
@@ -128,3 +128,28 @@ def test_missing_and_corrupt_files_get_specific_errors(tmp_path):
     (tmp_path / "s" / "sae_weights.safetensors").write_bytes(b"")
     with pytest.raises(SAEFileError, match="not valid JSON"):
         load_sae(tmp_path / "s")
+
+
+def test_W_enc_is_a_view_of_its_stored_transpose_and_files_keep_saelens_layout():
+    sae = make_sae(d_in=24)
+    assert sae.W_enc.shape == (24, sae.cfg.d_sae) and sae.W_enc_T.is_contiguous()
+    assert sae.W_enc.data_ptr() == sae.W_enc_T.data_ptr()
+    sd = sae.state_dict()
+    assert "W_enc_T" not in sd and sd["W_enc"].shape == (24, sae.cfg.d_sae)
+    other = make_sae(d_in=24, seed=1)
+    other.load_state_dict(sd)
+    assert torch.equal(other.W_enc, sae.W_enc)
+    with torch.no_grad():  # in-place edits through the view reach the parameter
+        other.W_enc[:, 3] = 0
+    assert (other.W_enc_T[3] == 0).all()
+
+
+def test_squared_error_and_its_gradient_match_autograd():
+    x, x_hat = torch.randn(9, 24, dtype=torch.float64), torch.randn(9, 24, dtype=torch.float64, requires_grad=True)
+    ref = (x - x_hat).pow(2).sum()
+    got = squared_error(x_hat, x)
+    torch.testing.assert_close(got, ref)
+    (g_ref,) = torch.autograd.grad(3 * ref, x_hat)
+    (g_got,) = torch.autograd.grad(3 * got, x_hat)
+    torch.testing.assert_close(g_got, g_ref)
+    torch.testing.assert_close(total_variance(x), ((x - x.mean(0)) ** 2).sum())

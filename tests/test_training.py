@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import signal
@@ -186,3 +187,29 @@ def test_unwritable_out_fails_before_training(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["train", "--out", str(blocker / "sub"), *TINY]) == 2
     assert "cannot write to --out" in capsys.readouterr().err
+
+
+def test_checkpoint_from_before_W_enc_T_resumes_the_same():
+    """Checkpoints written before W_enc was stored transposed kept Adam's moments for it as
+    [d_in, d_sae]; loading one transposes them, so the run continues exactly as it would."""
+    from saekit.sae import SAE, SAEConfig
+    from saekit.training.trainer import Trainer
+
+    x, cfg = synthetic(n=512), small_cfg()
+
+    def trainer():
+        return Trainer(SAE(SAEConfig(d_in=32, d_sae=256, k=4), seed=0), cfg, total_steps=10)
+
+    a = trainer()
+    a.train_step(x[:256])
+    state = copy.deepcopy(a.state_dict())  # as written to disk: no tensors shared with `a`
+    old = {k: v for k, v in state.items() if k != "W_enc_stored"}
+    old["opt"] = {**state["opt"], "state": {i: {n: t.t().contiguous() if t.dim() == 2 and i == 1 else t for n, t in m.items()}
+                                           for i, m in state["opt"]["state"].items()}}
+    assert old["opt"]["state"][1]["exp_avg"].shape == (32, 256)  # index 1 is W_enc in both layouts
+    b, c = trainer(), trainer()
+    b.load_state_dict(state)
+    c.load_state_dict(copy.deepcopy(old))  # Adam keeps the loaded tensors: share none with b
+    for t in (a, b, c):
+        t.train_step(x[256:])
+    assert torch.equal(b.sae.W_enc, a.sae.W_enc) and torch.equal(c.sae.W_enc, a.sae.W_enc)

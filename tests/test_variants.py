@@ -104,12 +104,12 @@ def test_sparse_backward_of_selected_latents_matches_dense_autograd(sparsity):
     w = torch.randn(48, 32)
     enc = sae.sparsifier.encode(sae, x, g)
     (sae.decode_codes(enc.codes) * w).sum().backward()
-    sparse = [t.grad.clone() for t in (x, sae.W_enc, sae.b_enc, sae.b_dec)]
-    for t in (x, sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec):
+    sparse = [t.grad.clone() for t in (x, sae.W_enc_T, sae.b_enc, sae.b_dec)]
+    for t in (x, sae.W_enc_T, sae.b_enc, sae.b_dec, sae.W_dec):
         t.grad = None
     dense = sae.pre_acts(x).relu().gather(1, enc.codes.indices) * (enc.codes.values > 0)
     (sae.decode_codes(enc.codes._replace(values=dense)) * w).sum().backward()
-    for got, want in zip(sparse, (x.grad, sae.W_enc.grad, sae.b_enc.grad, sae.b_dec.grad)):
+    for got, want in zip(sparse, (x.grad, sae.W_enc_T.grad, sae.b_enc.grad, sae.b_dec.grad)):
         assert torch.allclose(got, want, atol=1e-5)
 
 

@@ -183,8 +183,9 @@ class DataParallel(Collective):
         return bool(self.sum_(t).item() > 0)
 
     def total_variance(self, x: Tensor) -> Tensor:
-        mean = self.mean_rows(x)
-        return self.sum_((x - mean).pow(2).sum())
+        from saekit.training.losses import sum_sq
+
+        return self.sum_(sum_sq(x - self.mean_rows(x)))
 
     def mean_rows(self, x: Tensor) -> Tensor:
         return self.sum_(x.sum(0)) / (len(x) * self.world)  # ranks hold equal row counts

@@ -12,13 +12,41 @@ from torch import Tensor
 from saekit.sae import Codes
 
 
+def sum_sq(t: Tensor) -> Tensor:
+    """``Σ t²`` in one pass (a BLAS dot product of ``t`` with itself)."""
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat)
+
+
+class _SquaredError(torch.autograd.Function):
+    """``Σ (x̂ − x)²``, differentiable wrt ``x̂`` only, in two passes forward and one backward
+    (``2(x̂ − x)·g``). The autograd chain of ``(x − x̂).pow(2).sum()`` makes about eight
+    passes over ``[B, d_in]``: ~20 ms against ~8 ms a step at B=4096, d_in=768 on CPU."""
+
+    @staticmethod
+    def forward(ctx, x_hat: Tensor, x: Tensor) -> Tensor:
+        e = x_hat - x
+        ctx.save_for_backward(e)
+        return sum_sq(e)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (e,) = ctx.saved_tensors
+        return e * (2 * g), None
+
+
+def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:
+    """``Σ‖x̂ − x‖²`` over everything; the gradient flows to ``x_hat`` (``x`` is the target)."""
+    return _SquaredError.apply(x_hat, x.detach())
+
+
 def total_variance(x: Tensor) -> Tensor:
     """``Σ‖x − mean(x)‖²`` over the batch: the FVU denominator."""
-    return (x - x.mean(0)).pow(2).sum()
+    return sum_sq(x - x.mean(0))
 
 
 def fvu_loss(x: Tensor, x_hat: Tensor, denom: Tensor) -> dict[str, Tensor]:
-    return {"fvu": (x - x_hat).pow(2).sum() / denom}
+    return {"fvu": squared_error(x_hat, x) / denom}
 
 
 def auxk_loss(sae, x: Tensor, x_hat: Tensor, aux: Codes | None, n_dead: int, k_aux: int,
@@ -35,7 +63,7 @@ def auxk_loss(sae, x: Tensor, x_hat: Tensor, aux: Codes | None, n_dead: int, k_a
     e = (x - x_hat).detach()
     e_hat = decode_sparse(aux.values, aux.indices, sae.W_dec, torch.zeros_like(sae.b_dec), impl=sae.cfg.impl)
     scale = min(n_dead / k_aux, 1.0)
-    return {"aux": coef * scale * (e - e_hat).pow(2).sum() / denom}
+    return {"aux": coef * scale * squared_error(e_hat, e) / denom}
 
 
 def zipf_weights(freq: Tensor, dead: Tensor, tail_frac: float = 0.2, gamma: float = 0.5) -> Tensor:
