@@ -56,6 +56,19 @@ def _workspace(shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
     return buf
 
 
+def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+    """``(x - b_dec) @ W_enc + b_enc`` [B, d_sae] without autograd, for sparsifiers that
+    select from the dense pre-activations (Mutual and Feature Choice, g-TopK).
+
+    On CPU the result is this thread's reused workspace (see `_workspace`): it is valid
+    until the next encoder call on the thread, so read what you need from it and keep
+    none of it."""
+    with torch.no_grad():
+        xc = x - b_dec
+        out = _workspace((x.shape[0], W_enc.shape[1]), x.dtype) if x.device.type == "cpu" else None
+        return torch.addmm(b_enc, xc, W_enc, out=out)
+
+
 def encode_forward_torch(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
     dead_mask: Tensor | None = None, k_aux: int = 0,
@@ -113,9 +126,10 @@ class _EncodeTopK(torch.autograd.Function):
         return (*_sparse_backward(ctx, xc, W_enc, sel), None, None, None, None)
 
 
-def _sparse_backward(ctx, xc: Tensor, W_enc: Tensor, sel: list) -> tuple:
+def _sparse_backward(ctx, xc: Tensor, W_enc: Tensor, sel: list, lengths: Tensor | None = None) -> tuple:
     """Gradients wrt (x, W_enc, b_enc, b_dec) of ReLU'd pre-activations selected at
-    ``sel = [(grad [B, K], values [B, K], indices [B, K]), ...]``: O(B·K·d_in) work."""
+    ``sel = [(grad [B, K], values [B, K], indices [B, K]), ...]``: O(B·K·d_in) work, or
+    O(nnz·d_in) for one ragged selection (``lengths``, see sparse_rows)."""
     x_dtype, b_dec_dtype = ctx.dtypes
     need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
     if not sel:
@@ -129,11 +143,11 @@ def _sparse_backward(ctx, xc: Tensor, W_enc: Tensor, sel: list) -> tuple:
     grad_x = grad_W = grad_b_dec = None
     if need_W:
         # Built as W_enc^T rows ([d_sae, d_in], contiguous) and returned as its [d_in, d_sae]
-        # view: no copy when W_enc is stored that way (as nn.Linear(d_in, d_sae).weight.T),
-        # else autograd copies it into W_enc's layout.
-        grad_W = scatter_rows(idx_BK, g_BK, xc, d_sae, ctx.impl).t().to(W_enc.dtype)
+        # view: no copy when W_enc is stored that way (saekit.SAE.W_enc_T), else autograd
+        # copies it into W_enc's layout.
+        grad_W = scatter_rows(idx_BK, g_BK, xc, d_sae, ctx.impl, lengths).t().to(W_enc.dtype)
     if need_x:
-        grad_xc = gather_rows(idx_BK, g_BK, W_enc.t(), ctx.impl)  # [B, d_in]
+        grad_xc = gather_rows(idx_BK, g_BK, W_enc.t(), ctx.impl, lengths)  # [B, d_in]
         grad_x = grad_xc.to(x_dtype)
         grad_b_dec = -grad_xc.sum(0) if need_b_dec else None
     elif need_b_dec:
@@ -144,31 +158,34 @@ def _sparse_backward(ctx, xc: Tensor, W_enc: Tensor, sel: list) -> tuple:
 
 class _EncodeSelected(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, values, indices, impl):
+    def forward(ctx, x, W_enc, b_enc, b_dec, values, indices, impl, lengths):
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x - b_dec, W_enc, values, indices)
+        ctx.save_for_backward(x - b_dec, W_enc, values, indices, lengths)
         ctx.dtypes = (x.dtype, b_dec.dtype)
         ctx.impl = impl
         return values.clone()
 
     @staticmethod
     def backward(ctx, g):
-        xc, W_enc, values, indices = ctx.saved_tensors
+        xc, W_enc, values, indices, lengths = ctx.saved_tensors
         sel = [(g, values, indices)] if g is not None and indices.shape[1] > 0 else []
-        return (*_sparse_backward(ctx, xc, W_enc, sel), None, None, None)
+        return (*_sparse_backward(ctx, xc, W_enc, sel, lengths), None, None, None, None)
 
 
 def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, values: Tensor, indices: Tensor,
-                    *, impl: str = "auto") -> Tensor:
+                    *, impl: str = "auto", lengths: Tensor | None = None) -> Tensor:
     """The encoder's activations at latents the caller selected, with `encode_topk`'s sparse
     backward. Same as ``ReLU((x - b_dec) @ W_enc + b_enc).gather(1, indices)`` given that
     ``values`` [B, K] are those numbers, computed without autograd (batch-level sparsifiers
     need the dense pre-activations to select, but not a dense backward). Padding entries
-    (value 0) get no gradient. x [B, d_in]; indices [B, K] int64."""
+    (value 0) get no gradient; with ``lengths`` [B] (row b's entries are its first
+    lengths[b]) the backward skips them, O(nnz·d_in). x [B, d_in]; indices [B, K] int64."""
     _validate(x, W_enc, b_enc, b_dec, 1)
     if values.shape != indices.shape or values.shape[0] != x.shape[0]:
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must be [B={x.shape[0]}, K]")
-    return _EncodeSelected.apply(x, W_enc, b_enc, b_dec, values.detach(), indices, resolve_impl(impl, x.device))
+    if lengths is not None and (lengths.shape != (x.shape[0],) or lengths.dtype != torch.int64):
+        raise ValueError(f"lengths must be int64 of shape ({x.shape[0]},), got {lengths.dtype} {tuple(lengths.shape)}")
+    return _EncodeSelected.apply(x, W_enc, b_enc, b_dec, values.detach(), indices, resolve_impl(impl, x.device), lengths)
 
 
 def _validate(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> None:

@@ -18,6 +18,8 @@ torch.topk over every element (see `_hierarchical`): torch.topk costs ~3.5 ns pe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -139,3 +141,110 @@ def topk_lower_index(
     if scores.device.type == "cpu" and n // group >= 2 * n_super and n_super > k:
         return _hierarchical(scores, k, group, n_super)
     return _direct(scores, k)
+
+
+def global_topk(scores: Tensor, n: int, *, group: int = 8, sample_step: int = 17, margin: float = 1.25,
+                fast_from: int = 1 << 20) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``n`` largest entries of the whole matrix ``scores`` [R, C]: (rows, cols, values),
+    in no particular order; which of several equal values at the cut are kept is unspecified.
+
+    Mutual Choice keeps the batch's k·B largest pre-activations: n = 131,072 of 50 million at
+    B=4096, d_sae=12288, where ``torch.topk`` over the flattened matrix takes ~170 ms on 2
+    CPU cores. Instead (matrices of at least ``fast_from`` entries):
+
+    1. group maxima ``gm`` [R, C // group] over strided groups of ``group`` columns (as in
+       `_hierarchical`; columns past the last whole group are always candidates);
+    2. a threshold ``t``: the ``margin·n/sample_step``-th largest of every ``sample_step``-th
+       group maximum, an estimate of the n-th largest group maximum from below;
+    3. if at least n groups have a maximum >= t, there are n distinct entries >= t, so the
+       answer's n-th value is >= t and every entry of the answer lies in such a group:
+       gather those groups' entries that are >= t and take their top n.
+
+    Exact whenever step 3's count holds; when it does not (an unlucky sample), or when
+    more than 4n groups pass (heavy ties), the flat ``torch.topk`` runs instead. ~45 ms at
+    the shape above (benchmarks/train_step.py --sparsity mutual_choice).
+    """
+    R, C = scores.shape
+    if not 1 <= n <= R * C:
+        raise ValueError(f"n must be in [1, {R * C}], got {n}")
+    fast = _grouped_global_topk(scores, n, group, sample_step, margin) if R * C >= fast_from else None
+    if fast is not None:
+        return fast
+    top = scores.reshape(-1).topk(n, sorted=False)
+    return top.indices // C, top.indices % C, top.values
+
+
+def _grouped_global_topk(scores: Tensor, n: int, group: int, sample_step: int, margin: float):
+    """`global_topk`'s steps 1-3, or None where its exactness condition fails."""
+    R, C = scores.shape
+    n1 = C // group
+    m = math.ceil(margin * n / sample_step)
+    if n1 == 0 or m > (R * n1) // sample_step:
+        return None
+    gm = scores[:, : n1 * group].unflatten(1, (group, n1)).amax(1)  # [R, n1]
+    t = gm.reshape(-1)[::sample_step].topk(m, sorted=False).values.min()
+    keep = gm >= t
+    if not n <= int(keep.sum()) <= 4 * n:
+        return None
+    r, c = keep.nonzero(as_tuple=True)
+    pos = ((r * C + c)[:, None] + n1 * torch.arange(group, device=scores.device)).flatten()
+    if n1 * group < C:  # the columns outside the groups, in every row
+        tail = torch.arange(n1 * group, C, device=scores.device)
+        pos = torch.cat([pos, (torch.arange(R, device=scores.device)[:, None] * C + tail).flatten()])
+    vals = scores.reshape(-1)[pos]
+    above = (vals >= t).nonzero().flatten()
+    top = vals[above].topk(n, sorted=False)
+    pos = pos[above[top.indices]]
+    return pos // C, pos % C, top.values
+
+
+def column_topk(scores: Tensor, m: Tensor, *, group: int = 8, narrow_max: int = 32,
+                fast_from: int = 1 << 20) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For each column j of ``scores`` [R, C], its ``m[j]`` largest entries (1 <= m[j] <= R):
+    (rows, cols, values) of all of them, and ``smallest`` [C], each column's m[j]-th value.
+    Which of several equal values at a column's cut are kept is unspecified.
+
+    Feature Choice keeps each latent's m_j largest activations over the batch; a column-wise
+    ``torch.topk`` over [4096, 12288] takes ~320 ms on 2 CPU cores. Instead, for columns
+    with m[j] <= ``narrow_max`` (matrices of at least ``fast_from`` entries): maxima over
+    groups of ``group`` consecutive rows, [R // group, C]; per column, the M largest group
+    maxima (M = the largest such m[j]); the column's top m[j] entries all lie in those M
+    groups, unless the M-th and (M+1)-th group maxima tie (those columns go to the direct
+    path, as do the wide ones); the top M of the M·group candidates are then exact. Rows
+    past the last whole group are always candidates.
+    """
+    R, C = scores.shape
+    if m.shape != (C,) or not bool(((m >= 1) & (m <= R)).all()):
+        raise ValueError(f"m must be [{C}] with entries in [1, {R}]")
+    dev = scores.device
+    parts = []  # (columns, their top values [c, M] descending, their rows [c, M])
+    B1 = R // group
+    narrow = m <= narrow_max
+    M = int(m[narrow].max()) if bool(narrow.any()) else 0
+    direct = torch.ones(C, dtype=torch.bool, device=dev)
+    if R * C >= fast_from and 0 < M < B1:
+        cols = narrow.nonzero().flatten()
+        gm = scores[: B1 * group].unflatten(0, (B1, group)).amax(1)  # [B1, C]
+        gm = gm.t().contiguous() if len(cols) == C else gm.t()[cols]  # [c, B1]: rows are columns
+        v, gid = gm.topk(M + 1, dim=1)  # [c, M + 1]
+        exact = v[:, M - 1] != v[:, M]
+        cols, gid = cols[exact], gid[exact, :M]
+        cand = (gid[:, :, None] * group + torch.arange(group, device=dev)).flatten(1)  # [c, M*group] rows
+        if B1 * group < R:
+            cand = torch.cat([cand, torch.arange(B1 * group, R, device=dev).expand(len(cols), -1)], 1)
+        tv, tp = scores.reshape(-1)[cand * C + cols[:, None]].topk(M, dim=1)
+        parts.append((cols, tv, cand.gather(1, tp)))
+        direct[cols] = False
+    cols = direct.nonzero().flatten()
+    if len(cols):
+        tv, tr = scores[:, cols].topk(int(m[cols].max()), dim=0)  # [M', c]
+        parts.append((cols, tv.t(), tr.t()))
+    smallest = scores.new_empty(C)
+    out = []
+    for cols, tv, tr in parts:
+        mc = m[cols]
+        keep = torch.arange(tv.shape[1], device=dev) < mc[:, None]
+        out.append((tr[keep], cols[:, None].expand_as(tr)[keep], tv[keep]))
+        smallest[cols] = tv.gather(1, (mc - 1)[:, None])[:, 0]
+    rows, cols, values = (torch.cat(t) for t in zip(*out))
+    return rows, cols, values, smallest

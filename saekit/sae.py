@@ -76,10 +76,13 @@ class SAEConfig:
 
 class Codes(NamedTuple):
     """Sparse latent activations: ``values[b, j]`` of latent ``indices[b, j]``.
-    Padding entries (fewer active latents than columns) have value 0."""
+    Padding entries (fewer active latents than columns) have value 0. Batch-level
+    sparsifiers also give ``lengths`` [batch]: row b's entries are its first ``lengths[b]``
+    columns, and decoding and the backward pass skip the padding after them."""
 
     values: Float[Tensor, "batch n"]
     indices: Tensor  # [batch, n] int64
+    lengths: Tensor | None = None  # [batch] int64
 
     def dense(self, d_sae: int) -> Float[Tensor, "batch d_sae"]:
         out = self.values.new_zeros(self.values.shape[0], d_sae)
@@ -147,7 +150,8 @@ class SAE(nn.Module):
     def decode_codes(self, codes: Codes) -> Float[Tensor, "batch d_in"]:
         from saekit.kernels import decode_sparse
 
-        return decode_sparse(codes.values, codes.indices, self.W_dec, self.b_dec, impl=self.cfg.impl)
+        return decode_sparse(codes.values, codes.indices, self.W_dec, self.b_dec, impl=self.cfg.impl,
+                             lengths=codes.lengths)
 
     def forward(self, x: Float[Tensor, "... d_in"], grad: Tensor | None = None) -> SAEOutput:
         """Reconstruction and sparse code of ``x`` (any leading shape, flattened inside)."""

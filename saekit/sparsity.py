@@ -10,7 +10,8 @@ positive weight (AuxK passes the dead mask as weights; aux_zipf graded weights),
 values are the plain ``ReLU(pre)``.
 
 Batch-level sparsifiers (Mutual and Feature Choice) give each token a varying number of
-latents; their codes are padded to the widest row with zero values.
+latents; their codes are padded to the widest row with zero values, and ``Codes.lengths``
+tells the kernels where each row's padding starts.
 """
 
 from __future__ import annotations
@@ -29,37 +30,45 @@ class Encoded(NamedTuple):
 
 
 def mask_to_codes(a: Tensor, mask: Tensor) -> Codes:
-    """Codes holding ``a[b, j]`` for every ``mask[b, j]``, rows padded with zeros
-    (differentiable through ``a``)."""
-    return pairs_to_codes(a, *mask.nonzero(as_tuple=True))  # row-major already
+    """Codes holding ``a[b, j]`` for every ``mask[b, j]``, rows padded with zeros."""
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major already
+    return pairs_to_codes(a[rows, cols], rows, cols, a.shape[0])
 
 
-def pairs_to_codes(a: Tensor, rows: Tensor, cols: Tensor) -> Codes:
-    """Codes holding ``a[rows[i], cols[i]]``, grouped by row (in the pairs' order within a
-    row), rows padded with zeros. Work and memory are O(nnz), not O(B·d_sae) sorts."""
-    B = a.shape[0]
+def pairs_to_codes(values: Tensor, rows: Tensor, cols: Tensor, n_rows: int) -> Codes:
+    """Codes holding ``values[i]`` at latent ``cols[i]`` of row ``rows[i]``, grouped by row
+    (in the pairs' order within a row), rows padded with zeros, ``lengths`` set. Work and
+    memory are O(nnz), not O(B·d_sae)."""
     if len(rows) and bool((rows[1:] < rows[:-1]).any()):
         order = torch.sort(rows, stable=True).indices
-        rows, cols = rows[order], cols[order]
-    counts = torch.bincount(rows, minlength=B)
-    n = max(int(counts.max()) if B else 0, 1)
-    pos = torch.arange(len(rows), device=a.device) - (counts.cumsum(0) - counts)[rows]
-    indices = torch.zeros(B, n, dtype=torch.long, device=a.device).index_put((rows, pos), cols)
-    values = a.new_zeros(B, n).index_put((rows, pos), a[rows, cols])
-    return Codes(values, indices)
+        rows, cols, values = rows[order], cols[order], values[order]
+    counts = torch.bincount(rows, minlength=n_rows)
+    n = max(int(counts.max()) if n_rows else 0, 1)
+    pos = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    indices = torch.zeros(n_rows, n, dtype=torch.long, device=rows.device).index_put((rows, pos), cols)
+    return Codes(values.new_zeros(n_rows, n).index_put((rows, pos), values), indices, counts)
 
 
-def aux_select(a: Tensor, weights: Tensor | None, k_aux: int) -> Codes | None:
-    """Top ``k_aux`` of ``weights ⊙ a`` among latents with weight > 0; values from ``a``."""
+def aux_select(pre: Tensor, weights: Tensor | None, k_aux: int) -> Codes | None:
+    """Top ``k_aux`` of ``weights ⊙ ReLU(pre)`` among latents with weight > 0; values
+    ``ReLU(pre)`` (ranking ``weights ⊙ pre`` keeps the same positive entries)."""
     if weights is None or k_aux <= 0:
         return None
     eligible = (weights > 0).nonzero().flatten()
     if len(eligible) == 0:
         return None
-    score = a.index_select(1, eligible) * weights[eligible]  # [B, n_eligible]
+    score = pre.index_select(1, eligible) * weights[eligible]  # [B, n_eligible]
     pos = score.topk(min(k_aux, len(eligible)), dim=1).indices
     idx = eligible[pos]
-    return Codes(a.gather(1, idx), idx)
+    return Codes(pre.gather(1, idx).relu_(), idx)
+
+
+def _pre(sae, x: Tensor) -> Tensor:
+    """Dense pre-activations without autograd, in the encoder's reused workspace on CPU:
+    read what is needed before the next encoder call (kernels.encoder.pre_activations)."""
+    from saekit.kernels.encoder import pre_activations
+
+    return pre_activations(x, sae.W_enc, sae.b_enc, sae.b_dec)
 
 
 def differentiable(sae, x: Tensor, codes: Codes | None) -> Codes | None:
@@ -70,8 +79,9 @@ def differentiable(sae, x: Tensor, codes: Codes | None) -> Codes | None:
         return codes
     from saekit import kernels
 
-    v = kernels.encode_selected(x, sae.W_enc, sae.b_enc, sae.b_dec, codes.values, codes.indices, impl=sae.cfg.impl)
-    return Codes(v, codes.indices)
+    v = kernels.encode_selected(x, sae.W_enc, sae.b_enc, sae.b_dec, codes.values, codes.indices,
+                                impl=sae.cfg.impl, lengths=codes.lengths)
+    return codes._replace(values=v)
 
 
 def _is_mask(weights: Tensor) -> bool:
@@ -100,10 +110,10 @@ class TopK(nn.Module):
                                                aux_weights > 0, k_aux, impl=self.impl)
             return Encoded(Codes(*top), Codes(*aux))
         with torch.no_grad():  # graded weights (aux_zipf): select from the dense pre-activations
-            a = sae.pre_acts(x).relu()
-            v, i = a.topk(self.k, dim=1)
-            aux = aux_select(a, aux_weights, k_aux)
-        return Encoded(differentiable(sae, x, Codes(v, i)), differentiable(sae, x, aux))
+            pre = _pre(sae, x)
+            v, i = pre.topk(self.k, dim=1)
+            aux = aux_select(pre, aux_weights, k_aux)
+        return Encoded(differentiable(sae, x, Codes(v.relu_(), i)), differentiable(sae, x, aux))
 
 
 class GradientTopK(nn.Module):
@@ -133,9 +143,9 @@ class GradientTopK(nn.Module):
         if grad is None or self.beta == 0:
             return self._topk.encode(sae, x, None, aux_weights, k_aux)
         with torch.no_grad():
-            a = sae.pre_acts(x).relu()
-            idx = self.scores(sae, a, grad).topk(self.k, dim=1).indices
-            codes, aux = Codes(a.gather(1, idx), idx), aux_select(a, aux_weights, k_aux)
+            pre = _pre(sae, x)
+            idx = self.scores(sae, pre.relu(), grad).topk(self.k, dim=1).indices
+            codes, aux = Codes(pre.gather(1, idx).relu_(), idx), aux_select(pre, aux_weights, k_aux)
         return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
 
 
@@ -156,9 +166,8 @@ class MutualChoice(nn.Module):
     kept per training batch and ``f = pre·1[pre > θ]`` (``mc_mode="threshold"``);
     ``mc_mode="batch"`` keeps the batch rule at inference too.
 
-    The global selection is not a full sort: each row's top ``4k`` candidates are ranked
-    first, which is exact unless some row had all its candidates chosen (then the rank
-    runs over the whole matrix)."""
+    The global selection is not a full sort (``kernels.select.global_topk``); the codes
+    carry ``lengths``, so decoding and the backward pass work on the k·B entries only."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -166,33 +175,25 @@ class MutualChoice(nn.Module):
         self.register_buffer("theta", torch.zeros(()))
         self.register_buffer("theta_set", torch.zeros((), dtype=torch.bool))
 
-    def batch_select(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(rows, cols) of the ``k·B`` largest entries of ``a`` and the smallest kept value."""
-        B, d_sae = a.shape
-        n = min(self.k * B, B * d_sae)
-        m = min(d_sae, 4 * self.k)
-        cand_v, cand_i = a.topk(m, dim=1)  # [B, m]
-        top = cand_v.flatten().topk(n)
-        rows = torch.div(top.indices, m, rounding_mode="floor")
-        full_rows = torch.bincount(rows, minlength=B) == m
-        if m < d_sae and bool(full_rows.any()):  # a row may hold more: rank everything
-            top = a.flatten().topk(n)
-            rows, cols = torch.div(top.indices, d_sae, rounding_mode="floor"), top.indices % d_sae
-        else:
-            cols = cand_i.flatten()[top.indices]
-        return rows, cols, top.values.min()
+    def batch_select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows, cols, values) of the ``k·B`` largest entries of ``pre`` [B, d_sae]."""
+        from saekit.kernels.select import global_topk
+
+        B, d_sae = pre.shape
+        return global_topk(pre, min(self.k * B, B * d_sae))
 
     def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
         with torch.no_grad():
-            a = sae.pre_acts(x).relu()
+            pre = _pre(sae, x)
             if self.training or self.mode == "batch":
-                rows, cols, smallest = self.batch_select(a)
-                codes = pairs_to_codes(a, rows, cols)
+                rows, cols, values = self.batch_select(pre)
+                values = values.relu_()  # ranking pre keeps the same positive entries as ReLU(pre)
+                codes = pairs_to_codes(values, rows, cols, len(pre))
                 if self.training:
-                    _ema_(self.theta, smallest, self.decay, self.theta_set)
+                    _ema_(self.theta, values.min(), self.decay, self.theta_set)
             else:
-                codes = mask_to_codes(a, a > self.theta)
-            aux = aux_select(a, aux_weights, k_aux)
+                codes = mask_to_codes(pre, pre > self.theta)  # theta >= 0: the same as ReLU(pre) > theta
+            aux = aux_select(pre, aux_weights, k_aux)
         return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
 
 
@@ -205,7 +206,8 @@ class FeatureChoice(nn.Module):
     (at least 1); ``"zipf"`` gives ``m_j ∝ r_j^(−s)`` normalized to ``k·B``, with ``r_j``
     latent j's rank by its running firing frequency, re-ranked every ``rerank_every`` calls.
     Inference: per-latent thresholds ``θ_j`` (EMA of the smallest value latent j kept per
-    batch) and ``f_j = pre_j·1[pre_j > θ_j]``."""
+    batch) and ``f_j = pre_j·1[pre_j > θ_j]``. The column-wise selection is
+    ``kernels.select.column_topk``; the codes carry ``lengths``."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -233,32 +235,31 @@ class FeatureChoice(nn.Module):
             m[frac.topk(min(short, d_sae)).indices] += 1
         return m.clamp(1, B)
 
-    def batch_select(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(rows, cols) of each latent's ``m_j`` largest entries, ``m`` and each latent's
-        smallest kept value."""
-        B = a.shape[0]
-        m = self.capacities(B)  # [d_sae]
-        vals, rows = a.topk(int(m.max()), dim=0)  # [m_max, d_sae], per latent
-        keep = torch.arange(len(vals), device=a.device)[:, None] < m[None, :]
-        cols = torch.arange(a.shape[1], device=a.device).expand_as(rows)
-        smallest = vals.gather(0, (m - 1)[None, :])[0]  # [d_sae]
-        return rows[keep], cols[keep], m, smallest
+    def batch_select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(rows, cols, values) of each latent's ``m_j`` largest entries of ``pre`` [B, d_sae],
+        ``m`` and each latent's smallest kept value (``kernels.select.column_topk``)."""
+        from saekit.kernels.select import column_topk
+
+        m = self.capacities(pre.shape[0])  # [d_sae]
+        rows, cols, values, smallest = column_topk(pre, m)
+        return rows, cols, values, m, smallest
 
     def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
         with torch.no_grad():
-            a = sae.pre_acts(x).relu()
+            pre = _pre(sae, x)
             if self.training:
-                rows, cols, m, smallest = self.batch_select(a)
-                codes = pairs_to_codes(a, rows, cols)
-                _ema_(self.theta, smallest, self.decay, self.theta_set)
-                self.freq.mul_(self.decay).add_(m.float() / a.shape[0] * (1 - self.decay))
+                rows, cols, values, m, smallest = self.batch_select(pre)
+                # ranking pre keeps the same positive entries as ReLU(pre)
+                codes = pairs_to_codes(values.relu_(), rows, cols, len(pre))
+                _ema_(self.theta, smallest.relu_(), self.decay, self.theta_set)
+                self.freq.mul_(self.decay).add_(m.float() / pre.shape[0] * (1 - self.decay))
                 self.calls += 1
                 if self.capacity == "zipf" and int(self.calls) % self.rerank_every == 0:
                     order = self.freq.argsort(descending=True)
-                    self.rank[order] = torch.arange(1, len(order) + 1, dtype=torch.float, device=a.device)
+                    self.rank[order] = torch.arange(1, len(order) + 1, dtype=torch.float, device=pre.device)
             else:
-                codes = mask_to_codes(a, a > self.theta)
-            aux = aux_select(a, aux_weights, k_aux)
+                codes = mask_to_codes(pre, pre > self.theta)  # theta >= 0: the same as ReLU(pre) > theta
+            aux = aux_select(pre, aux_weights, k_aux)
         return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
 
 

@@ -330,6 +330,60 @@ def test_decode_sparse_matches_dense(impl, with_bias):
         assert torch.equal(b_dec.grad, bd.grad)
 
 
+def ragged_codes(B, K, d_sae, g):
+    """Rows with 0..K real entries (integer values), then padding: value 0, any index."""
+    lengths = torch.randint(0, K + 1, (B,), generator=g)
+    lengths[:2] = torch.tensor([0, K])
+    real = torch.arange(K) < lengths[:, None]
+    values = torch.randint(1, 4, (B, K), generator=g).float() * real
+    indices = torch.randint(0, d_sae, (B, K), generator=g)
+    return values, indices, lengths, real
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ragged_decode_skips_padding(impl):
+    """With lengths, decoding equals the dense maths over the real entries, and the padding's
+    values get zero gradient (without lengths they would get go . W_dec[index])."""
+    d_sae, d_in, B, K = 333, 40, 37, 9
+    g = torch.Generator().manual_seed(11)
+    values, indices, lengths, real = ragged_codes(B, K, d_sae, g)
+    W_dec = torch.randint(-3, 4, (d_sae, d_in), generator=g).float().requires_grad_()
+    b_dec = torch.randint(-3, 4, (d_in,), generator=g).float().requires_grad_()
+    up = torch.randint(-3, 4, (B, d_in), generator=g).float()
+    v = values.clone().requires_grad_()
+    out = decode_sparse(v, indices, W_dec, b_dec, impl=impl, lengths=lengths)
+    (out * up).sum().backward()
+
+    Wd, bd, v_ref = (t.detach().clone().requires_grad_() for t in (W_dec, b_dec, values))
+    ref = scatter_dense(v_ref, indices, d_sae) @ Wd + bd
+    (ref * up).sum().backward()
+    assert torch.equal(out, ref.detach())
+    assert torch.equal(W_dec.grad, Wd.grad) and torch.equal(b_dec.grad, bd.grad)
+    assert torch.equal(v.grad, v_ref.grad * real) and (v.grad[~real] == 0).all()
+    assert bool((v_ref.grad[~real] != 0).any())  # the padding would have had a gradient
+    with pytest.raises(ValueError, match="lengths"):
+        decode_sparse(v, indices, W_dec, b_dec, impl=impl, lengths=lengths.int())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ragged_encode_selected_matches_padded(impl):
+    from saekit.kernels import encode_selected
+
+    d_in, d_sae, B, K = 24, 200, 37, 9
+    g = torch.Generator().manual_seed(12)
+    x, W_enc, b_enc, b_dec, _ = int_sae(d_in, d_sae, B)
+    _, indices, lengths, real = ragged_codes(B, K, d_sae, g)
+    values = dense_pre(x, W_enc, b_enc, b_dec).relu().gather(1, indices) * real
+    up = torch.randint(-3, 4, (B, K), generator=g).float()
+    grads = []
+    for lens in (lengths, None):
+        ts = leaves(x, W_enc, b_enc, b_dec)
+        out = encode_selected(*ts, values, indices, impl=impl, lengths=lens)
+        (out * up).sum().backward()
+        grads.append([t.grad for t in ts])
+    assert_grads_equal(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_decode_sparse_bf16(impl):
     """bf16 in, fp32 accumulation, bf16 out: within 1 bf16 ulp (2**-8 relative) of fp32 maths."""

@@ -38,16 +38,40 @@ def test_mutual_choice_keeps_exactly_k_times_batch():
     assert int((codes.values > 0).sum()) == 4 * 64
     a = sae.pre_acts(x).relu()
     mc = sae.sparsifier
-    rows, cols, smallest = mc.batch_select(a)
+    rows, cols, values = mc.batch_select(a)
     mask = _mask(a, rows, cols)
     top = a.flatten().topk(4 * 64)
     assert torch.equal(mask.flatten().nonzero().flatten().sort().values, top.indices.sort().values)
-    assert smallest == top.values.min()
-    # one token holding more than 4k of the batch's largest values takes the exact fallback
+    assert torch.equal(values, a[rows, cols]) and values.min() == top.values.min()
+    # one token holding the batch's 128 largest values
     a2 = a.clone()
     a2[0] += 100
     mask2 = _mask(a2, *mc.batch_select(a2)[:2])
     assert int(mask2[0].sum()) == 128 and int(mask2.sum()) == 4 * 64
+
+
+@pytest.mark.parametrize("case", ["random", "one_row", "ties", "ragged_tail", "constant"])
+def test_global_topk_equals_the_flat_topk(case):
+    """kernels.select.global_topk (Mutual Choice's selection) keeps the n largest entries of
+    the matrix, on its fast path (fast_from=0) and its fallbacks."""
+    from saekit.kernels.select import _grouped_global_topk, global_topk
+
+    g = torch.Generator().manual_seed(3)
+    R, C, n = 96, 203 if case == "ragged_tail" else 200, 400
+    s = torch.randn(R, C, generator=g)
+    if case == "one_row":
+        s[5] += 100  # one row holds the C largest entries
+    elif case == "ties":
+        s = torch.randint(-4, 5, (R, C), generator=g).float()
+    elif case == "constant":
+        s = torch.zeros(R, C)
+    # margin 2: a 141-entry sample estimates the threshold loosely; at B=4096 1.25 does
+    fast = _grouped_global_topk(s, n, group=8, sample_step=17, margin=2.0)
+    assert (fast is None) == (case == "constant")  # every group passes: more than 4n
+    for rows, cols, values in [global_topk(s, n, fast_from=0), *([fast] if fast else [])]:
+        assert len(rows) == n and torch.equal(values, s[rows, cols])
+        assert len(set(zip(rows.tolist(), cols.tolist()))) == n  # n distinct entries
+        assert torch.equal(values.sort().values, s.flatten().topk(n).values.sort().values)
 
 
 def test_feature_choice_keeps_exactly_m_j_per_latent():
@@ -60,8 +84,31 @@ def test_feature_choice_keeps_exactly_m_j_per_latent():
         m = fc.capacities(256)
         assert int(m.sum()) == 4 * 256 and (m >= 1).all()
         a = sae.pre_acts(x).relu()
-        rows, cols, m2, _ = fc.batch_select(a)
+        rows, cols, values, m2, _ = fc.batch_select(a)
         assert torch.equal(_mask(a, rows, cols).sum(0), m) and torch.equal(m2, m)
+        assert torch.equal(values, a[rows, cols])
+
+
+@pytest.mark.parametrize("case", ["uniform", "zipf", "ties", "tail_rows"])
+def test_column_topk_keeps_each_columns_largest(case):
+    """kernels.select.column_topk (Feature Choice's selection): column j keeps its m[j]
+    largest entries, on the grouped path (fast_from=0) and the direct one."""
+    from saekit.kernels.select import column_topk
+
+    g = torch.Generator().manual_seed(4)
+    R, C = (203 if case == "tail_rows" else 256), 96
+    s = torch.randint(-3, 4, (R, C), generator=g).float() if case == "ties" else torch.randn(R, C, generator=g)
+    if case == "zipf":  # a few wide columns (m > narrow_max) take the direct path
+        m = (200 / torch.arange(1, C + 1).float()).ceil().long().clamp(1, R)
+    else:
+        m = torch.randint(1, 6, (C,), generator=g)
+    rows, cols, values, smallest = column_topk(s, m, fast_from=0)
+    assert torch.equal(values, s[rows, cols]) and torch.equal(torch.bincount(cols, minlength=C), m)
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == len(rows)
+    for j in range(C):
+        want = s[:, j].topk(int(m[j])).values
+        assert torch.equal(values[cols == j].sort().values, want.sort().values)
+        assert smallest[j] == want[-1]
 
 
 def test_feature_choice_leaves_no_dead_latents_after_training():
