@@ -8,7 +8,8 @@ floor is the single dense encoder product ``(x − b_dec) @ W_enc + b_enc`` that
 TopK SAE must compute, written into a reused buffer (a fresh 200 MB output would add page
 faults to the floor and flatter the ratio), with W_enc stored either way round; the faster
 counts. The floors and the step are timed in turns, round after round (medians), so that the
-machine's drift hits them alike. Prints a table; the last line is
+machine's drift hits them alike; with ``--sparsity`` other than topk, a TopK step of the same
+shape joins the rounds and the table gives the step's time over TopK's. Prints a table; the last line is
 ``tokens_per_s=<n> floor_tokens_per_s=<n>``.
 """
 
@@ -45,15 +46,21 @@ def main(argv=None):
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in)
     grad = torch.randn(args.batch, args.d_in) if args.sparsity == "gtopk" else None  # g-SAE selects with it
-    sae = SAE(SAEConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k, sparsity=args.sparsity), seed=0)
-    cfg = TrainConfig(sae=SAEOptions(d_sae=args.d_sae, k=args.k, sparsity=args.sparsity),
-                      data=DataOptions(batch_size=args.batch, total_tokens=args.batch * 10**6,
-                                       fill_tokens=args.batch),
-                      optim=OptimOptions(lr=1e-4, warmup_steps=0), run=RunOptions(progress=False))
-    trainer = Trainer(sae, cfg, total_steps=10**6)
+
+    def make(sparsity):
+        sae = SAE(SAEConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k, sparsity=sparsity), seed=0)
+        cfg = TrainConfig(sae=SAEOptions(d_sae=args.d_sae, k=args.k, sparsity=sparsity),
+                          data=DataOptions(batch_size=args.batch, total_tokens=args.batch * 10**6,
+                                           fill_tokens=args.batch),
+                          optim=OptimOptions(lr=1e-4, warmup_steps=0), run=RunOptions(progress=False))
+        return sae, cfg, Trainer(sae, cfg, total_steps=10**6)
+
+    sae, cfg, trainer = make(args.sparsity)
     if args.dead_frac:
         n = int(args.dead_frac * args.d_sae)
         trainer.tokens_since_fired[:n] = cfg.optim.dead_tokens
+    # Another sparsifier's step is compared with a TopK step timed in the same rounds.
+    topk = make("topk")[2] if args.sparsity != "topk" else None
 
     pre = torch.empty(args.batch, args.d_sae)
     # The SAE stores W_enc transposed ([d_sae, d_in] rows); the floor is timed with both
@@ -74,8 +81,11 @@ def main(argv=None):
 
     rss0 = peak_rss_mib()
     fns = {**{name: floor_with(W) for name, W in layouts.items()}, "step": step}
+    if topk is not None:
+        fns["topk"] = lambda: topk.train_step(x)
     times = {name: statistics.median(t) for name, t in interleaved_times(fns, args.reps, warmup=2).items()}
     t_step = times.pop("step")
+    t_topk = times.pop("topk", None)
     t_layouts = times
     t_floor = min(t_layouts.values())
     rss1 = peak_rss_mib()
@@ -87,6 +97,8 @@ def main(argv=None):
         ("floor: the faster of the two (s)", f"{t_floor:.4f}"),
         ("full training step (s)", f"{t_step:.4f}"),
         ("step / floor tokens per s", f"{t_floor / t_step:.2f}"),
+        *([("TopK step, same rounds (s)", f"{t_topk:.4f}"), ("step time / TopK step time", f"{t_step / t_topk:.2f}")]
+          if t_topk is not None else []),
         ("SAE parameters (MiB)", f"{params_mib:.0f}"),
         ("peak RSS growth during timing (MiB)", f"{rss1 - rss0:.0f}"),
         ("peak RSS of the process (MiB)", f"{rss1:.0f}"),
@@ -95,7 +107,8 @@ def main(argv=None):
     print("| measure | value |\n|---|---|")
     for name, v in rows:
         print(f"| {name:<{w}} | {v} |")
-    print(f"tokens_per_s={args.batch / t_step:.0f} floor_tokens_per_s={args.batch / t_floor:.0f}")
+    extra = f" topk_tokens_per_s={args.batch / t_topk:.0f}" if t_topk is not None else ""
+    print(f"tokens_per_s={args.batch / t_step:.0f} floor_tokens_per_s={args.batch / t_floor:.0f}{extra}")
 
 
 if __name__ == "__main__":
