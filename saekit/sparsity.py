@@ -132,19 +132,23 @@ class GradientTopK(nn.Module):
         self.k, self.beta, self.grad_norm, self.impl = cfg.k, cfg.variant.beta, cfg.variant.grad_norm, cfg.impl
         self._topk = TopK(cfg)
 
-    def scores(self, sae, a: Tensor, grad: Tensor) -> Tensor:
+    def scores(self, sae, pre: Tensor, grad: Tensor) -> Tensor:
+        """The selection scores ``s`` [B, d_sae] from the pre-activations: one dense product
+        and in-place passes (``a·(1 + β·e) = max(pre·(1 + β·e), 0)`` since ``1 + β·e > 0``)."""
         with torch.no_grad():
-            effect = (grad.float() @ sae.W_dec.T).abs()  # [B, d_sae]
+            s = torch.mm(grad.to(sae.W_dec.dtype), sae.W_dec.T).abs_()  # the effect e, [B, d_sae]
             if self.grad_norm == "rms":
-                effect = effect / effect.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
-            return a.detach() * (1 + self.beta * effect)
+                s.div_(torch.linalg.vector_norm(s, dim=1, keepdim=True).div_(s.shape[1] ** 0.5).clamp_min_(1e-12))
+            return s.mul_(self.beta).add_(1).mul_(pre).clamp_min_(0)
 
     def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
         if grad is None or self.beta == 0:
             return self._topk.encode(sae, x, None, aux_weights, k_aux)
+        from saekit.kernels.select import topk_lower_index
+
         with torch.no_grad():
             pre = _pre(sae, x)
-            idx = self.scores(sae, pre.relu(), grad).topk(self.k, dim=1).indices
+            idx = topk_lower_index(self.scores(sae, pre, grad), self.k)[1]
             codes, aux = Codes(pre.gather(1, idx).relu_(), idx), aux_select(pre, aux_weights, k_aux)
         return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
 

@@ -175,6 +175,19 @@ def test_gtopk_with_beta_zero_is_topk_and_gradient_changes_selection():
     torch.testing.assert_close(g.encode(x, grad)[0, j], a[0, j])  # the value is the activation
 
 
+@pytest.mark.parametrize("grad_norm", ["rms", "none"])
+def test_gtopk_scores_follow_the_formula(grad_norm):
+    """s = ReLU(pre) ⊙ (1 + β·|g W_decᵀ| / rms) (methods.md §5), computed in place."""
+    g = sae_of("gtopk", beta=1.5, grad_norm=grad_norm)
+    x, grad = torch.randn(16, 32), torch.randn(16, 32)
+    pre = g.pre_acts(x)
+    effect = (grad @ g.W_dec.T).abs()
+    if grad_norm == "rms":
+        effect = effect / effect.pow(2).mean(1, keepdim=True).sqrt()
+    want = pre.relu() * (1 + 1.5 * effect)
+    torch.testing.assert_close(g.sparsifier.scores(g, pre.detach().clone(), grad), want.detach())
+
+
 def test_aux_zipf_equals_auxk_when_only_dead_latents_qualify():
     d_sae = 128
     ranks = torch.arange(1, d_sae + 1).float()
