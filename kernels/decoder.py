@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import resolve_impl
-from .sparse_rows import gather_rows, row_dot, scatter_rows
+from .sparse_rows import check_lengths, gather_rows, row_dot, scatter_rows
 
 
 class _DecodeSparse(torch.autograd.Function):
@@ -63,8 +63,7 @@ def decode_sparse(
     lead = values.shape[:-1]
     shape = (math.prod(lead), values.shape[-1])  # [B, k]; k may be 0 (AuxK, no dead latents)
     if lengths is not None:
-        if lengths.shape != lead or lengths.dtype != torch.int64:
-            raise ValueError(f"lengths must be int64 of shape {tuple(lead)}, got {lengths.dtype} {tuple(lengths.shape)}")
+        check_lengths(lengths, lead, values.shape[-1])
         lengths = lengths.reshape(-1)
     out = _DecodeSparse.apply(values.reshape(shape), indices.reshape(shape), W_dec, b_dec, impl, lengths)
     return out.unflatten(0, lead)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .dispatch import TRITON_MAX_K, resolve_impl
 from .select import topk_lower_index
-from .sparse_rows import gather_rows, scatter_rows
+from .sparse_rows import check_lengths, gather_rows, scatter_rows
 
 
 class TopK(NamedTuple):
@@ -47,12 +47,16 @@ def _workspace(shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
     A fresh 200 MB tensor costs ~0.1 s of page faults per step on CPU: glibc hands large
     blocks back to the OS on free. Measured on one core at B=4096, d_in=768, d_sae=12288:
     `x @ W_enc` 602 ms into a fresh tensor, 508 ms into a reused one. Only the last
-    shape/dtype is kept (one [B, d_sae] buffer per thread). `pre` never leaves this module,
-    so reusing it is safe.
+    shape/dtype is kept (one [B, d_sae] buffer per thread). Its users (the TopK encoder here,
+    the sparsifiers through `pre_activations`) read what they need from it before the next
+    encoder call and keep no view of it. It is made outside inference mode, so that a first
+    call under ``torch.inference_mode`` does not leave an inference tensor that later calls
+    could not write.
     """
     buf = getattr(_tls, "pre", None)
     if buf is None or buf.shape != shape or buf.dtype != dtype:
-        _tls.pre = buf = torch.empty(shape, dtype=dtype)
+        with torch.inference_mode(False):
+            _tls.pre = buf = torch.empty(shape, dtype=dtype)
     return buf
 
 
@@ -183,8 +187,8 @@ def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, valu
     _validate(x, W_enc, b_enc, b_dec, 1)
     if values.shape != indices.shape or values.shape[0] != x.shape[0]:
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must be [B={x.shape[0]}, K]")
-    if lengths is not None and (lengths.shape != (x.shape[0],) or lengths.dtype != torch.int64):
-        raise ValueError(f"lengths must be int64 of shape ({x.shape[0]},), got {lengths.dtype} {tuple(lengths.shape)}")
+    if lengths is not None:
+        check_lengths(lengths, (x.shape[0],), indices.shape[1])
     return _EncodeSelected.apply(x, W_enc, b_enc, b_dec, values.detach(), indices, resolve_impl(impl, x.device), lengths)
 
 

@@ -183,7 +183,7 @@ def _grouped_global_topk(scores: Tensor, n: int, group: int, sample_step: int, m
         return None
     gm = scores[:, : n1 * group].unflatten(1, (group, n1)).amax(1)  # [R, n1]
     t = gm.reshape(-1)[::sample_step].topk(m, sorted=False).values.min()
-    keep = gm >= t
+    keep = ~(gm < t)  # >= t, and NaN, which torch.topk ranks first (a NaN t keeps all: fallback)
     if not n <= int(keep.sum()) <= 4 * n:
         return None
     r, c = keep.nonzero(as_tuple=True)
@@ -192,7 +192,7 @@ def _grouped_global_topk(scores: Tensor, n: int, group: int, sample_step: int, m
         tail = torch.arange(n1 * group, C, device=scores.device)
         pos = torch.cat([pos, (torch.arange(R, device=scores.device)[:, None] * C + tail).flatten()])
     vals = scores.reshape(-1)[pos]
-    above = (vals >= t).nonzero().flatten()
+    above = (~(vals < t)).nonzero().flatten()
     top = vals[above].topk(n, sorted=False)
     pos = pos[above[top.indices]]
     return pos // C, pos % C, top.values

@@ -53,6 +53,16 @@ def _check(idx: Tensor, w: Tensor | None, M_or_dense: Tensor, B_dim: int | None 
 # index_add_ of a materialized [B*K, D] product 352.
 
 
+def check_lengths(lengths: Tensor, lead: tuple[int, ...], K: int) -> None:
+    """Ragged-code lengths must be int64 of shape ``lead`` with every entry in [0, K]."""
+    if lengths.shape != lead or lengths.dtype != torch.int64:
+        raise ValueError(f"lengths must be int64 of shape {tuple(lead)}, got {lengths.dtype} {tuple(lengths.shape)}")
+    if lengths.numel():
+        lo, hi = torch.aminmax(lengths)
+        if int(lo) < 0 or int(hi) > K:
+            raise ValueError(f"lengths must be in [0, {K}] (the codes' width), got [{int(lo)}, {int(hi)}]")
+
+
 class Entries(NamedTuple):
     """The real entries of a [B, K] selection, row by row (CSR): entry e sits in row
     rows[e] at column cols[e]; row b's entries are crow[b]:crow[b+1]; `mask` [B, K] (None
@@ -75,10 +85,15 @@ def _cached(slot: str, key: tuple[Tensor | None, ...], extra, compute):
 
     A training step reuses one selection several times (decoding, its backward, the
     encoder's backward), so the last result is kept. The cache holds the key tensors
-    themselves, which keeps their storage alive: an equal data_ptr, shape, strides and
-    version counter then mean the same, unmodified tensors."""
+    themselves, which keeps their storage alive: an equal data_ptr, shape, strides, dtype
+    and version counter then mean the same tensors, unless they were written behind
+    autograd's back (through ``.data`` or numpy), which the version counter does not see.
+    Inference tensors have no version counter and are never cached."""
+    if any(t is not None and t.is_inference() for t in key):
+        return compute()
+
     def sig(t):
-        return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.device, t._version)
+        return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version)
 
     hit = getattr(_tls, slot, None)
     if hit is not None and hit[2] == extra and len(hit[0]) == len(key) and all(

@@ -78,7 +78,8 @@ class Codes(NamedTuple):
     """Sparse latent activations: ``values[b, j]`` of latent ``indices[b, j]``.
     Padding entries (fewer active latents than columns) have value 0. Batch-level
     sparsifiers also give ``lengths`` [batch]: row b's entries are its first ``lengths[b]``
-    columns, and decoding and the backward pass skip the padding after them."""
+    columns, and decoding and the backward pass skip the padding after them. Three fields:
+    unpack as ``values, indices, lengths = codes``."""
 
     values: Float[Tensor, "batch n"]
     indices: Tensor  # [batch, n] int64
@@ -103,8 +104,8 @@ def _W_enc_to_file(module, state_dict, prefix, local_metadata) -> None:
 
 
 def _W_enc_from_file(module, state_dict, prefix, *args) -> None:
-    if prefix + "W_enc" in state_dict:
-        state_dict[prefix + "W_enc_T"] = state_dict.pop(prefix + "W_enc").t()
+    if prefix + "W_enc" in state_dict:  # contiguous, also for load_state_dict(assign=True)
+        state_dict[prefix + "W_enc_T"] = state_dict.pop(prefix + "W_enc").t().contiguous()
 
 
 class SAE(nn.Module):
@@ -136,8 +137,16 @@ class SAE(nn.Module):
         gradient a step at d_sae=12288 (~30 ms on CPU). Reads, in-place edits under
         ``no_grad`` and autograd all work through this view; the gradient lands in
         ``W_enc_T.grad``. State dicts and files use the key ``W_enc`` and the ``[d_in, d_sae]``
-        shape, as SAELens does."""
+        shape, as SAELens does. To replace the weights, copy into the view
+        (``sae.W_enc.copy_(new)`` under ``no_grad``) or set ``W_enc_T``; ``sae.W_enc.data = t``
+        would only rebind the temporary view."""
         return self.W_enc_T.t()
+
+    def __setattr__(self, name, value):
+        if name == "W_enc":
+            raise AttributeError("SAE.W_enc is a view of the parameter W_enc_T [d_sae, d_in]; copy into it "
+                                 "(with torch.no_grad(): sae.W_enc.copy_(new)) or assign sae.W_enc_T")
+        super().__setattr__(name, value)
 
     # ---- the maths ------------------------------------------------------------------------
     def pre_acts(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:

@@ -171,7 +171,8 @@ class MutualChoice(nn.Module):
     ``mc_mode="batch"`` keeps the batch rule at inference too.
 
     The global selection is not a full sort (``kernels.select.global_topk``); the codes
-    carry ``lengths``, so decoding and the backward pass work on the k·B entries only."""
+    carry ``lengths``, so decoding and the backward pass work on the k·B entries only
+    (the PyTorch kernels; the Triton ones run the zero-padded form)."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

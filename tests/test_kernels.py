@@ -361,8 +361,9 @@ def test_ragged_decode_skips_padding(impl):
     assert torch.equal(W_dec.grad, Wd.grad) and torch.equal(b_dec.grad, bd.grad)
     assert torch.equal(v.grad, v_ref.grad * real) and (v.grad[~real] == 0).all()
     assert bool((v_ref.grad[~real] != 0).any())  # the padding would have had a gradient
-    with pytest.raises(ValueError, match="lengths"):
-        decode_sparse(v, indices, W_dec, b_dec, impl=impl, lengths=lengths.int())
+    for bad in (lengths.int(), lengths + (torch.arange(B) == 1), lengths - 1):  # row 1 has K, row 0 has 0
+        with pytest.raises(ValueError, match="lengths"):  # wrong dtype, > K, < 0
+            decode_sparse(v, indices, W_dec, b_dec, impl=impl, lengths=bad)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

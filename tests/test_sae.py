@@ -153,3 +153,19 @@ def test_squared_error_and_its_gradient_match_autograd():
     (g_got,) = torch.autograd.grad(3 * got, x_hat)
     torch.testing.assert_close(g_got, g_ref)
     torch.testing.assert_close(total_variance(x), ((x - x.mean(0)) ** 2).sum())
+
+
+def test_W_enc_cannot_be_rebound_and_assign_loading_keeps_its_rows_contiguous():
+    sae = make_sae()
+    with pytest.raises(AttributeError, match="W_enc_T"):
+        sae.W_enc = torch.nn.Parameter(torch.zeros(24, 96))
+    other = make_sae(seed=1)
+    other.load_state_dict({k: v.clone().contiguous() for k, v in sae.state_dict().items()}, assign=True)
+    assert other.W_enc_T.is_contiguous() and torch.equal(other.W_enc, sae.W_enc)
+
+
+def test_squared_error_refuses_a_second_derivative():
+    x, x_hat = torch.randn(4, 3), torch.randn(4, 3, requires_grad=True)
+    (g,) = torch.autograd.grad(squared_error(x_hat, x), x_hat, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

@@ -262,3 +262,34 @@ def test_gtopk_trains_end_to_end_with_harvested_gradients(tmp_path, capsys):
     assert main(["train", "--sparsity", "gtopk", "--from-cache", str(tmp_path / "plain"),
                  "--out", str(tmp_path / "h"), "--progress", "false", *args]) == 2
     assert "needs gradients" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sparsity", ["topk", "mutual_choice", "feature_choice"])
+def test_encoding_under_inference_mode_matches_no_grad_and_leaves_no_inference_buffer(sparsity):
+    """The encoders' reused workspace and the ragged-code cache work under
+    torch.inference_mode, and a first call there does not break later calls."""
+    import threading
+
+    results = {}
+
+    def run():  # a fresh thread: its workspace is first made under inference_mode
+        sae, x = sae_of(sparsity).eval(), torch.randn(40, 32)
+        with torch.inference_mode():
+            results["inference"] = sae(x).x_hat.clone()
+        with torch.no_grad():
+            results["no_grad"] = sae(x).x_hat
+        results["train"] = sae.train()(x).x_hat.detach()  # writes the workspace again
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert torch.equal(results["inference"], results["no_grad"]) and results["train"].isfinite().all()
+
+
+def test_global_topk_ranks_nan_first_like_torch_topk():
+    from saekit.kernels.select import global_topk
+
+    s = torch.randn(256, 64, generator=torch.Generator().manual_seed(9))
+    s[100, 33] = float("nan")
+    rows, cols, values = global_topk(s, 300, fast_from=0)
+    assert (100, 33) in set(zip(rows.tolist(), cols.tolist())) and values.isnan().sum() == 1
