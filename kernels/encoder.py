@@ -68,9 +68,13 @@ def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> T
     until the next encoder call on the thread, so read what you need from it and keep
     none of it."""
     with torch.no_grad():
-        xc = x - b_dec
-        out = _workspace((x.shape[0], W_enc.shape[1]), x.dtype) if x.device.type == "cpu" else None
-        return torch.addmm(b_enc, xc, W_enc, out=out)
+        return _pre_from(x - b_dec, W_enc, b_enc)
+
+
+def _pre_from(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """``xc @ W_enc + b_enc`` [B, d_sae], into the thread's workspace on CPU."""
+    out = _workspace((xc.shape[0], W_enc.shape[1]), xc.dtype) if xc.device.type == "cpu" else None
+    return torch.addmm(b_enc, xc, W_enc, out=out)
 
 
 def encode_forward_torch(
@@ -88,9 +92,8 @@ def encode_forward_torch(
 
 def _select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None, k_aux: int):
     """encode_forward_torch given xc = x - b_dec [B, d_in]."""
-    B, d_sae = xc.shape[0], W_enc.shape[1]
-    out = _workspace((B, d_sae), xc.dtype) if xc.device.type == "cpu" else None
-    pre = torch.addmm(b_enc, xc, W_enc, out=out)  # [B, d_sae]
+    B = xc.shape[0]
+    pre = _pre_from(xc, W_enc, b_enc)  # [B, d_sae]
     values, indices = topk_lower_index(pre, k)
     if dead_mask is None or k_aux == 0:
         empty = pre.new_empty(B, 0)

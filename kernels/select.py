@@ -85,6 +85,14 @@ def _direct(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return _finish(scores, k, v[:, :k], i[:, :k], v[:, k - 1] == v[:, k])
 
 
+def _strided_group_max(scores: Tensor, group: int) -> Tensor:
+    """Maxima over strided groups along dim 1, [R, n1] with n1 = C // group: group c holds
+    columns c, c + n1, ..., c + (group - 1)·n1 (a vectorized reduction over `group`
+    contiguous slices); the columns from n1·group on are in no group."""
+    n1 = scores.shape[1] // group
+    return scores[:, : n1 * group].unflatten(1, (group, n1)).amax(1)
+
+
 def _hierarchical(scores: Tensor, k: int, group: int, n_super: int) -> tuple[Tensor, Tensor]:
     """Exact top-k that runs torch.topk on ~1/16 of the elements instead of all of them.
 
@@ -101,7 +109,7 @@ def _hierarchical(scores: Tensor, k: int, group: int, n_super: int) -> tuple[Ten
     dev = scores.device
     n1 = n // group                      # level-1 groups
     per_super = n1 // n_super            # level-1 groups per super-group
-    gm1 = scores[:, : n1 * group].unflatten(1, (group, n1)).amax(1)  # [B, n1]
+    gm1 = _strided_group_max(scores, group)  # [B, n1]
     gm2 = gm1[:, : per_super * n_super].unflatten(1, (per_super, n_super)).amax(1)  # [B, n_super]
     v2, s2 = gm2.topk(k + 1, dim=1)
     tie = v2[:, k - 1] == v2[:, k]
@@ -149,11 +157,11 @@ def global_topk(scores: Tensor, n: int, *, group: int = 8, sample_step: int = 17
     in no particular order; which of several equal values at the cut are kept is unspecified.
 
     Mutual Choice keeps the batch's k·B largest pre-activations: n = 131,072 of 50 million at
-    B=4096, d_sae=12288, where ``torch.topk`` over the flattened matrix takes ~170 ms on 2
-    CPU cores. Instead (matrices of at least ``fast_from`` entries):
+    B=4096, d_sae=12288, where ``torch.topk`` over the flattened matrix takes ~1 s on 2 CPU
+    cores. Instead (matrices of at least ``fast_from`` entries):
 
-    1. group maxima ``gm`` [R, C // group] over strided groups of ``group`` columns (as in
-       `_hierarchical`; columns past the last whole group are always candidates);
+    1. group maxima ``gm`` [R, C // group] over strided groups of ``group`` columns
+       (`_strided_group_max`, as in `_hierarchical`; columns in no group are always candidates);
     2. a threshold ``t``: the ``margin·n/sample_step``-th largest of every ``sample_step``-th
        group maximum, an estimate of the n-th largest group maximum from below;
     3. if at least n groups have a maximum >= t, there are n distinct entries >= t, so the
@@ -161,8 +169,8 @@ def global_topk(scores: Tensor, n: int, *, group: int = 8, sample_step: int = 17
        gather those groups' entries that are >= t and take their top n.
 
     Exact whenever step 3's count holds; when it does not (an unlucky sample), or when
-    more than 4n groups pass (heavy ties), the flat ``torch.topk`` runs instead. ~45 ms at
-    the shape above (benchmarks/train_step.py --sparsity mutual_choice).
+    more than 4n groups pass (heavy ties), the flat ``torch.topk`` runs instead. ~75 ms at
+    the shape above (benchmarks/cpu_kernels.py).
     """
     R, C = scores.shape
     if not 1 <= n <= R * C:
@@ -181,7 +189,7 @@ def _grouped_global_topk(scores: Tensor, n: int, group: int, sample_step: int, m
     m = math.ceil(margin * n / sample_step)
     if n1 == 0 or m > (R * n1) // sample_step:
         return None
-    gm = scores[:, : n1 * group].unflatten(1, (group, n1)).amax(1)  # [R, n1]
+    gm = _strided_group_max(scores, group)  # [R, n1]
     t = gm.reshape(-1)[::sample_step].topk(m, sorted=False).values.min()
     keep = ~(gm < t)  # >= t, and NaN, which torch.topk ranks first (a NaN t keeps all: fallback)
     if not n <= int(keep.sum()) <= 4 * n:
@@ -205,7 +213,8 @@ def column_topk(scores: Tensor, m: Tensor, *, group: int = 8, narrow_max: int = 
     Which of several equal values at a column's cut are kept is unspecified.
 
     Feature Choice keeps each latent's m_j largest activations over the batch; a column-wise
-    ``torch.topk`` over [4096, 12288] takes ~320 ms on 2 CPU cores. Instead, for columns
+    ``torch.topk`` over [4096, 12288] takes ~430 ms on 2 CPU cores (this takes ~120 ms,
+    benchmarks/cpu_kernels.py). Instead, for columns
     with m[j] <= ``narrow_max`` (matrices of at least ``fast_from`` entries): maxima over
     groups of ``group`` consecutive rows, [R // group, C]; per column, the M largest group
     maxima (M = the largest such m[j]); the column's top m[j] entries all lie in those M
