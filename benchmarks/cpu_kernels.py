@@ -2,7 +2,8 @@
 
     python benchmarks/cpu_kernels.py [--batch 4096 --d-in 768 --d-sae 12288 --k 32 --reps 5]
 
-Prints two tables: (1) each sparse primitive next to the alternatives it was chosen over;
+Prints two tables: (1) each sparse primitive and batch-level selection (Mutual and Feature
+Choice) next to the alternatives it was chosen over;
 (2) a TopK SAE training step (encode -> decode -> FVU loss -> backward -> fused Adam) against
 one dense `x @ W_enc` matmul, the floor the CPU trainer is held to (>= 75% of its tokens/s).
 Times are min and median over --reps after one warm-up; the min is the better estimate on a
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from bench_timing import run_times
 
 from saekit.kernels import decode_sparse, encode_topk
-from saekit.kernels.select import topk_lower_index
+from saekit.kernels.select import column_topk, global_topk, topk_lower_index
 from saekit.kernels.sparse_rows import gather_rows_torch, row_dot_torch, scatter_rows_torch
 
 
@@ -45,6 +46,12 @@ def primitives(B: int, d_in: int, d_sae: int, k: int, reps: int) -> list[tuple[s
 
     add("top-k", "torch.topk (ties arbitrary)", lambda: pre.topk(k, dim=1))
     add("top-k", "topk_lower_index (exact ties) *", lambda: topk_lower_index(pre, k))
+    n = k * B  # Mutual Choice keeps the batch's k·B largest; Feature Choice ~k·B/d_sae per latent
+    m = torch.full((d_sae,), max(1, round(n / d_sae)))
+    add("batch top-k·B", "torch.topk of the flattened matrix", lambda: pre.reshape(-1).topk(n, sorted=False))
+    add("batch top-k·B", "global_topk *", lambda: global_topk(pre, n))
+    add("per-column top-m", "torch.topk(dim=0)", lambda: pre.topk(int(m.max()), dim=0))
+    add("per-column top-m", "column_topk *", lambda: column_topk(pre, m))
     add("gather_rows", "embedding_bag *", lambda: gather_rows_torch(idx, w, W_dec))
     add("gather_rows", "W_dec[idx] * w, sum", lambda: (W_dec[idx] * w[..., None]).sum(1))
     add("row_dot", "sampled_addmm *", lambda: row_dot_torch(idx, dense, W_dec))
