@@ -11,6 +11,12 @@ counts. The floors and the step are timed in turns, round after round (medians),
 machine's drift hits them alike; with ``--sparsity`` other than topk, a TopK step of the same
 shape joins the rounds and the table gives the step's time over TopK's. Prints a table; the last line is
 ``tokens_per_s=<n> floor_tokens_per_s=<n>``.
+
+On a CPU with AMX the default step (``impl="auto"``) takes the screened encoder
+(kernels/screen.py): it ranks latents through a bf16 product and recomputes ~2k candidates a
+row in fp32, so it no longer computes the fp32 product the floor times. Its selection is
+still the exact top k of fp32 pre-activations. The same rounds then also time the bf16
+product and the step with ``impl="torch"`` (the fp32 product), so both are in the table.
 """
 
 from __future__ import annotations
@@ -37,8 +43,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dead-frac", type=float, default=0.0,
                     help="mark this share of latents dead so the AuxK path runs too")
+    ap.add_argument("--impl", default="auto", choices=["auto", "torch", "screen"],
+                    help="the step's kernels (auto: the screened encoder on CPUs with AMX)")
     args = ap.parse_args(argv)
 
+    from saekit.kernels import screen
+    from saekit.kernels.encoder import _encoder_impl
     from saekit.sae import SAE, SAEConfig
     from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions, TrainConfig
     from saekit.training.trainer import Trainer
@@ -47,9 +57,9 @@ def main(argv=None):
     x = torch.randn(args.batch, args.d_in)
     grad = torch.randn(args.batch, args.d_in) if args.sparsity == "gtopk" else None  # g-SAE selects with it
 
-    def make(sparsity):
-        sae = SAE(SAEConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k, sparsity=sparsity), seed=0)
-        cfg = TrainConfig(sae=SAEOptions(d_sae=args.d_sae, k=args.k, sparsity=sparsity),
+    def make(sparsity, impl=args.impl):
+        sae = SAE(SAEConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k, sparsity=sparsity, impl=impl), seed=0)
+        cfg = TrainConfig(sae=SAEOptions(d_sae=args.d_sae, k=args.k, sparsity=sparsity, impl=impl),
                           data=DataOptions(batch_size=args.batch, total_tokens=args.batch * 10**6,
                                            fill_tokens=args.batch),
                           optim=OptimOptions(lr=1e-4, warmup_steps=0), run=RunOptions(progress=False))
@@ -61,6 +71,9 @@ def main(argv=None):
         trainer.tokens_since_fired[:n] = cfg.optim.dead_tokens
     # Another sparsifier's step is compared with a TopK step timed in the same rounds.
     topk = make("topk")[2] if args.sparsity != "topk" else None
+    encoder = _encoder_impl(args.impl, x, sae.W_enc, args.k)
+    screened = encoder == "screen" and args.sparsity in ("topk",)
+    plain = make(args.sparsity, "torch")[2] if screened else None  # the same step on the fp32 product
 
     pre = torch.empty(args.batch, args.d_sae)
     # The SAE stores W_enc transposed ([d_sae, d_in] rows); the floor is timed with both
@@ -83,9 +96,13 @@ def main(argv=None):
     fns = {**{name: floor_with(W) for name, W in layouts.items()}, "step": step}
     if topk is not None:
         fns["topk"] = lambda: topk.train_step(x)
+    if screened:
+        fns["plain"] = lambda: plain.train_step(x)
+        fns["bf16"] = bf16_product(screen, x - sae.b_dec, sae)
     times = {name: statistics.median(t) for name, t in interleaved_times(fns, args.reps, warmup=2).items()}
     t_step = times.pop("step")
     t_topk = times.pop("topk", None)
+    t_plain, t_bf16 = times.pop("plain", None), times.pop("bf16", None)
     t_layouts = times
     t_floor = min(t_layouts.values())
     rss1 = peak_rss_mib()
@@ -95,8 +112,12 @@ def main(argv=None):
         ("shape", f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} {args.sparsity}"),
         *((f"dense encoder matmul, {name} (s)", f"{t:.4f}") for name, t in t_layouts.items()),
         ("floor: the faster of the two (s)", f"{t_floor:.4f}"),
+        ("encoder (impl=" + args.impl + ")", encoder),
         ("full training step (s)", f"{t_step:.4f}"),
         ("step / floor tokens per s", f"{t_floor / t_step:.2f}"),
+        *([("the screen's bf16 product [B, d_in+pad] @ [d_in+pad, d_sae] (s)", f"{t_bf16:.4f}"),
+           ("step with impl=torch: the fp32 product (s)", f"{t_plain:.4f}"),
+           ("impl=torch step / floor tokens per s", f"{t_floor / t_plain:.2f}")] if screened else []),
         *([("TopK step, same rounds (s)", f"{t_topk:.4f}"), ("step time / TopK step time", f"{t_step / t_topk:.2f}")]
           if t_topk is not None else []),
         ("SAE parameters (MiB)", f"{params_mib:.0f}"),
@@ -109,6 +130,18 @@ def main(argv=None):
         print(f"| {name:<{w}} | {v} |")
     extra = f" topk_tokens_per_s={args.batch / t_topk:.0f}" if t_topk is not None else ""
     print(f"tokens_per_s={args.batch / t_step:.0f} floor_tokens_per_s={args.batch / t_floor:.0f}{extra}")
+
+
+def bf16_product(screen, xc, sae):
+    """The screen's matmul alone, on buffers laid out as screened_select lays them out."""
+    K = screen._padded_k(xc.shape[1])
+    Wa = torch.zeros(sae.cfg.d_sae, K, dtype=torch.bfloat16)
+    xa = torch.zeros(len(xc), K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        Wa[:, : xc.shape[1]].copy_(sae.W_enc_T)
+        xa[:, : xc.shape[1]].copy_(xc)
+    out = torch.empty(len(xc), sae.cfg.d_sae, dtype=torch.bfloat16)
+    return lambda: torch.mm(xa, Wa.t(), out=out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """saekit.kernels: the SAE's TopK encoder and sparse decoder, in PyTorch and in Triton.
 
-Public API (each op takes impl="auto" | "torch" | "triton"; see resolve_impl):
+Public API (each op takes impl="auto" | "torch" | "triton" | "screen"; see resolve_impl):
 
     encode_topk(x, W_enc, b_enc, b_dec, k) -> TopK(values [B, k], indices [B, k])
     encode_topk_aux(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux) -> (TopK, TopK for AuxK)
@@ -11,7 +11,10 @@ Public API (each op takes impl="auto" | "torch" | "triton"; see resolve_impl):
 
 Layout (SAELens): W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
 Every Triton kernel sits beside its PyTorch reference: encoder.py / encoder_triton.py,
-sparse_rows.py / sparse_rows_triton.py. Importing this package imports neither triton nor
+sparse_rows.py / sparse_rows_triton.py. screen.py is the CPU encoder's fast path: it ranks
+through a bf16 matmul and rescores in fp32 the latents its error bound cannot rule out, so
+it selects what encoder.py's reference selects (impl="screen"; "auto" takes it on CPUs with
+AMX at sizes where it pays). Importing this package imports neither triton nor
 anything that probes a device.
 """
 

@@ -1,6 +1,6 @@
 """Choosing between the plain-PyTorch reference and the Triton kernels.
 
-`impl` is always explicit in the public API: "auto" | "torch" | "triton". The decision is
+`impl` is always explicit in the public API: "auto" | "torch" | "triton" | "screen". The decision is
 logged once per process (per distinct decision) at INFO on the "saekit.kernels" logger,
 never printed. Nothing here runs at import time: triton is looked up lazily, so
 `import saekit.kernels` works where triton is not installed (macOS) and the torch path
@@ -18,7 +18,7 @@ import torch
 
 log = logging.getLogger("saekit.kernels")
 
-IMPLS = ("auto", "torch", "triton")
+IMPLS = ("auto", "torch", "triton", "screen")
 TRITON_MAX_K = 512  # the fused encoder keeps k (and k_aux) keys per row in registers
 _logged: set[tuple[str, str, str]] = set()
 
@@ -35,11 +35,16 @@ def interpreting() -> bool:
 
 
 def resolve_impl(impl: str, device: torch.device | str) -> str:
-    """Map a requested `impl` to the one that will run on `device`: "torch" or "triton".
+    """Map a requested `impl` to the one that will run on `device`: "torch", "triton" or
+    "screen".
 
-    "auto" -> "triton" on CUDA when triton is importable, else "torch".
+    "auto" -> "triton" on CUDA when triton is importable, else "torch" (the TopK encoder
+    then takes "screen" on CPUs with AMX, see encoder._encoder_impl).
     "triton" on a CPU tensor is allowed only under TRITON_INTERPRET=1 (the test setting);
     otherwise a one-line ValueError says why.
+    "screen" (CPU only) is the plain-PyTorch path whose TopK encoder ranks through a bf16
+    matmul and rescores the candidates in fp32 (kernels/screen.py); the other ops run
+    as "torch".
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -55,10 +60,19 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
                 "the kernels in Triton's CPU interpreter, or use impl='torch'"
             )
         resolved = "triton"
+    elif impl == "screen":
+        if dev.type != "cpu":
+            raise ValueError(f"impl='screen' is a CPU path (got {dev.type} tensors); use impl='auto'")
+        resolved = "screen"
     else:
         resolved = "torch"
-    key = (impl, resolved, dev.type)
+    log_decision(impl, resolved, dev.type)
+    return resolved
+
+
+def log_decision(impl: str, resolved: str, where: str) -> None:
+    """Log each distinct dispatch decision once per process."""
+    key = (impl, resolved, where)
     if key not in _logged:
         _logged.add(key)
-        log.info("impl=%r on %s -> %s", impl, dev.type, resolved)
-    return resolved
+        log.info("impl=%r on %s -> %s", impl, where, resolved)

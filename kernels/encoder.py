@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .dispatch import TRITON_MAX_K, resolve_impl
+from .dispatch import TRITON_MAX_K, log_decision, resolve_impl
 from .select import topk_lower_index
 from .sparse_rows import check_lengths, gather_rows, scatter_rows
 
@@ -110,12 +110,17 @@ class _EncodeTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, dead_mask, k, k_aux, impl):
         # xc = x - b_dec is kept for grad W_enc (B*d_in, small) instead of being recomputed.
-        xc = x - b_dec if impl == "torch" or ctx.needs_input_grad[1] else None
+        xc = x - b_dec if impl != "triton" or ctx.needs_input_grad[1] else None
+        out = None
         if impl == "triton":
             from .encoder_triton import encoder_topk_triton
 
             out = encoder_topk_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
-        else:
+        elif impl == "screen" and x.dtype == torch.float32:
+            from .screen import screened_select
+
+            out = screened_select(xc, W_enc, b_enc, k, dead_mask, k_aux)
+        if out is None:
             out = _select(xc, W_enc, b_enc, k, dead_mask, k_aux)
         values, indices, aux_values, aux_indices = out
         ctx.mark_non_differentiable(indices, aux_indices)
@@ -210,13 +215,25 @@ def _validate(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) ->
 
 def _encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, impl):
     _validate(x, W_enc, b_enc, b_dec, k)
-    impl = resolve_impl(impl, x.device)
-    if impl == "triton" and max(k, k_aux) > TRITON_MAX_K:
-        raise ValueError(f"impl='triton' supports k, k_aux <= {TRITON_MAX_K}; got k={k}, k_aux={k_aux}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [B, d_in]
+    impl = _encoder_impl(impl, x2, W_enc, k)
+    if impl == "triton" and max(k, k_aux) > TRITON_MAX_K:
+        raise ValueError(f"impl='triton' supports k, k_aux <= {TRITON_MAX_K}; got k={k}, k_aux={k_aux}")
     v, i, av, ai = _EncodeTopK.apply(x2, W_enc, b_enc, b_dec, dead_mask, k, k_aux, impl)
     return TopK(v.unflatten(0, lead), i.unflatten(0, lead)), TopK(av.unflatten(0, lead), ai.unflatten(0, lead))
+
+
+def _encoder_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
+    """resolve_impl, and "auto" on CPU takes the bf16 screen where it pays (screen.pays)."""
+    resolved = resolve_impl(impl, x.device)
+    if impl == "auto" and resolved == "torch":
+        from .screen import pays
+
+        if pays(x, W_enc, k):
+            resolved = "screen"
+            log_decision("auto", resolved, "cpu encoder, AMX")
+    return resolved
 
 
 def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, *, impl: str = "auto") -> TopK:

@@ -46,8 +46,8 @@ class SAEConfig:
     """Model the SAE was trained on."""
     hook_shape: tuple[int, ...] = ()
     """Per-token shape at the hook, e.g. (n_heads, d_head) for hook_z; () means (d_in,)."""
-    impl: Literal["auto", "torch", "triton"] = "auto"
-    """Encoder/decoder kernels: auto = Triton on CUDA, the torch reference elsewhere."""
+    impl: Literal["auto", "torch", "triton", "screen"] = "auto"
+    """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact TopK encoder (screen) where AMX makes it faster."""
     variant: VariantOptions = field(default_factory=VariantOptions)
     """Settings of the gtopk, mutual_choice and feature_choice sparsifiers."""
 

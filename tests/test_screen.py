@@ -1,0 +1,130 @@
+"""The bf16-screened TopK encoder (kernels/screen.py): its bound, its exactness, its fallbacks
+and when impl="auto" takes it. tests/test_kernels.py also runs every encoder test with
+impl="screen" on integer data, where it must match the dense reference exactly."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from saekit.kernels import encode_topk, encode_topk_aux, resolve_impl
+from saekit.kernels import screen
+
+
+def randn_sae(B, d_in, d_sae, seed=0, w_scale=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d_in, generator=g) * 3
+    W_T = torch.randn(d_sae, d_in, generator=g) / d_in**0.5
+    if w_scale is not None:  # latents of very different norms
+        W_T *= w_scale[:, None]
+    b_enc = torch.randn(d_sae, generator=g) * 0.3
+    b_dec = torch.randn(d_in, generator=g) * 0.1
+    return x, W_T.t(), b_enc, b_dec  # W_enc [d_in, d_sae], stored as rows like saekit.SAE
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e12])
+def test_bound_holds_for_every_latent(scale):
+    """|s - a| <= E + u'|a| for the exact (float64) pre-activation s and the bf16 matmul a,
+    over every entry, with weights whose norms span four orders of magnitude."""
+    w_scale = torch.logspace(-2, 2, 1536)
+    x, W_enc, b_enc, b_dec = randn_sae(64, 96, 1536, w_scale=w_scale)
+    x, b_dec = x * scale, b_dec * scale
+    xc = x - b_dec
+    Wa = torch.zeros(1536, screen._padded_k(96), dtype=torch.bfloat16)
+    xa = torch.zeros(64, Wa.shape[1], dtype=torch.bfloat16)
+    E = screen._row_bounds(xc, xa, screen._column_bounds(W_enc.t(), b_enc, Wa))
+    a = (xa @ Wa.t()).double()
+    s = xc.double() @ W_enc.double() + b_enc.double()
+    slack = E.double()[:, None] + screen._U_OUT * a.abs() - (s - a).abs()
+    assert bool((slack >= 0).all())
+    assert bool((E.double()[:, None] < 0.05 * s.abs().amax(1, keepdim=True)).all())  # and it is not vacuous
+
+
+@pytest.mark.parametrize("B,d_in,d_sae,k,grouped", [
+    (300, 64, 2048, 8, True),    # strided groups of 8
+    (257, 40, 1003, 4, True),    # groups, and 3 columns in no group
+    (257, 40, 1003, 16, False),  # too few groups for k: whole rows
+    (64, 32, 600, 1, True),
+])
+def test_screen_selects_the_fp32_top_k(B, d_in, d_sae, k, grouped, monkeypatch):
+    """Random data: the same values as the fp32 path (within fp32 rounding) and the same
+    latents on every row whose k-th and (k+1)-th pre-activations are not within 1e-5 of each
+    other, which are also the top k of the float64 pre-activations."""
+    seen = []
+    real = screen._strided_group_max
+    monkeypatch.setattr(screen, "_strided_group_max", lambda *a: seen.append(1) or real(*a))
+    x, W_enc, b_enc, b_dec = randn_sae(B, d_in, d_sae, seed=k)
+    got = encode_topk(x, W_enc, b_enc, b_dec, k, impl="screen")
+    want = encode_topk(x, W_enc, b_enc, b_dec, k, impl="torch")
+    torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
+    s = (x - b_dec).double() @ W_enc.double() + b_enc.double()
+    top = s.topk(k + 1, dim=1).values
+    clear = (top[:, k - 1] - top[:, k]) > 1e-5 * top[:, k - 1].abs().clamp(min=1)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(got.indices.sort(1).values[clear], want.indices.sort(1).values[clear])
+    assert torch.equal(got.indices[clear].sort(1).values, s[clear].topk(k, dim=1).indices.sort(1).values)
+    assert bool(seen) == grouped
+
+
+def test_screen_backward_and_aux_match_the_fp32_path():
+    x, W_enc, b_enc, b_dec = randn_sae(300, 64, 2048, seed=5)
+    dead = torch.zeros(2048, dtype=torch.bool)
+    dead[::3] = True
+    grads = {}
+    for impl in ("screen", "torch"):
+        lv = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec)]
+        top, aux = encode_topk_aux(*lv, 8, dead, 32, impl=impl)
+        (top.values.square().sum() + aux.values.sum()).backward()
+        grads[impl] = (top, aux, [t.grad for t in lv])
+    (t1, a1, g1), (t2, a2, g2) = grads["screen"], grads["torch"]
+    assert torch.equal(t1.indices, t2.indices) and torch.equal(a1.indices, a2.indices)
+    torch.testing.assert_close(a1.values, a2.values, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fallbacks_give_the_fp32_result(caplog, monkeypatch):
+    monkeypatch.setattr(screen, "_logged", set())
+    x, W_enc, b_enc, b_dec = randn_sae(40, 32, 1024, seed=1)
+    # Latents that differ by far less than bf16 can see: every latent is a candidate.
+    near = (W_enc[:, :1] + 1e-6 * W_enc).contiguous()
+    cases = [(x, near, torch.zeros_like(b_enc)), (x.clone().index_fill_(0, torch.tensor([3]), float("nan")), W_enc, b_enc)]
+    with caplog.at_level(logging.INFO, logger="saekit.kernels"):
+        for xs, W, b in cases:
+            got = encode_topk(xs, W, b, b_dec, 4, impl="screen")
+            want = encode_topk(xs, W, b, b_dec, 4, impl="torch")
+            assert torch.equal(got.indices, want.indices)
+            torch.testing.assert_close(got.values, want.values, equal_nan=True)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "too many candidates" in said and "non-finite" in said
+
+
+def test_screen_under_inference_mode():
+    x, W_enc, b_enc, b_dec = randn_sae(300, 64, 2048, seed=2)
+    screen._tls.__dict__.clear()  # the first call makes the buffers, inside inference mode
+    with torch.inference_mode():
+        a = encode_topk(x, W_enc, b_enc, b_dec, 8, impl="screen")
+    b = encode_topk(x, W_enc, b_enc, b_dec, 8, impl="screen")
+    assert torch.equal(a.indices, b.indices)
+
+
+def test_auto_takes_the_screen_only_where_it_pays(monkeypatch):
+    calls = []
+    real = screen.screened_select
+    monkeypatch.setattr(screen, "screened_select", lambda *a: calls.append(1) or real(*a))
+    x, W_enc, b_enc, b_dec = randn_sae(1024, 256, 4096, seed=3)
+    for amx, expect in ((False, 0), (True, 1)):
+        monkeypatch.setattr(screen, "amx_available", lambda: amx)
+        calls.clear()
+        encode_topk(x, W_enc, b_enc, b_dec, 32, impl="auto")
+        assert len(calls) == expect
+    calls.clear()
+    encode_topk(x[:512], W_enc, b_enc, b_dec, 32, impl="auto")   # batch too small
+    encode_topk(x, W_enc, b_enc, b_dec, 64, impl="auto")         # d_sae < 128 k
+    encode_topk(x.bfloat16(), W_enc.bfloat16(), b_enc.bfloat16(), b_dec.bfloat16(), 32, impl="auto")
+    encode_topk(x, W_enc, b_enc, b_dec, 32, impl="torch")
+    assert calls == []
+    with pytest.raises(ValueError, match="CPU path"):
+        resolve_impl("screen", "cuda")
