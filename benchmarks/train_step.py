@@ -71,9 +71,12 @@ def main(argv=None):
         trainer.tokens_since_fired[:n] = cfg.optim.dead_tokens
     # Another sparsifier's step is compared with a TopK step timed in the same rounds.
     topk = make("topk")[2] if args.sparsity != "topk" else None
-    encoder = _encoder_impl(args.impl, x, sae.W_enc, args.k)
-    screened = encoder == "screen" and args.sparsity in ("topk",)
+    topk_screens = _encoder_impl(args.impl, x, sae.W_enc, args.k) == "screen"
+    screened = topk_screens and args.sparsity == "topk"  # only TopK's encoder screens
+    encoder = "screen" if screened else "fp32 pre-activations"
     plain = make(args.sparsity, "torch")[2] if screened else None  # the same step on the fp32 product
+    # ... and another sparsifier is compared with the TopK step on the fp32 product as well
+    topk_plain = make("topk", "torch")[2] if topk is not None and topk_screens else None
 
     pre = torch.empty(args.batch, args.d_sae)
     # The SAE stores W_enc transposed ([d_sae, d_in] rows); the floor is timed with both
@@ -96,12 +99,15 @@ def main(argv=None):
     fns = {**{name: floor_with(W) for name, W in layouts.items()}, "step": step}
     if topk is not None:
         fns["topk"] = lambda: topk.train_step(x)
+    if topk_plain is not None:
+        fns["topk_plain"] = lambda: topk_plain.train_step(x)
     if screened:
         fns["plain"] = lambda: plain.train_step(x)
         fns["bf16"] = bf16_product(screen, x - sae.b_dec, sae)
     times = {name: statistics.median(t) for name, t in interleaved_times(fns, args.reps, warmup=2).items()}
     t_step = times.pop("step")
     t_topk = times.pop("topk", None)
+    t_topk_plain = times.pop("topk_plain", None)
     t_plain, t_bf16 = times.pop("plain", None), times.pop("bf16", None)
     t_layouts = times
     t_floor = min(t_layouts.values())
@@ -120,6 +126,9 @@ def main(argv=None):
            ("impl=torch step / floor tokens per s", f"{t_floor / t_plain:.2f}")] if screened else []),
         *([("TopK step, same rounds (s)", f"{t_topk:.4f}"), ("step time / TopK step time", f"{t_step / t_topk:.2f}")]
           if t_topk is not None else []),
+        *([("TopK step with impl=torch (the fp32 product), same rounds (s)", f"{t_topk_plain:.4f}"),
+           ("step time / impl=torch TopK step time", f"{t_step / t_topk_plain:.2f}")]
+          if t_topk_plain is not None else []),
         ("SAE parameters (MiB)", f"{params_mib:.0f}"),
         ("peak RSS growth during timing (MiB)", f"{rss1 - rss0:.0f}"),
         ("peak RSS of the process (MiB)", f"{rss1:.0f}"),

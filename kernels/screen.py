@@ -34,9 +34,9 @@ latents (``Dw = max |w - w~|``, ``Nw = max |w|``, ``Db``, ``Nb``), inflated by 2
 rounding of E itself, plus 2^-126 (sqrt(K) (|x| + Nw)(1 + u) + K + 1) for the denormal
 inputs, products and output that AMX flushes to zero.
 
-The threshold. Let G be the k-th largest of the strided super-group maxima of ``a`` (as in
-`select._hierarchical`): k distinct latents have ``a >= G``, so the k-th largest ``r`` is at
-least ``L = G - u'|G| - E`` (``a - u'|a|`` grows with ``a``). A latent with
+The threshold. Take k strided super-groups of ``a`` (as in `select._hierarchical`) and G the
+smallest of k values, one from each: k distinct latents have ``a >= G``, so the k-th
+largest ``r`` is at least ``L = G - u'|G| - E`` (``a - u'|a|`` grows with ``a``). A latent with
 ``a + u'|a| + E < L`` has ``r < L``: it is below the k-th value and cannot be selected, not
 even through a tie. The candidates are therefore ``a >= tau = f^-1(L - E)`` with
 ``f(a) = a + u'|a|``, compared in bf16 after rounding tau down. Every row has at least k.
@@ -156,11 +156,23 @@ def _candidates(a: Tensor, k: int, E: Tensor) -> tuple[Tensor, Tensor]:
     if n1 < 2 * n_super:  # too narrow for groups: rank and compare the whole rows
         tau = _threshold(a.topk(k, dim=1, sorted=False).values.amin(1).float(), E)
         return (a >= tau[:, None]).nonzero(as_tuple=True)
-    gm1 = _strided_group_max(a, _GROUP)                          # [B, n1]
+    # Group maxima of the raw bits as int16, ~3.5x faster than of bf16 values. Bits order
+    # like values among non-negative numbers and below them come all negative ones, so a
+    # group's bit maximum is its value maximum whenever the group holds a value >= +0.0,
+    # and otherwise one of its (negative) values. Either way it is one of the group's values.
+    gm1 = _strided_group_max(a.view(torch.int16), _GROUP)               # [B, n1]
     per = n1 // n_super
     gm2 = gm1[:, : per * n_super].unflatten(1, (per, n_super)).amax(1)  # [B, n_super]
-    tau = _threshold(gm2.topk(k, dim=1, sorted=False).values.amin(1).float(), E)
-    r, g = (gm1 >= tau[:, None]).nonzero(as_tuple=True)            # candidate groups
+    # k super-groups, each holding a value >= its reported one: G is a k-th value lower bound.
+    G = gm2.topk(k, dim=1, sorted=False).values.view(torch.bfloat16).amin(1).float()
+    tau = _threshold(G, E)
+    # A group can hold a candidate only if its maximum is >= tau. Where tau > 0 the bit
+    # maxima decide it (in bits: tau's bits are positive); other rows take value maxima.
+    hit = gm1 >= tau.view(torch.int16)[:, None]
+    low = (tau <= 0).nonzero().flatten()
+    if low.numel():
+        hit[low] = _strided_group_max(a[low], _GROUP) >= tau[low, None]
+    r, g = hit.nonzero(as_tuple=True)                                    # candidate groups
     vals = a[:, : n1 * _GROUP].unflatten(1, (_GROUP, n1))[r, :, g]  # [P, GROUP]: g + n1*m
     hit = (vals >= tau[r, None]).view(-1).nonzero().flatten()
     p, m = hit // _GROUP, hit % _GROUP

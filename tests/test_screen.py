@@ -42,20 +42,26 @@ def test_bound_holds_for_every_latent(scale):
     assert bool((E.double()[:, None] < 0.05 * s.abs().amax(1, keepdim=True)).all())  # and it is not vacuous
 
 
-@pytest.mark.parametrize("B,d_in,d_sae,k,grouped", [
-    (300, 64, 2048, 8, True),    # strided groups of 8
-    (257, 40, 1003, 4, True),    # groups, and 3 columns in no group
-    (257, 40, 1003, 16, False),  # too few groups for k: whole rows
-    (64, 32, 600, 1, True),
+@pytest.mark.parametrize("B,d_in,d_sae,k,grouped,negative", [
+    (300, 64, 2048, 8, True, False),    # strided groups of 8
+    (300, 64, 2048, 8, True, True),     # ... where many rows' top k are negative
+    (257, 40, 1003, 4, True, False),    # groups, and 3 columns in no group
+    (257, 40, 1003, 16, False, False),  # too few groups for k: whole rows
+    (64, 32, 600, 1, True, True),
 ])
-def test_screen_selects_the_fp32_top_k(B, d_in, d_sae, k, grouped, monkeypatch):
+def test_screen_selects_the_fp32_top_k(B, d_in, d_sae, k, grouped, negative, monkeypatch):
     """Random data: the same values as the fp32 path (within fp32 rounding) and the same
     latents on every row whose k-th and (k+1)-th pre-activations are not within 1e-5 of each
-    other, which are also the top k of the float64 pre-activations."""
+    other, which are also the top k of the float64 pre-activations. ``negative``: a bias of
+    -40 puts the top k of every other row below 0 (the rest are scaled up to stay above),
+    so both ways of comparing group maxima with the threshold run."""
     seen = []
     real = screen._strided_group_max
     monkeypatch.setattr(screen, "_strided_group_max", lambda *a: seen.append(1) or real(*a))
     x, W_enc, b_enc, b_dec = randn_sae(B, d_in, d_sae, seed=k)
+    if negative:
+        b_enc = b_enc - 40
+        x[::2] *= 10
     got = encode_topk(x, W_enc, b_enc, b_dec, k, impl="screen")
     want = encode_topk(x, W_enc, b_enc, b_dec, k, impl="torch")
     torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
@@ -65,7 +71,9 @@ def test_screen_selects_the_fp32_top_k(B, d_in, d_sae, k, grouped, monkeypatch):
     assert clear.float().mean() > 0.9
     assert torch.equal(got.indices.sort(1).values[clear], want.indices.sort(1).values[clear])
     assert torch.equal(got.indices[clear].sort(1).values, s[clear].topk(k, dim=1).indices.sort(1).values)
-    assert bool(seen) == grouped
+    assert len(seen) == (0 if not grouped else 2 if negative else 1)  # bit maxima, then value maxima
+    if negative:
+        assert (want.values == 0).any() and (want.values > 0).any()
 
 
 def test_screen_backward_and_aux_match_the_fp32_path():
