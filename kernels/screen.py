@@ -31,8 +31,10 @@ The bound. With u = 2^-8 (bf16 round-to-nearest), x~ = bf16(x) and so on, s the 
 
 so ``|r - a| <= E_b + u'|a|`` with E_b taking each column quantity at its maximum over
 latents (``Dw = max |w - w~|``, ``Nw = max |w|``, ``Db``, ``Nb``), inflated by 2^-10 for the
-rounding of E itself, plus 2^-126 (sqrt(K) (|x| + Nw)(1 + u) + K + 1) for the denormal
-inputs, products and output that AMX flushes to zero.
+rounding of E itself (computed in float64; the norms are fp32 ones bounded from above
+for their rounding and underflow, `_norm_upper`), plus 2^-126 (sqrt(K) (|x| + Nw)(1 + u) + 2K + 2)
+for the denormal inputs, products, sums and outputs that AMX (or a flush-denormal setting)
+flushes to zero.
 
 The threshold. Take k strided super-groups of ``a`` (as in `select._hierarchical`) and G the
 smallest of k values, one from each: k distinct latents have ``a >= G``, so the k-th
@@ -41,9 +43,10 @@ largest ``r`` is at least ``L = G - u'|G| - E`` (``a - u'|a|`` grows with ``a``)
 even through a tie. The candidates are therefore ``a >= tau = f^-1(L - E)`` with
 ``f(a) = a + u'|a|``, compared in bf16 after rounding tau down. Every row has at least k.
 
-Falls back to the plain fp32 path when the bound is not finite (inf or NaN anywhere) or the
-candidates exceed 16 a row on average (data whose top-k values sit within the bound of
-each other; never seen on SAE activations).
+Falls back to the plain fp32 path when the bound or a threshold is not finite (inf or NaN
+anywhere, or a product beyond bf16's range). A row with more than 16k candidates (its
+top-k values sit within the bound of each other, e.g. x = b_dec with b_enc = 0) takes the
+fp32 product alone; when every row does, the whole batch does.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ log = logging.getLogger("saekit.kernels")
 _U = 2.0 ** -8                 # bf16 unit roundoff
 _U_OUT = 2 * _U / (1 - 2 * _U)  # |a - p| <= _U_OUT |a| for a = bf16(p), rounded either way
 _GROUP = 8                     # level-1 strided groups, as select._hierarchical
-_MAX_CANDIDATES_PER_K = 16     # fall back above 16 k candidates a row (on average)
+_ROW_CAP = 16                  # rows with more than 16 k candidates take the fp32 product
 _COL_BLOCK = 512               # W rows per block when bounding bf16's rounding of W
 
 _tls = threading.local()
@@ -106,56 +109,78 @@ def _padded_k(d_in: int) -> int:
     return -(-(d_in + 1) // 16) * 16
 
 
+def _norm_upper(s: Tensor, n: int) -> Tensor:
+    """An upper bound, in float64, on the true 2-norms whose fp32 value ``vector_norm`` gave
+    as ``s`` for vectors of ``n`` entries: its rounding (< (n + 2) u32 relative) and squares
+    below fp32's normal range (each off by < 2^-126 even when flushed to zero) can only make
+    it smaller than the true norm, by at most what this adds back."""
+    s = s.double()
+    return (s.square() + n * 2.0 ** -126).sqrt() * (1 + 2 * (n + 2) * 2.0 ** -24)
+
+
 def _column_bounds(W_T: Tensor, b: Tensor, Wa: Tensor) -> tuple[float, float, float, float]:
     """Fill ``Wa`` [d_sae, K] bf16 with [W_enc^T | b_enc | 0] and return (Dw, Nw, Db, Nb):
-    max_j |w_j - bf16(w_j)|, max_j |w_j|, max |b - bf16(b)|, max |b| (2-norms over d_in).
-    In blocks of rows, so that the difference stays in cache."""
+    max_j |w_j - bf16(w_j)|, max_j |w_j|, max |b - bf16(b)|, max |b| (2-norms over d_in,
+    bounded from above: `_norm_upper`). In blocks of rows, so that the difference stays in
+    cache."""
     d_in = W_T.shape[1]
     Wa[:, :d_in].copy_(W_T)
     Wa[:, d_in].copy_(b)
+    Wa[:, d_in + 1:].zero_()  # the buffer may come from a call with a smaller d_in
     diff = _buffer("diff", (min(_COL_BLOCK, len(W_T)), d_in), torch.float32)
     norm_d, norm_w = W_T.new_empty(len(W_T)), W_T.new_empty(len(W_T))
     blocks = zip(W_T.split(_COL_BLOCK), Wa[:, :d_in].split(_COL_BLOCK), norm_d.split(_COL_BLOCK), norm_w.split(_COL_BLOCK))
     for Wb, Ab, nd, nw in blocks:
         torch.linalg.vector_norm(diff[: len(Wb)].copy_(Ab).sub_(Wb), dim=1, out=nd)
         torch.linalg.vector_norm(Wb, dim=1, out=nw)
-    Dw, Nw = float(norm_d.max()), float(norm_w.max())
+    Dw, Nw = (float(_norm_upper(t.max(), d_in)) for t in (norm_d, norm_w))
     Db = float((b - Wa[:, d_in]).abs().max())
     return Dw, Nw, Db, float(b.abs().max())
 
 
 def _row_bounds(xc: Tensor, xa: Tensor, cols: tuple[float, float, float, float]) -> Tensor:
-    """Fill ``xa`` [B, K] bf16 with [bf16(xc) | 1 | 0] and return E [B] (module docstring)."""
+    """Fill ``xa`` [B, K] bf16 with [bf16(xc) | 1 | 0] and return E [B] float64 (module
+    docstring)."""
     Dw, Nw, Db, Nb = cols
     d_in = xc.shape[1]
     xa[:, :d_in].copy_(xc)
     xa[:, d_in] = 1
-    xn = torch.linalg.vector_norm(xc, dim=1)
-    dxn = torch.linalg.vector_norm(xc - xa[:, :d_in], dim=1)
+    xa[:, d_in + 1:].zero_()  # the buffer may come from a call with a smaller d_in
+    xn = _norm_upper(torch.linalg.vector_norm(xc, dim=1), d_in)
+    dxn = _norm_upper(torch.linalg.vector_norm(xc - xa[:, :d_in], dim=1), d_in)
     K = xa.shape[1]
     gamma = K * 2.0 ** -24 / (1 - K * 2.0 ** -24)
     one = 1 + _U
     E = xn * Dw + dxn * (Nw * one) + Db + 2 * gamma * one * (xn * (one * Nw) + Nb)
-    flushed = 2.0 ** -126 * (K ** 0.5 * one * (xn + Nw) + K + 1)
+    # Denormals flushed to zero: inputs (sqrt(K) term), products and partial sums of either
+    # product (2K; torch.set_flush_denormal may flush the fp32 rescoring too), outputs (2).
+    flushed = 2.0 ** -126 * (K ** 0.5 * one * (xn + Nw) + 2 * K + 2)
     return (E + flushed) * (1 + 2.0 ** -10)
 
 
 def _threshold(G: Tensor, E: Tensor) -> Tensor:
-    """tau (module docstring) from G, E [B] fp32, rounded down to bf16."""
+    """tau (module docstring) from G [B] and E [B] float64, rounded down to bf16."""
+    G = G.double()
     L = G - _U_OUT * G.abs() - 2 * E                   # L - E
     tau = torch.where(L >= 0, L / (1 + _U_OUT), L / (1 - _U_OUT))
     t = tau.bfloat16()
-    return torch.where(t.float() > tau, torch.nextafter(t, torch.full_like(t, -math.inf)), t)
+    return torch.where(t.double() > tau, torch.nextafter(t, torch.full_like(t, -math.inf)), t)
 
 
-def _candidates(a: Tensor, k: int, E: Tensor) -> tuple[Tensor, Tensor]:
-    """(rows, cols) of every latent of ``a`` [B, n] bf16 that can be in its row's top k,
-    rows ascending."""
+def _candidates(a: Tensor, k: int, E: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(rows, cols, dense): every latent of ``a`` [B, n] bf16 that can be in its row's top k,
+    rows ascending, except in the rows ``dense`` [int64] that have more than
+    ``_ROW_CAP·k`` (or, defensively, fewer than k) candidates: those are left to the fp32
+    product. None when a threshold is not finite (a value beyond bf16's range)."""
     B, n = a.shape
     n1, n_super = n // _GROUP, 4 * k
+    cap = _ROW_CAP * k
     if n1 < 2 * n_super:  # too narrow for groups: rank and compare the whole rows
-        tau = _threshold(a.topk(k, dim=1, sorted=False).values.amin(1).float(), E)
-        return (a >= tau[:, None]).nonzero(as_tuple=True)
+        tau = _threshold(a.topk(k, dim=1, sorted=False).values.amin(1), E)
+        if not bool(torch.isfinite(tau).all()):
+            return None
+        rows, cols, dense = _cap_rows(*(a >= tau[:, None]).nonzero(as_tuple=True), B, k, cap)
+        return rows, cols, dense.nonzero().flatten()
     # Group maxima of the raw bits as int16, ~3.5x faster than of bf16 values. Bits order
     # like values among non-negative numbers and below them come all negative ones, so a
     # group's bit maximum is its value maximum whenever the group holds a value >= +0.0,
@@ -164,24 +189,39 @@ def _candidates(a: Tensor, k: int, E: Tensor) -> tuple[Tensor, Tensor]:
     per = n1 // n_super
     gm2 = gm1[:, : per * n_super].unflatten(1, (per, n_super)).amax(1)  # [B, n_super]
     # k super-groups, each holding a value >= its reported one: G is a k-th value lower bound.
-    G = gm2.topk(k, dim=1, sorted=False).values.view(torch.bfloat16).amin(1).float()
-    tau = _threshold(G, E)
+    tau = _threshold(gm2.topk(k, dim=1, sorted=False).values.view(torch.bfloat16).amin(1), E)
+    if not bool(torch.isfinite(tau).all()):
+        return None
     # A group can hold a candidate only if its maximum is >= tau. Where tau > 0 the bit
     # maxima decide it (in bits: tau's bits are positive); other rows take value maxima.
     hit = gm1 >= tau.view(torch.int16)[:, None]
     low = (tau <= 0).nonzero().flatten()
     if low.numel():
         hit[low] = _strided_group_max(a[low], _GROUP) >= tau[low, None]
-    r, g = hit.nonzero(as_tuple=True)                                    # candidate groups
+    # Candidate groups; each holds a candidate, so rows with more than cap go dense already.
+    r, g, dense = _cap_rows(*hit.nonzero(as_tuple=True), B, 0, cap)
     vals = a[:, : n1 * _GROUP].unflatten(1, (_GROUP, n1))[r, :, g]  # [P, GROUP]: g + n1*m
     hit = (vals >= tau[r, None]).view(-1).nonzero().flatten()
     p, m = hit // _GROUP, hit % _GROUP
     rows, cols = r[p], g[p] + n1 * m
     if n1 * _GROUP < n:  # columns in no group
         tr, tc = (a[:, n1 * _GROUP:] >= tau[:, None]).nonzero(as_tuple=True)
-        rows, order = torch.cat([rows, tr]).sort(stable=True)
-        cols = torch.cat([cols, tc + n1 * _GROUP])[order]
-    return rows, cols
+        keep = ~dense[tr]
+        rows, order = torch.cat([rows, tr[keep]]).sort(stable=True)
+        cols = torch.cat([cols, tc[keep] + n1 * _GROUP])[order]
+    rows, cols, short = _cap_rows(rows, cols, B, k, cap)
+    return rows, cols, (dense | short).nonzero().flatten()
+
+
+def _cap_rows(rows: Tensor, cols: Tensor, B: int, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Drop the pairs of rows with fewer than ``lo`` or more than ``hi`` of them:
+    (rows, cols, bool [B] marking the rows dropped)."""
+    count = torch.bincount(rows, minlength=B)
+    dense = (count < lo) | (count > hi)
+    if bool(dense.any()):
+        keep = ~dense[rows]
+        rows, cols = rows[keep], cols[keep]
+    return rows, cols, dense
 
 
 def _rescored_topk(xc: Tensor, W_enc: Tensor, b: Tensor, rows: Tensor, cols: Tensor, k: int):
@@ -228,10 +268,16 @@ def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask:
     if not (math.isfinite(sum(cols)) and bool(torch.isfinite(E).all())):
         return _fallback("a non-finite input or weight")
     a = torch.mm(xa, Wa.t(), out=_buffer("a", (B, d_sae), torch.bfloat16))  # [B, d_sae]
-    rows, cand = _candidates(a, k, E)
-    if len(rows) > _MAX_CANDIDATES_PER_K * k * B:
-        return _fallback("too many candidates")
+    found = _candidates(a, k, E)
+    if found is None:
+        return _fallback("a pre-activation beyond bf16's range")
+    rows, cand, dense = found
+    if len(dense) == B:
+        return _fallback(f"every row has more than {_ROW_CAP}·k candidates")
     values, indices = _rescored_topk(xc, W_enc, b_enc, rows, cand, k)
+    if len(dense):  # rows the bound cannot narrow (e.g. x = b_dec with b_enc = 0): fp32
+        _fallback(f"rows with more than {_ROW_CAP}·k candidates take the fp32 product")
+        values[dense], indices[dense] = topk_lower_index(torch.addmm(b_enc, xc[dense], W_enc), k)
     if dead_mask is None or k_aux == 0:
         empty = xc.new_empty(B, 0)
         return values.relu_(), indices, empty, empty.long()
@@ -248,7 +294,8 @@ _logged: set[str] = set()
 
 
 def _fallback(why: str) -> None:
-    """Log (once per reason) that the screen gave up on a batch; the caller runs fp32."""
+    """Log (once per reason) that the screen gave up on a batch or some of its rows, which
+    then take the fp32 product."""
     if why not in _logged:
         _logged.add(why)
         log.info("impl='screen' fell back to the fp32 path: %s", why)
