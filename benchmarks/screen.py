@@ -33,7 +33,7 @@ def candidates_per_row(x, W_enc, b_enc, b_dec, k) -> float:
     Wa = torch.zeros(W_enc.shape[1], screen._padded_k(x.shape[1]), dtype=torch.bfloat16)
     xa = torch.zeros(len(x), Wa.shape[1], dtype=torch.bfloat16)
     E = screen._row_bounds(xc, xa, screen._column_bounds(W_enc.t(), b_enc, Wa))
-    rows, _ = screen._candidates(xa @ Wa.t(), k, E)
+    rows, _, _ = screen._candidates(xa @ Wa.t(), k, E)
     return len(rows) / len(x)
 
 

@@ -66,9 +66,6 @@ def main(argv=None):
         return sae, cfg, Trainer(sae, cfg, total_steps=10**6)
 
     sae, cfg, trainer = make(args.sparsity)
-    if args.dead_frac:
-        n = int(args.dead_frac * args.d_sae)
-        trainer.tokens_since_fired[:n] = cfg.optim.dead_tokens
     # Another sparsifier's step is compared with a TopK step timed in the same rounds.
     topk = make("topk")[2] if args.sparsity != "topk" else None
     topk_screens = _encoder_impl(args.impl, x, sae.W_enc, args.k) == "screen"
@@ -90,10 +87,14 @@ def main(argv=None):
                 torch.addmm(sae.b_enc, x - sae.b_dec, W, out=pre)
         return floor
 
-    def step():
-        trainer.train_step(x, grad)
-        if args.dead_frac:  # keep the same latents dead every step
-            trainer.tokens_since_fired[: int(args.dead_frac * args.d_sae)] = cfg.optim.dead_tokens
+    def stepper(t: Trainer):
+        def step():
+            if args.dead_frac:  # the same latents dead at every step
+                t.tokens_since_fired[: int(args.dead_frac * args.d_sae)] = cfg.optim.dead_tokens
+            t.train_step(x, grad)
+        return step
+
+    step = stepper(trainer)
 
     rss0 = peak_rss_mib()
     fns = {**{name: floor_with(W) for name, W in layouts.items()}, "step": step}
@@ -102,7 +103,7 @@ def main(argv=None):
     if topk_plain is not None:
         fns["topk_plain"] = lambda: topk_plain.train_step(x)
     if screened:
-        fns["plain"] = lambda: plain.train_step(x)
+        fns["plain"] = stepper(plain)
         fns["bf16"] = bf16_product(screen, x - sae.b_dec, sae)
     times = {name: statistics.median(t) for name, t in interleaved_times(fns, args.reps, warmup=2).items()}
     t_step = times.pop("step")

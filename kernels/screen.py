@@ -84,10 +84,10 @@ def pays(x: Tensor, W_enc: Tensor, k: int) -> bool:
     """Whether impl="auto" screens: fp32 on a CPU with AMX, at sizes where it is faster.
 
     The fp32 product it saves grows with d_in·d_sae, the rescoring with k·d_in. Measured on
-    2 cores (benchmarks/screen.py, screen time / fp32 time; RESULTS.md): B=4096, d_in=768:
-    d_sae=12288, k=32: 0.50; d_sae=24576, k=64: 0.62; d_sae=12288, k=128: 0.98; d_in=256,
-    d_sae=4096: 0.84. Shapes with d_sae <= 2048 gained 7-12% in one run and lost up to 30%
-    in another, so they stay on the fp32 path."""
+    2 cores (benchmarks/screen.py, screen time / fp32 time, two runs; RESULTS.md): B=4096,
+    d_in=768: d_sae=12288, k=32: 0.50-0.56; d_sae=24576, k=64: 0.56-0.62; d_sae=12288,
+    k=128: 0.71-0.98; d_in=256, d_sae=4096: 0.70-0.84. Shapes with d_sae <= 2048 went from
+    30% slower to 15% faster between runs, so they stay on the fp32 path."""
     B, d_in = x.shape
     d_sae = W_enc.shape[1]
     return (x.device.type == "cpu" and x.dtype == W_enc.dtype == torch.float32 and B >= 1024
