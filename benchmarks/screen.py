@@ -18,7 +18,7 @@ import torch
 from bench_timing import interleaved_times
 
 from saekit.kernels import encode_topk, screen
-from saekit.kernels.encoder import _encoder_impl
+from saekit.kernels.encoder import encoder_impl
 
 SHAPES = [  # B, d_in, d_sae, k
     (4096, 768, 12288, 32), (4096, 768, 24576, 64), (4096, 768, 12288, 128),
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
         fns = {impl: (lambda impl=impl: encode_topk(x, W_enc, b_enc, b_dec, k, impl=impl)) for impl in ("torch", "screen")}
         t = {name: statistics.median(v) * 1e3 for name, v in interleaved_times(fns, args.reps).items()}
         cands = candidates_per_row(x, W_enc, b_enc, b_dec, k)
-        auto = _encoder_impl("auto", x, W_enc, k)
+        auto = encoder_impl("auto", x, W_enc, k)
         print(f"| {B} | {d_in} | {d_sae} | {k} | {t['torch']:.1f} | {t['screen']:.1f} | "
               f"{t['screen'] / t['torch']:.2f} | {cands:.0f} | {auto} |")
 

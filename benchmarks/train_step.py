@@ -13,10 +13,11 @@ shape joins the rounds and the table gives the step's time over TopK's. Prints a
 ``tokens_per_s=<n> floor_tokens_per_s=<n>``.
 
 On a CPU with AMX the default step (``impl="auto"``) takes the screened encoder
-(kernels/screen.py): it ranks latents through a bf16 product and recomputes ~2k candidates a
-row in fp32, so it no longer computes the fp32 product the floor times. Its selection is
-still the exact top k of fp32 pre-activations. The same rounds then also time the bf16
-product and the step with ``impl="torch"`` (the fp32 product), so both are in the table.
+(kernels/screen.py; TopK and Mutual Choice): it ranks latents through a bf16 product and
+recomputes in fp32 the candidates its error bound keeps (~2k a row), so it no longer
+computes the fp32 product the floor times. Its selection is still the exact top k of fp32
+pre-activations. The same rounds then also time the step with ``impl="torch"`` (the fp32
+product) and, for TopK, the bf16 product alone, so all are in the table.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from saekit.kernels import screen
-    from saekit.kernels.encoder import _encoder_impl
+    from saekit.kernels.encoder import encoder_impl
     from saekit.sae import SAE, SAEConfig
     from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions, TrainConfig
     from saekit.training.trainer import Trainer
@@ -68,8 +69,8 @@ def main(argv=None):
     sae, cfg, trainer = make(args.sparsity)
     # Another sparsifier's step is compared with a TopK step timed in the same rounds.
     topk = make("topk")[2] if args.sparsity != "topk" else None
-    topk_screens = _encoder_impl(args.impl, x, sae.W_enc, args.k) == "screen"
-    screened = topk_screens and args.sparsity == "topk"  # only TopK's encoder screens
+    topk_screens = encoder_impl(args.impl, x, sae.W_enc, args.k) == "screen"
+    screened = topk_screens and args.sparsity in ("topk", "mutual_choice")  # the selections that screen
     encoder = "screen" if screened else "fp32 pre-activations"
     plain = make(args.sparsity, "torch")[2] if screened else None  # the same step on the fp32 product
     # ... and another sparsifier is compared with the TopK step on the fp32 product as well
@@ -104,7 +105,8 @@ def main(argv=None):
         fns["topk_plain"] = lambda: topk_plain.train_step(x)
     if screened:
         fns["plain"] = stepper(plain)
-        fns["bf16"] = bf16_product(screen, x - sae.b_dec, sae)
+        if args.sparsity == "topk":
+            fns["bf16"] = bf16_product(screen, x - sae.b_dec, sae)
     times = {name: statistics.median(t) for name, t in interleaved_times(fns, args.reps, warmup=2).items()}
     t_step = times.pop("step")
     t_topk = times.pop("topk", None)
@@ -122,8 +124,9 @@ def main(argv=None):
         ("encoder (impl=" + args.impl + ")", encoder),
         ("full training step (s)", f"{t_step:.4f}"),
         ("step / floor tokens per s", f"{t_floor / t_step:.2f}"),
-        *([("the screen's bf16 product [B, d_in+pad] @ [d_in+pad, d_sae] (s)", f"{t_bf16:.4f}"),
-           ("step with impl=torch: the fp32 product (s)", f"{t_plain:.4f}"),
+        *([("the screen's bf16 product [B, d_in+pad] @ [d_in+pad, d_sae] (s)", f"{t_bf16:.4f}")]
+          if t_bf16 is not None else []),
+        *([("step with impl=torch: the fp32 product (s)", f"{t_plain:.4f}"),
            ("impl=torch step / floor tokens per s", f"{t_floor / t_plain:.2f}")] if screened else []),
         *([("TopK step, same rounds (s)", f"{t_topk:.4f}"), ("step time / TopK step time", f"{t_step / t_topk:.2f}")]
           if t_topk is not None else []),

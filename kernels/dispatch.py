@@ -39,7 +39,7 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
     "screen".
 
     "auto" -> "triton" on CUDA when triton is importable, else "torch" (the TopK encoder
-    then takes "screen" on CPUs with AMX, see encoder._encoder_impl).
+    then takes "screen" on CPUs with AMX, see encoder.encoder_impl).
     "triton" on a CPU tensor is allowed only under TRITON_INTERPRET=1 (the test setting);
     otherwise a one-line ValueError says why.
     "screen" (CPU only) is the plain-PyTorch path whose TopK encoder ranks through a bf16

@@ -217,15 +217,17 @@ def _encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, impl):
     _validate(x, W_enc, b_enc, b_dec, k)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [B, d_in]
-    impl = _encoder_impl(impl, x2, W_enc, k)
+    impl = encoder_impl(impl, x2, W_enc, k)
     if impl == "triton" and max(k, k_aux) > TRITON_MAX_K:
         raise ValueError(f"impl='triton' supports k, k_aux <= {TRITON_MAX_K}; got k={k}, k_aux={k_aux}")
     v, i, av, ai = _EncodeTopK.apply(x2, W_enc, b_enc, b_dec, dead_mask, k, k_aux, impl)
     return TopK(v.unflatten(0, lead), i.unflatten(0, lead)), TopK(av.unflatten(0, lead), ai.unflatten(0, lead))
 
 
-def _encoder_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
-    """resolve_impl, and "auto" on CPU takes the bf16 screen where it pays (screen.pays)."""
+def encoder_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
+    """The impl a TopK-style selection of k latents a row runs for x [B, d_in]: resolve_impl,
+    and "auto" on CPU takes the bf16 screen where it pays (screen.pays). "screen" applies
+    to fp32 only; other dtypes run it as "torch"."""
     resolved = resolve_impl(impl, x.device)
     if impl == "auto" and resolved == "torch":
         from .screen import pays

@@ -18,7 +18,8 @@ The result is exactly the top k of ``r`` over all latents: only an fp32 rounding
 difference (~1e-7 relative, as between two BLAS libraries) separates ``r`` from the dense
 product's values, so the two paths can disagree only between latents whose pre-activations
 tie to within that rounding. AuxK's selection among dead latents ranks their fp32
-pre-activations, from a matmul over their columns only.
+pre-activations, from a matmul over their columns only. Mutual Choice's batch-wide top k·B
+is screened the same way with one threshold for the batch (`screened_global_topk`).
 
 The bound. With u = 2^-8 (bf16 round-to-nearest), x~ = bf16(x) and so on, s the exact
 ``x.w + b`` and gamma = K u32 / (1 - K u32) (fp32 sums of K terms in any order, u32 = 2^-24):
@@ -158,10 +159,11 @@ def _row_bounds(xc: Tensor, xa: Tensor, cols: tuple[float, float, float, float])
     return (E + flushed) * (1 + 2.0 ** -10)
 
 
-def _threshold(G: Tensor, E: Tensor) -> Tensor:
-    """tau (module docstring) from G [B] and E [B] float64, rounded down to bf16."""
+def _threshold(G: Tensor, E_G: Tensor | float, E: Tensor) -> Tensor:
+    """tau (module docstring) from G [B], the bound E_G that holds for the latents behind G
+    and E [B] float64 (TopK: E_G = E; a batch-wide G: max E), rounded down to bf16."""
     G = G.double()
-    L = G - _U_OUT * G.abs() - 2 * E                   # L - E
+    L = G - _U_OUT * G.abs() - E_G - E                 # L - E
     tau = torch.where(L >= 0, L / (1 + _U_OUT), L / (1 - _U_OUT))
     t = tau.bfloat16()
     return torch.where(t.double() > tau, torch.nextafter(t, torch.full_like(t, -math.inf)), t)
@@ -176,30 +178,50 @@ def _candidates(a: Tensor, k: int, E: Tensor) -> tuple[Tensor, Tensor, Tensor] |
     n1, n_super = n // _GROUP, 4 * k
     cap = _ROW_CAP * k
     if n1 < 2 * n_super:  # too narrow for groups: rank and compare the whole rows
-        tau = _threshold(a.topk(k, dim=1, sorted=False).values.amin(1), E)
+        tau = _threshold(a.topk(k, dim=1, sorted=False).values.amin(1), E, E)
         if not bool(torch.isfinite(tau).all()):
             return None
         rows, cols, dense = _cap_rows(*(a >= tau[:, None]).nonzero(as_tuple=True), B, k, cap)
         return rows, cols, dense.nonzero().flatten()
-    # Group maxima of the raw bits as int16, ~3.5x faster than of bf16 values. Bits order
-    # like values among non-negative numbers and below them come all negative ones, so a
-    # group's bit maximum is its value maximum whenever the group holds a value >= +0.0,
-    # and otherwise one of its (negative) values. Either way it is one of the group's values.
-    gm1 = _strided_group_max(a.view(torch.int16), _GROUP)               # [B, n1]
+    gm1 = _group_maxima(a)                                              # [B, n1]
     per = n1 // n_super
     gm2 = gm1[:, : per * n_super].unflatten(1, (per, n_super)).amax(1)  # [B, n_super]
     # k super-groups, each holding a value >= its reported one: G is a k-th value lower bound.
-    tau = _threshold(gm2.topk(k, dim=1, sorted=False).values.view(torch.bfloat16).amin(1), E)
+    tau = _threshold(gm2.topk(k, dim=1, sorted=False).values.view(torch.bfloat16).amin(1), E, E)
     if not bool(torch.isfinite(tau).all()):
         return None
-    # A group can hold a candidate only if its maximum is >= tau. Where tau > 0 the bit
-    # maxima decide it (in bits: tau's bits are positive); other rows take value maxima.
-    hit = gm1 >= tau.view(torch.int16)[:, None]
-    low = (tau <= 0).nonzero().flatten()
-    if low.numel():
-        hit[low] = _strided_group_max(a[low], _GROUP) >= tau[low, None]
-    # Candidate groups; each holds a candidate, so rows with more than cap go dense already.
-    r, g, dense = _cap_rows(*hit.nonzero(as_tuple=True), B, 0, cap)
+    rows, cols, dense = _members(a, gm1, tau, cap)
+    rows, cols, short = _cap_rows(rows, cols, B, k, cap)
+    return rows, cols, (dense | short).nonzero().flatten()
+
+
+def _group_maxima(a: Tensor) -> Tensor:
+    """Maxima of the raw bits of ``a`` [B, n] bf16 as int16 over strided groups of 8
+    (`select._strided_group_max`), [B, n // 8]: ~3.5x faster than of bf16 values. Bits order
+    like values among non-negative numbers and below them come all negative ones, so a
+    group's bit maximum is its value maximum whenever the group holds a value >= +0.0, and
+    otherwise one of its (negative) values. Either way it is one of the group's values."""
+    return _strided_group_max(a.view(torch.int16), _GROUP)
+
+
+def _members(a: Tensor, gm1: Tensor, tau: Tensor, cap: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, cols) of every entry of ``a`` [B, n] bf16 >= tau [B] bf16, rows ascending,
+    found through the group maxima ``gm1``: bit maxima (`_group_maxima`, int16) or value
+    maxima (bf16); with ``cap``, rows with more than ``cap`` of them are left out and marked
+    in the bool [B] returned third."""
+    B, n = a.shape
+    n1 = gm1.shape[1]
+    if gm1.dtype == torch.bfloat16:
+        hit = gm1 >= tau[:, None]
+    else:
+        # A group can hold a member only if its maximum is >= tau. Where tau > 0 the bit
+        # maxima decide it (in bits: tau's bits are positive); other rows take value maxima.
+        hit = gm1 >= tau.view(torch.int16)[:, None]
+        low = (tau <= 0).nonzero().flatten()
+        if low.numel():
+            hit[low] = _strided_group_max(a[low], _GROUP) >= tau[low, None]
+    # Each hit group holds a member, so rows with more than cap of them are out already.
+    r, g, dense = _cap_rows(*hit.nonzero(as_tuple=True), B, 0, n if cap is None else cap)
     vals = a[:, : n1 * _GROUP].unflatten(1, (_GROUP, n1))[r, :, g]  # [P, GROUP]: g + n1*m
     hit = (vals >= tau[r, None]).view(-1).nonzero().flatten()
     p, m = hit // _GROUP, hit % _GROUP
@@ -209,8 +231,7 @@ def _candidates(a: Tensor, k: int, E: Tensor) -> tuple[Tensor, Tensor, Tensor] |
         keep = ~dense[tr]
         rows, order = torch.cat([rows, tr[keep]]).sort(stable=True)
         cols = torch.cat([cols, tc[keep] + n1 * _GROUP])[order]
-    rows, cols, short = _cap_rows(rows, cols, B, k, cap)
-    return rows, cols, (dense | short).nonzero().flatten()
+    return rows, cols, dense
 
 
 def _cap_rows(rows: Tensor, cols: Tensor, B: int, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -224,17 +245,24 @@ def _cap_rows(rows: Tensor, cols: Tensor, B: int, lo: int, hi: int) -> tuple[Ten
     return rows, cols, dense
 
 
+def _rescore(xc: Tensor, W_enc: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 pre-activations ``b + xc . w`` of the pairs (rows ascending), a sampled matmul:
+    (values [nnz], count [B] of pairs a row, crow [B + 1] where each row's pairs start)."""
+    B = xc.shape[0]
+    count = torch.bincount(rows, minlength=B)
+    crow = torch.zeros(B + 1, dtype=torch.int64)
+    torch.cumsum(count, 0, out=crow[1:])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols, b[cols], (B, W_enc.shape[1]), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, xc, W_enc).values(), count, crow
+
+
 def _rescored_topk(xc: Tensor, W_enc: Tensor, b: Tensor, rows: Tensor, cols: Tensor, k: int):
     """fp32 pre-activations of the candidates, then each row's top k by (value desc, index
     asc): (values [B, k] fp32, indices [B, k] int64)."""
     B = xc.shape[0]
-    counts = torch.bincount(rows, minlength=B)
-    crow = torch.zeros(B + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=crow[1:])
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, cols, b[cols], (B, W_enc.shape[1]), check_invariants=False)
-    r = torch.sparse.sampled_addmm(pattern, xc, W_enc).values()  # b + xc . w, per candidate
+    r, counts, crow = _rescore(xc, W_enc, b, rows, cols)
     C = int(counts.max())
     slot = torch.arange(len(rows)) - crow[rows]
     V = torch.full((B, C), -math.inf)
@@ -252,12 +280,9 @@ def _rescored_topk(xc: Tensor, W_enc: Tensor, b: Tensor, rows: Tensor, cols: Ten
     return v, i
 
 
-@torch.no_grad()
-def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None,
-                    k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """`encoder._select` on the screen: (values, indices, aux values, aux indices), ReLU
-    applied, or None where the screen cannot certify its result (the caller then runs the
-    fp32 path). xc [B, d_in], W_enc [d_in, d_sae], b_enc [d_sae]: fp32 CPU tensors."""
+def _screen_product(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The bf16 product ``a`` [B, d_sae] and the bound E [B] (module docstring), or None
+    (logged) where the bound is not finite."""
     B, d_in = xc.shape
     d_sae = W_enc.shape[1]
     K = _padded_k(d_in)
@@ -267,7 +292,20 @@ def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask:
     E = _row_bounds(xc, xa, cols)
     if not (math.isfinite(sum(cols)) and bool(torch.isfinite(E).all())):
         return _fallback("a non-finite input or weight")
-    a = torch.mm(xa, Wa.t(), out=_buffer("a", (B, d_sae), torch.bfloat16))  # [B, d_sae]
+    return torch.mm(xa, Wa.t(), out=_buffer("a", (B, d_sae), torch.bfloat16)), E
+
+
+@torch.no_grad()
+def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None,
+                    k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """`encoder._select` on the screen: (values, indices, aux values, aux indices), ReLU
+    applied, or None where the screen cannot certify its result (the caller then runs the
+    fp32 path). xc [B, d_in], W_enc [d_in, d_sae], b_enc [d_sae]: fp32 CPU tensors."""
+    B = xc.shape[0]
+    product = _screen_product(xc, W_enc, b_enc)
+    if product is None:
+        return None
+    a, E = product  # [B, d_sae] bf16, [B]
     found = _candidates(a, k, E)
     if found is None:
         return _fallback("a pre-activation beyond bf16's range")
@@ -288,6 +326,43 @@ def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask:
     pre_dead = torch.addmm(b_enc[dead_idx], xc, W_enc.t()[dead_idx].t())  # [B, n_dead]
     aux_values, aux_pos = topk_lower_index(pre_dead, k_aux)
     return values.relu_(), indices, aux_values.relu_(), dead_idx[aux_pos]
+
+
+@torch.no_grad()
+def screened_global_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`select.global_topk` of the pre-activations ``xc @ W_enc + b_enc``, on the screen:
+    (rows, cols, values) of the batch's n largest fp32 pre-activations (Mutual Choice), in no
+    particular order, which of several equal values at the cut are kept unspecified; or None
+    where the screen cannot certify its result (the caller then runs the fp32 path).
+
+    The threshold is batch-wide: the n largest group maxima (bit maxima, `_group_maxima`,
+    unless the smallest of them is not positive: value maxima) come from n distinct groups,
+    each holding a value >= the smallest of them, G. The n-th largest r is
+    then at least ``G - u'|G| - max E``, and row b's candidates are ``a >= tau_b`` with
+    ``tau_b = f^-1(G - u'|G| - max E - E_b)`` (module docstring)."""
+    from .select import global_topk
+
+    B = xc.shape[0]
+    if n > B * (W_enc.shape[1] // _GROUP):  # fewer groups than entries to keep
+        return _fallback("more entries to keep than groups")
+    product = _screen_product(xc, W_enc, b_enc)
+    if product is None:
+        return None
+    a, E = product
+    gm1 = _group_maxima(a)
+    G = global_topk(gm1, n)[2].view(torch.bfloat16).amin()
+    if G <= 0:  # the batch's n-th value is not positive: bit maxima would rank it badly
+        gm1 = _strided_group_max(a, _GROUP)
+        G = global_topk(gm1, n)[2].amin()
+    tau = _threshold(G.expand(B), E.max(), E)
+    if not bool(torch.isfinite(tau).all()):
+        return _fallback("a pre-activation beyond bf16's range")
+    rows, cols, _ = _members(a, gm1, tau)
+    if len(rows) > _ROW_CAP * n:
+        return _fallback(f"more than {_ROW_CAP}·n candidates")
+    r = _rescore(xc, W_enc, b_enc, rows, cols)[0]
+    top = r.topk(n, sorted=False)
+    return rows[top.indices], cols[top.indices], top.values
 
 
 _logged: set[str] = set()

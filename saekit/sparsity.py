@@ -16,7 +16,7 @@ tells the kernels where each row's padding starts.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -49,18 +49,27 @@ def pairs_to_codes(values: Tensor, rows: Tensor, cols: Tensor, n_rows: int) -> C
     return Codes(values.new_zeros(n_rows, n).index_put((rows, pos), values), indices, counts)
 
 
-def aux_select(pre: Tensor, weights: Tensor | None, k_aux: int) -> Codes | None:
+def aux_select(pre: Tensor | Callable[[Tensor], Tensor], weights: Tensor | None, k_aux: int) -> Codes | None:
     """Top ``k_aux`` of ``weights ⊙ ReLU(pre)`` among latents with weight > 0; values
-    ``ReLU(pre)`` (ranking ``weights ⊙ pre`` keeps the same positive entries)."""
+    ``ReLU(pre)`` (ranking ``weights ⊙ pre`` keeps the same positive entries). ``pre``: the
+    dense pre-activations [B, d_sae], or a function giving their columns ``eligible``
+    (`_columns`)."""
     if weights is None or k_aux <= 0:
         return None
     eligible = (weights > 0).nonzero().flatten()
     if len(eligible) == 0:
         return None
-    score = pre.index_select(1, eligible) * weights[eligible]  # [B, n_eligible]
-    pos = score.topk(min(k_aux, len(eligible)), dim=1).indices
-    idx = eligible[pos]
-    return Codes(pre.gather(1, idx).relu_(), idx)
+    pre_e = pre(eligible) if callable(pre) else pre.index_select(1, eligible)  # [B, n_eligible]
+    pos = (pre_e * weights[eligible]).topk(min(k_aux, len(eligible)), dim=1).indices
+    return Codes(pre_e.gather(1, pos).relu_(), eligible[pos])
+
+
+def _columns(sae, x: Tensor) -> Callable[[Tensor], Tensor]:
+    """Pre-activations of the latents ``cols`` only, ``(x - b_dec) @ W_enc[:, cols] + b_enc[cols]``
+    (for the auxiliary selection where no dense pre-activations were made)."""
+    def pre(cols: Tensor) -> Tensor:
+        return torch.addmm(sae.b_enc[cols], x - sae.b_dec, sae.W_enc.t()[cols].t())
+    return pre
 
 
 def _pre(sae, x: Tensor) -> Tensor:
@@ -187,18 +196,31 @@ class MutualChoice(nn.Module):
         B, d_sae = pre.shape
         return global_topk(pre, min(self.k * B, B * d_sae))
 
+    def screened_select(self, sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``batch_select`` of x's pre-activations through the bf16 screen
+        (``kernels.screen.screened_global_topk``) where the SAE's impl takes it, else None."""
+        from saekit.kernels import screen
+        from saekit.kernels.encoder import encoder_impl
+
+        if x.dtype != torch.float32 or encoder_impl(sae.cfg.impl, x, sae.W_enc, self.k) != "screen":
+            return None
+        B, d_sae = x.shape[0], sae.cfg.d_sae
+        return screen.screened_global_topk(x - sae.b_dec, sae.W_enc, sae.b_enc, min(self.k * B, B * d_sae))
+
     def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
         with torch.no_grad():
-            pre = _pre(sae, x)
-            if self.training or self.mode == "batch":
-                rows, cols, values = self.batch_select(pre)
+            batch = self.training or self.mode == "batch"
+            picked = self.screened_select(sae, x) if batch else None
+            pre = _pre(sae, x) if picked is None else None
+            if batch:
+                rows, cols, values = picked if picked is not None else self.batch_select(pre)
                 values = values.relu_()  # ranking pre keeps the same positive entries as ReLU(pre)
-                codes = pairs_to_codes(values, rows, cols, len(pre))
+                codes = pairs_to_codes(values, rows, cols, len(x))
                 if self.training:
                     _ema_(self.theta, values.min(), self.decay, self.theta_set)
             else:
                 codes = mask_to_codes(pre, pre > self.theta)  # theta >= 0: the same as ReLU(pre) > theta
-            aux = aux_select(pre, aux_weights, k_aux)
+            aux = aux_select(_columns(sae, x) if pre is None else pre, aux_weights, k_aux)
         return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
 
 

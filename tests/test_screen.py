@@ -174,3 +174,46 @@ def test_auto_takes_the_screen_only_where_it_pays(monkeypatch):
     assert calls == []
     with pytest.raises(ValueError, match="CPU path"):
         resolve_impl("screen", "cuda")
+
+
+def pairs(codes):
+    """The (token, latent) pairs of ragged codes, sorted."""
+    real = torch.arange(codes.indices.shape[1]) < codes.lengths[:, None]
+    rows = torch.arange(len(codes.indices))[:, None].expand_as(codes.indices)[real]
+    return sorted(zip(rows.tolist(), codes.indices[real].tolist()))
+
+
+@pytest.mark.parametrize("negative", [False, True])
+def test_mutual_choice_on_the_screen_keeps_the_fp32_selection(negative, monkeypatch):
+    """Mutual Choice's batch-wide top k·B through the screen: the same (token, latent) pairs
+    as the fp32 path wherever the n-th and (n+1)-th pre-activations of the batch are apart,
+    the same values, and the same AuxK selection (made from the eligible columns only)."""
+    from saekit.sae import SAE, SAEConfig
+
+    made = []
+    real = screen.screened_global_topk
+    monkeypatch.setattr(screen, "screened_global_topk", lambda *a: made.append(real(*a)) or made[-1])
+    x, W_enc, b_enc, b_dec = randn_sae(300, 64, 2048, seed=6)
+    if negative:  # the batch's top k·B below zero: rows with tau <= 0
+        b_enc = b_enc - 12
+    out = {}
+    for impl in ("screen", "torch"):
+        sae = SAE(SAEConfig(d_in=64, d_sae=2048, k=8, sparsity="mutual_choice", impl=impl), seed=0)
+        with torch.no_grad():
+            sae.W_enc_T.copy_(W_enc.t())
+            sae.b_enc.copy_(b_enc)
+            sae.b_dec.copy_(b_dec)
+        dead = torch.zeros(2048)
+        dead[::5] = 1
+        enc = sae.sparsifier.encode(sae, x, None, dead, 16)
+        out[impl] = enc, sae.sparsifier.theta.clone()
+    (a, theta_a), (b, theta_b) = out["screen"], out["torch"]
+    assert len(made) == 1 and made[0] is not None  # the screen ran (impl="torch" never calls it)
+    s = ((x - b_dec).double() @ W_enc.double() + b_enc.double()).flatten().sort(descending=True).values
+    n = 8 * 300
+    assert (s[n - 1] - s[n]) > 1e-5 * s[n - 1].abs()  # this seed's cut is clear of rounding
+    assert pairs(a.codes) == pairs(b.codes) and torch.equal(a.codes.lengths, b.codes.lengths)
+    torch.testing.assert_close(a.codes.values.sort(1).values, b.codes.values.sort(1).values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theta_a, theta_b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(a.aux.indices, b.aux.indices)
+    torch.testing.assert_close(a.aux.values, b.aux.values, rtol=1e-5, atol=1e-5)
