@@ -13,7 +13,7 @@ shape joins the rounds and the table gives the step's time over TopK's. Prints a
 ``tokens_per_s=<n> floor_tokens_per_s=<n>``.
 
 On a CPU with AMX the default step (``impl="auto"``) takes the screened encoder
-(kernels/screen.py; TopK and Mutual Choice): it ranks latents through a bf16 product and
+(kernels/screen.py; TopK, Mutual and Feature Choice): it ranks latents through a bf16 product and
 recomputes in fp32 the candidates its error bound keeps (~2k a row), so it no longer
 computes the fp32 product the floor times. Its selection is still the exact top k of fp32
 pre-activations. The same rounds then also time the step with ``impl="torch"`` (the fp32
@@ -70,7 +70,7 @@ def main(argv=None):
     # Another sparsifier's step is compared with a TopK step timed in the same rounds.
     topk = make("topk")[2] if args.sparsity != "topk" else None
     topk_screens = encoder_impl(args.impl, x, sae.W_enc, args.k) == "screen"
-    screened = topk_screens and args.sparsity in ("topk", "mutual_choice")  # the selections that screen
+    screened = topk_screens and args.sparsity != "gtopk"  # the selections that screen
     encoder = "screen" if screened else "fp32 pre-activations"
     plain = make(args.sparsity, "torch")[2] if screened else None  # the same step on the fp32 product
     # ... and another sparsifier is compared with the TopK step on the fp32 product as well

@@ -19,7 +19,8 @@ difference (~1e-7 relative, as between two BLAS libraries) separates ``r`` from 
 product's values, so the two paths can disagree only between latents whose pre-activations
 tie to within that rounding. AuxK's selection among dead latents ranks their fp32
 pre-activations, from a matmul over their columns only. Mutual Choice's batch-wide top k·B
-is screened the same way with one threshold for the batch (`screened_global_topk`).
+is screened the same way with one threshold for the batch (`screened_global_topk`), and
+Feature Choice's per-latent top m_j with one threshold a latent (`screened_column_topk`).
 
 The bound. With u = 2^-8 (bf16 round-to-nearest), x~ = bf16(x) and so on, s the exact
 ``x.w + b`` and gamma = K u32 / (1 - K u32) (fp32 sums of K terms in any order, u32 = 2^-24):
@@ -245,24 +246,26 @@ def _cap_rows(rows: Tensor, cols: Tensor, B: int, lo: int, hi: int) -> tuple[Ten
     return rows, cols, dense
 
 
-def _rescore(xc: Tensor, W_enc: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """fp32 pre-activations ``b + xc . w`` of the pairs (rows ascending), a sampled matmul:
-    (values [nnz], count [B] of pairs a row, crow [B + 1] where each row's pairs start)."""
-    B = xc.shape[0]
-    count = torch.bincount(rows, minlength=B)
-    crow = torch.zeros(B + 1, dtype=torch.int64)
+def _rescore(left: Tensor, right: Tensor, bias: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``bias + left[rows] . right[:, cols]`` for each pair (rows ascending), in fp32: a
+    sampled matmul. With left = xc, right = W_enc and bias = b_enc[cols], the candidates'
+    pre-activations; with left = W_enc^T, right = xc^T, the same numbers latent by latent.
+    Returns (values [nnz], count [R] of pairs a row, crow [R + 1] where each row's start)."""
+    R = left.shape[0]
+    count = torch.bincount(rows, minlength=R)
+    crow = torch.zeros(R + 1, dtype=torch.int64)
     torch.cumsum(count, 0, out=crow[1:])
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, cols, b[cols], (B, W_enc.shape[1]), check_invariants=False)
-    return torch.sparse.sampled_addmm(pattern, xc, W_enc).values(), count, crow
+        pattern = torch.sparse_csr_tensor(crow, cols, bias, (R, right.shape[1]), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, left, right).values(), count, crow
 
 
 def _rescored_topk(xc: Tensor, W_enc: Tensor, b: Tensor, rows: Tensor, cols: Tensor, k: int):
     """fp32 pre-activations of the candidates, then each row's top k by (value desc, index
     asc): (values [B, k] fp32, indices [B, k] int64)."""
     B = xc.shape[0]
-    r, counts, crow = _rescore(xc, W_enc, b, rows, cols)
+    r, counts, crow = _rescore(xc, W_enc, b[cols], rows, cols)
     C = int(counts.max())
     slot = torch.arange(len(rows)) - crow[rows]
     V = torch.full((B, C), -math.inf)
@@ -360,9 +363,76 @@ def screened_global_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, n: int) -> tu
     rows, cols, _ = _members(a, gm1, tau)
     if len(rows) > _ROW_CAP * n:
         return _fallback(f"more than {_ROW_CAP}·n candidates")
-    r = _rescore(xc, W_enc, b_enc, rows, cols)[0]
+    r = _rescore(xc, W_enc, b_enc[cols], rows, cols)[0]
     top = r.topk(n, sorted=False)
     return rows[top.indices], cols[top.indices], top.values
+
+
+@torch.no_grad()
+def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """`select.column_topk` of the pre-activations ``xc @ W_enc + b_enc``, on the screen:
+    for each latent j its ``m[j]`` largest fp32 pre-activations over the batch (Feature
+    Choice), as (rows, cols, values) and ``smallest`` [d_sae], each latent's m[j]-th value;
+    which of several equal values at a latent's cut are kept is unspecified. None where the
+    screen cannot certify its result (the caller then runs the fp32 path).
+
+    Thresholds are per latent: the value maxima of ``a`` over groups of 8 consecutive
+    tokens, and G_j the m[j]-th largest of latent j's (m[j] distinct groups, each holding a
+    value >= it), so latent j's m[j]-th largest r is at least ``G_j - u'|G_j| - max E``
+    and its candidates are ``a >= tau_j = f^-1(G_j - u'|G_j| - 2 max E)`` (module
+    docstring). Latents with m[j] above a quarter of the groups rank their fp32 column."""
+    from .select import column_topk
+
+    B, d_sae = xc.shape[0], W_enc.shape[1]
+    B1 = B // _GROUP
+    narrow = m <= B1 // 4
+    if not bool(narrow.any()):
+        return _fallback("every latent keeps more than a quarter of the token groups")
+    product = _screen_product(xc, W_enc, b_enc)
+    if product is None:
+        return None
+    a, E = product
+    H = a[: B1 * _GROUP].unflatten(0, (B1, _GROUP)).amax(1).t().contiguous()  # [d_sae, B1] value maxima
+    M = int(m[narrow].max())
+    G = H.topk(M, dim=1).values.gather(1, (m.clamp(max=M) - 1)[:, None])[:, 0]  # [d_sae]
+    E_max = E.max()
+    tau = _threshold(G, E_max, E_max.expand(d_sae))
+    if not bool(torch.isfinite(tau[narrow]).all()):
+        return _fallback("a pre-activation beyond bf16's range")
+    tau = torch.where(narrow, tau, math.inf)  # the wide latents are ranked below, in fp32
+    j, g = (H >= tau[:, None]).nonzero(as_tuple=True)                # candidate (latent, group), j ascending
+    vals = a[: B1 * _GROUP].view(B1, _GROUP, d_sae)[g, :, j]         # [P, GROUP]
+    hit = (vals >= tau[j, None]).view(-1).nonzero().flatten()
+    p, t = hit // _GROUP, hit % _GROUP
+    cols, rows = j[p], g[p] * _GROUP + t
+    if B1 * _GROUP < B:  # tokens in no group
+        tr, tc = (a[B1 * _GROUP:] >= tau).nonzero(as_tuple=True)
+        cols, order = torch.cat([cols, tc]).sort(stable=True)
+        rows = torch.cat([rows, tr + B1 * _GROUP])[order]
+    if len(rows) > _ROW_CAP * int(m[narrow].sum()):
+        return _fallback(f"more than {_ROW_CAP}·m candidates")
+    r = _rescore(W_enc.t(), xc.t(), b_enc[cols], cols, rows)[0]  # by latent: W_enc^T rows . xc
+    # Per latent, its candidates by value descending (one sort of int64 keys: the latent,
+    # then the value's bits flipped into descending order); keep the first m[j].
+    bits = r.view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 order = value order
+    order = ((cols << 32) - bits.long()).argsort()
+    rows, cols, r = rows[order], cols[order], r[order]
+    start = torch.zeros(d_sae + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(cols, minlength=d_sae), 0, out=start[1:])
+    pos = torch.arange(len(cols)) - start[cols]
+    keep = pos < m[cols]
+    smallest = torch.empty(d_sae)
+    last = keep & (pos == m[cols] - 1)
+    smallest[cols[last]] = r[last]
+    rows, cols, values = rows[keep], cols[keep], r[keep]
+    wide = (~narrow).nonzero().flatten()
+    if len(wide):  # fp32 columns for the latents that keep many tokens
+        wr, wc, wv, ws = column_topk(torch.addmm(b_enc[wide], xc, W_enc.t()[wide].t()), m[wide])
+        rows, cols, values = torch.cat([rows, wr]), torch.cat([cols, wide[wc]]), torch.cat([values, wv])
+        smallest[wide] = ws
+    return rows, cols, values, smallest
 
 
 _logged: set[str] = set()

@@ -271,22 +271,35 @@ class FeatureChoice(nn.Module):
         rows, cols, values, smallest = column_topk(pre, m)
         return rows, cols, values, m, smallest
 
+    def screened_select(self, sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+        """``batch_select`` of x's pre-activations through the bf16 screen
+        (``kernels.screen.screened_column_topk``) where the SAE's impl takes it, else None."""
+        from saekit.kernels import screen
+        from saekit.kernels.encoder import encoder_impl
+
+        if x.dtype != torch.float32 or encoder_impl(sae.cfg.impl, x, sae.W_enc, self.k) != "screen":
+            return None
+        m = self.capacities(x.shape[0])
+        picked = screen.screened_column_topk(x - sae.b_dec, sae.W_enc, sae.b_enc, m)
+        return None if picked is None else (*picked[:3], m, picked[3])
+
     def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
         with torch.no_grad():
-            pre = _pre(sae, x)
+            picked = self.screened_select(sae, x) if self.training else None
+            pre = _pre(sae, x) if picked is None else None
             if self.training:
-                rows, cols, values, m, smallest = self.batch_select(pre)
+                rows, cols, values, m, smallest = picked if picked is not None else self.batch_select(pre)
                 # ranking pre keeps the same positive entries as ReLU(pre)
-                codes = pairs_to_codes(values.relu_(), rows, cols, len(pre))
+                codes = pairs_to_codes(values.relu_(), rows, cols, len(x))
                 _ema_(self.theta, smallest.relu_(), self.decay, self.theta_set)
-                self.freq.mul_(self.decay).add_(m.float() / pre.shape[0] * (1 - self.decay))
+                self.freq.mul_(self.decay).add_(m.float() / x.shape[0] * (1 - self.decay))
                 self.calls += 1
                 if self.capacity == "zipf" and int(self.calls) % self.rerank_every == 0:
                     order = self.freq.argsort(descending=True)
-                    self.rank[order] = torch.arange(1, len(order) + 1, dtype=torch.float, device=pre.device)
+                    self.rank[order] = torch.arange(1, len(order) + 1, dtype=torch.float, device=x.device)
             else:
                 codes = mask_to_codes(pre, pre > self.theta)  # theta >= 0: the same as ReLU(pre) > theta
-            aux = aux_select(pre, aux_weights, k_aux)
+            aux = aux_select(_columns(sae, x) if pre is None else pre, aux_weights, k_aux)
         return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
 
 

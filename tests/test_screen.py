@@ -217,3 +217,40 @@ def test_mutual_choice_on_the_screen_keeps_the_fp32_selection(negative, monkeypa
     torch.testing.assert_close(theta_a, theta_b, rtol=1e-5, atol=1e-6)
     assert torch.equal(a.aux.indices, b.aux.indices)
     torch.testing.assert_close(a.aux.values, b.aux.values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("capacity,B", [("uniform", 320), ("zipf", 320), ("uniform", 325)])
+def test_feature_choice_on_the_screen_keeps_the_fp32_selection(capacity, B, monkeypatch):
+    """Feature Choice's per-latent top m_j through the screen: the same (token, latent) pairs
+    as the fp32 path on every latent whose m_j-th and (m_j+1)-th pre-activations are apart,
+    the same values and per-latent smallest kept values. zipf gives the first latents
+    capacities above a quarter of the token groups (their fp32 columns); B=325 leaves 5
+    tokens in no group."""
+    from saekit.sae import SAE, SAEConfig, VariantOptions
+
+    made = []
+    real = screen.screened_column_topk
+    monkeypatch.setattr(screen, "screened_column_topk", lambda *a: made.append(real(*a)) or made[-1])
+    x, W_enc, b_enc, b_dec = randn_sae(B, 64, 2048, seed=7)
+    out = {}
+    for impl in ("screen", "torch"):
+        cfg = SAEConfig(d_in=64, d_sae=2048, k=8, sparsity="feature_choice", impl=impl,
+                        variant=VariantOptions(capacity=capacity, zipf_s=1.0))
+        sae = SAE(cfg, seed=0)
+        with torch.no_grad():
+            sae.W_enc_T.copy_(W_enc.t())
+            sae.b_enc.copy_(b_enc)
+            sae.b_dec.copy_(b_dec)
+        out[impl] = sae.sparsifier.encode(sae, x).codes, sae.sparsifier.theta.clone(), sae.sparsifier.capacities(B)
+    (a, theta_a, m), (b, theta_b, _) = out["screen"], out["torch"]
+    assert len(made) == 1 and made[0] is not None
+    if capacity == "zipf":
+        assert int(m.max()) > (B // 8) // 4
+    s = ((x - b_dec).double() @ W_enc.double() + b_enc.double()).sort(0, descending=True).values  # [B, d_sae]
+    cut, nxt = s.gather(0, (m - 1)[None])[0], s.gather(0, m.clamp(max=B - 1)[None])[0]
+    clear = ((cut - nxt) > 1e-5 * cut.abs()) | (m == B)
+    assert clear.float().mean() > 0.99
+    keep = lambda c: [p for p in pairs(c) if clear[p[1]]]  # noqa: E731
+    assert keep(a) == keep(b)
+    torch.testing.assert_close(theta_a, theta_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.values.sum(), b.values.sum(), rtol=1e-5, atol=1e-3)
