@@ -205,11 +205,12 @@ def _group_maxima(a: Tensor) -> Tensor:
     return _strided_group_max(a.view(torch.int16), _GROUP)
 
 
-def _members(a: Tensor, gm1: Tensor, tau: Tensor, cap: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def _members(a: Tensor, gm1: Tensor, tau: Tensor, cap: int | None = None,
+             total: int | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
     """(rows, cols) of every entry of ``a`` [B, n] bf16 >= tau [B] bf16, rows ascending,
     found through the group maxima ``gm1``: bit maxima (`_group_maxima`, int16) or value
     maxima (bf16); with ``cap``, rows with more than ``cap`` of them are left out and marked
-    in the bool [B] returned third."""
+    in the bool [B] returned third. None when there are more than ``total`` of them."""
     B, n = a.shape
     n1 = gm1.shape[1]
     if gm1.dtype == torch.bfloat16:
@@ -221,6 +222,8 @@ def _members(a: Tensor, gm1: Tensor, tau: Tensor, cap: int | None = None) -> tup
         low = (tau <= 0).nonzero().flatten()
         if low.numel():
             hit[low] = _strided_group_max(a[low], _GROUP) >= tau[low, None]
+    if total is not None and int(torch.count_nonzero(hit)) > total:  # each hit group holds a member
+        return None
     # Each hit group holds a member, so rows with more than cap of them are out already.
     r, g, dense = _cap_rows(*hit.nonzero(as_tuple=True), B, 0, n if cap is None else cap)
     vals = a[:, : n1 * _GROUP].unflatten(1, (_GROUP, n1))[r, :, g]  # [P, GROUP]: g + n1*m
@@ -331,6 +334,27 @@ def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask:
     return values.relu_(), indices, aux_values.relu_(), dead_idx[aux_pos]
 
 
+def _outliers(E: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows whose bound E exceeds twice the median, max E over the other rows).
+
+    Batch-wide thresholds (Mutual and Feature Choice) hold for every row, so one token of
+    outsized norm (a BOS-like token) would widen them for all. Its row is instead computed
+    exactly in fp32 and joins the candidates whole; the thresholds use the others' bound."""
+    out = E > 2 * E.median()
+    return out.nonzero().flatten(), E[~out].max()
+
+
+def _exact_rows(xc: Tensor, W_enc: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor | None = None):
+    """All pairs of ``rows`` × ``cols`` (default: every latent) with their fp32
+    pre-activations: (rows, cols, values), rows ascending."""
+    pre = torch.addmm(b_enc, xc[rows], W_enc)  # [len(rows), d_sae]
+    if cols is None:
+        cols = torch.arange(W_enc.shape[1])
+    else:
+        pre = pre[:, cols]
+    return rows.repeat_interleave(len(cols)), cols.repeat(len(rows)), pre.reshape(-1)
+
+
 @torch.no_grad()
 def screened_global_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor] | None:
     """`select.global_topk` of the pre-activations ``xc @ W_enc + b_enc``, on the screen:
@@ -339,10 +363,11 @@ def screened_global_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, n: int) -> tu
     where the screen cannot certify its result (the caller then runs the fp32 path).
 
     The threshold is batch-wide: the n largest group maxima (bit maxima, `_group_maxima`,
-    unless the smallest of them is not positive: value maxima) come from n distinct groups,
-    each holding a value >= the smallest of them, G. The n-th largest r is
-    then at least ``G - u'|G| - max E``, and row b's candidates are ``a >= tau_b`` with
-    ``tau_b = f^-1(G - u'|G| - max E - E_b)`` (module docstring)."""
+    unless the smallest of them is not positive: value maxima) of the rows that are not
+    outliers (`_outliers`; those are computed exactly) come from n distinct groups, each
+    holding a value >= the smallest of them, G. The n-th largest r is then at least
+    ``G - u'|G| - E_in`` (E_in: the largest bound of those rows), and row b's candidates are
+    ``a >= tau_b = f^-1(G - u'|G| - E_in - E_b)`` (module docstring)."""
     from .select import global_topk
 
     B = xc.shape[0]
@@ -352,18 +377,27 @@ def screened_global_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, n: int) -> tu
     if product is None:
         return None
     a, E = product
+    out, E_in = _outliers(E)
     gm1 = _group_maxima(a)
-    G = global_topk(gm1, n)[2].view(torch.bfloat16).amin()
+    gm_G = gm1.index_fill(0, out, torch.iinfo(torch.int16).min) if len(out) else gm1
+    G = global_topk(gm_G, n)[2].view(torch.bfloat16).amin()
     if G <= 0:  # the batch's n-th value is not positive: bit maxima would rank it badly
-        gm1 = _strided_group_max(a, _GROUP)
+        gm1 = _strided_group_max(a, _GROUP).index_fill_(0, out, -math.inf)
         G = global_topk(gm1, n)[2].amin()
-    tau = _threshold(G.expand(B), E.max(), E)
-    if not bool(torch.isfinite(tau).all()):
+    tau = _threshold(G.expand(B), E_in, E).index_fill_(0, out, math.inf)  # outliers: exact below
+    if not bool(torch.isfinite(tau.index_fill(0, out, 0)).all()):
         return _fallback("a pre-activation beyond bf16's range")
-    rows, cols, _ = _members(a, gm1, tau)
-    if len(rows) > _ROW_CAP * n:
+    found = _members(a, gm1, tau, total=_ROW_CAP * n)
+    if found is None:
         return _fallback(f"more than {_ROW_CAP}·n candidates")
+    rows, cols, _ = found
+    if len(out):  # (only an infinite a could have made them members)
+        keep = torch.ones(B, dtype=torch.bool).index_fill_(0, out, False)[rows]
+        rows, cols = rows[keep], cols[keep]
     r = _rescore(xc, W_enc, b_enc[cols], rows, cols)[0]
+    if len(out):
+        orows, ocols, o = _exact_rows(xc, W_enc, b_enc, out)
+        rows, cols, r = torch.cat([rows, orows]), torch.cat([cols, ocols]), torch.cat([r, o])
     top = r.topk(n, sorted=False)
     return rows[top.indices], cols[top.indices], top.values
 
@@ -378,10 +412,11 @@ def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
     screen cannot certify its result (the caller then runs the fp32 path).
 
     Thresholds are per latent: the value maxima of ``a`` over groups of 8 consecutive
-    tokens, and G_j the m[j]-th largest of latent j's (m[j] distinct groups, each holding a
-    value >= it), so latent j's m[j]-th largest r is at least ``G_j - u'|G_j| - max E``
-    and its candidates are ``a >= tau_j = f^-1(G_j - u'|G_j| - 2 max E)`` (module
-    docstring). Latents with m[j] above a quarter of the groups rank their fp32 column."""
+    tokens, and G_j the m[j]-th largest of latent j's among groups with no outlier token
+    (`_outliers`; those tokens are computed exactly): m[j] distinct groups, each holding a
+    value >= G_j, so latent j's m[j]-th largest r is at least ``G_j - u'|G_j| - E_in`` and
+    its candidates are ``a >= tau_j = f^-1(G_j - u'|G_j| - 2 E_in)`` (module docstring).
+    Latents with m[j] above a quarter of the groups rank their fp32 column."""
     from .select import column_topk
 
     B, d_sae = xc.shape[0], W_enc.shape[1]
@@ -393,26 +428,35 @@ def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
     if product is None:
         return None
     a, E = product
+    out, E_in = _outliers(E)
     H = a[: B1 * _GROUP].unflatten(0, (B1, _GROUP)).amax(1).t().contiguous()  # [d_sae, B1] value maxima
+    out_groups = out[out < B1 * _GROUP] // _GROUP
     M = int(m[narrow].max())
-    G = H.topk(M, dim=1).values.gather(1, (m.clamp(max=M) - 1)[:, None])[:, 0]  # [d_sae]
-    E_max = E.max()
-    tau = _threshold(G, E_max, E_max.expand(d_sae))
+    H_G = H.index_fill(1, out_groups, -math.inf) if len(out) else H
+    G = H_G.topk(M, dim=1).values.gather(1, (m.clamp(max=M) - 1)[:, None])[:, 0]  # [d_sae]
+    tau = _threshold(G, E_in, E_in.expand(d_sae))
     if not bool(torch.isfinite(tau[narrow]).all()):
         return _fallback("a pre-activation beyond bf16's range")
     tau = torch.where(narrow, tau, math.inf)  # the wide latents are ranked below, in fp32
-    j, g = (H >= tau[:, None]).nonzero(as_tuple=True)                # candidate (latent, group), j ascending
+    hit = H >= tau[:, None]
+    if int(torch.count_nonzero(hit)) > _ROW_CAP * int(m[narrow].sum()):  # each hit group holds a candidate
+        return _fallback(f"more than {_ROW_CAP}·m candidates")
+    j, g = hit.nonzero(as_tuple=True)                                # candidate (latent, group), j ascending
     vals = a[: B1 * _GROUP].view(B1, _GROUP, d_sae)[g, :, j]         # [P, GROUP]
     hit = (vals >= tau[j, None]).view(-1).nonzero().flatten()
     p, t = hit // _GROUP, hit % _GROUP
     cols, rows = j[p], g[p] * _GROUP + t
-    if B1 * _GROUP < B:  # tokens in no group
-        tr, tc = (a[B1 * _GROUP:] >= tau).nonzero(as_tuple=True)
-        cols, order = torch.cat([cols, tc]).sort(stable=True)
-        rows = torch.cat([rows, tr + B1 * _GROUP])[order]
+    tail = torch.arange(B1 * _GROUP, B)  # tokens in no group, computed exactly with the outliers
+    exact = torch.cat([out[out < B1 * _GROUP], tail])
+    if len(exact):
+        keep = torch.ones(B, dtype=torch.bool).index_fill_(0, exact, False)[rows]
+        rows, cols = rows[keep], cols[keep]
     if len(rows) > _ROW_CAP * int(m[narrow].sum()):
         return _fallback(f"more than {_ROW_CAP}·m candidates")
     r = _rescore(W_enc.t(), xc.t(), b_enc[cols], cols, rows)[0]  # by latent: W_enc^T rows . xc
+    if len(exact):
+        erows, ecols, e = _exact_rows(xc, W_enc, b_enc, exact, narrow.nonzero().flatten())
+        rows, cols, r = torch.cat([rows, erows]), torch.cat([cols, ecols]), torch.cat([r, e])
     # Per latent, its candidates by value descending (one sort of int64 keys: the latent,
     # then the value's bits flipped into descending order); keep the first m[j].
     bits = r.view(torch.int32)

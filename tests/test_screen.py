@@ -112,6 +112,15 @@ def test_fallbacks_give_the_fp32_result(caplog, monkeypatch):
     assert "every row has more than 16·k candidates" in said and "non-finite" in said
 
 
+def test_batch_selections_give_up_early_where_nothing_can_be_ruled_out():
+    """Equal pre-activations everywhere: Mutual and Feature Choice's screens return None (the
+    fp32 path runs) without building every (token, latent) pair."""
+    x, W_enc, _, b_dec = randn_sae(256, 32, 2048, seed=8)
+    x, b_enc = b_dec.expand(256, -1).clone(), torch.full((2048,), 0.5)
+    assert screen.screened_global_topk(x - b_dec, W_enc, b_enc, 8 * 256) is None
+    assert screen.screened_column_topk(x - b_dec, W_enc, b_enc, torch.ones(2048, dtype=torch.long)) is None
+
+
 def test_rows_the_bound_cannot_narrow_take_the_fp32_product(caplog, monkeypatch):
     """A row with x = b_dec and b_enc = 0 (a common start) ties every latent at 0."""
     monkeypatch.setattr(screen, "_logged", set())
@@ -183,19 +192,23 @@ def pairs(codes):
     return sorted(zip(rows.tolist(), codes.indices[real].tolist()))
 
 
-@pytest.mark.parametrize("negative", [False, True])
-def test_mutual_choice_on_the_screen_keeps_the_fp32_selection(negative, monkeypatch):
+@pytest.mark.parametrize("negative,outlier", [(False, False), (True, False), (False, True)])
+def test_mutual_choice_on_the_screen_keeps_the_fp32_selection(negative, outlier, monkeypatch):
     """Mutual Choice's batch-wide top k·B through the screen: the same (token, latent) pairs
     as the fp32 path wherever the n-th and (n+1)-th pre-activations of the batch are apart,
     the same values, and the same AuxK selection (made from the eligible columns only)."""
     from saekit.sae import SAE, SAEConfig
 
-    made = []
+    made, rescored = [], []
     real = screen.screened_global_topk
     monkeypatch.setattr(screen, "screened_global_topk", lambda *a: made.append(real(*a)) or made[-1])
+    real_rescore = screen._rescore
+    monkeypatch.setattr(screen, "_rescore", lambda *a: rescored.append(len(a[3])) or real_rescore(*a))
     x, W_enc, b_enc, b_dec = randn_sae(300, 64, 2048, seed=6)
     if negative:  # the batch's top k·B below zero: rows with tau <= 0
         b_enc = b_enc - 12
+    if outlier:  # one token of 30x the norm: computed exactly, the others keep a tight bound
+        x[5] *= 30
     out = {}
     for impl in ("screen", "torch"):
         sae = SAE(SAEConfig(d_in=64, d_sae=2048, k=8, sparsity="mutual_choice", impl=impl), seed=0)
@@ -209,6 +222,8 @@ def test_mutual_choice_on_the_screen_keeps_the_fp32_selection(negative, monkeypa
         out[impl] = enc, sae.sparsifier.theta.clone()
     (a, theta_a), (b, theta_b) = out["screen"], out["torch"]
     assert len(made) == 1 and made[0] is not None  # the screen ran (impl="torch" never calls it)
+    if outlier:  # its row joins whole; the others' candidates stay ~1.5 n (~18 n with its bound)
+        assert (made[0][0] == 5).sum() > 8 and rescored[0] < 3 * 8 * 300
     s = ((x - b_dec).double() @ W_enc.double() + b_enc.double()).flatten().sort(descending=True).values
     n = 8 * 300
     assert (s[n - 1] - s[n]) > 1e-5 * s[n - 1].abs()  # this seed's cut is clear of rounding
@@ -219,19 +234,22 @@ def test_mutual_choice_on_the_screen_keeps_the_fp32_selection(negative, monkeypa
     torch.testing.assert_close(a.aux.values, b.aux.values, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("capacity,B", [("uniform", 320), ("zipf", 320), ("uniform", 325)])
-def test_feature_choice_on_the_screen_keeps_the_fp32_selection(capacity, B, monkeypatch):
+@pytest.mark.parametrize("capacity,B,outlier", [("uniform", 320, False), ("zipf", 320, False),
+                                                ("uniform", 325, False), ("uniform", 320, True)])
+def test_feature_choice_on_the_screen_keeps_the_fp32_selection(capacity, B, outlier, monkeypatch):
     """Feature Choice's per-latent top m_j through the screen: the same (token, latent) pairs
     as the fp32 path on every latent whose m_j-th and (m_j+1)-th pre-activations are apart,
     the same values and per-latent smallest kept values. zipf gives the first latents
     capacities above a quarter of the token groups (their fp32 columns); B=325 leaves 5
-    tokens in no group."""
+    tokens in no group; ``outlier`` one token of 30x the norm (computed exactly)."""
     from saekit.sae import SAE, SAEConfig, VariantOptions
 
     made = []
     real = screen.screened_column_topk
     monkeypatch.setattr(screen, "screened_column_topk", lambda *a: made.append(real(*a)) or made[-1])
     x, W_enc, b_enc, b_dec = randn_sae(B, 64, 2048, seed=7)
+    if outlier:
+        x[9] *= 30
     out = {}
     for impl in ("screen", "torch"):
         cfg = SAEConfig(d_in=64, d_sae=2048, k=8, sparsity="feature_choice", impl=impl,

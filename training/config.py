@@ -24,7 +24,7 @@ class SAEOptions:
     sparsity: Literal["topk", "gtopk", "mutual_choice", "feature_choice"] = "topk"
     """Sparsifier: topk, gtopk (g-SAE), mutual_choice, feature_choice."""
     impl: Literal["auto", "torch", "triton", "screen"] = "auto"
-    """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact TopK encoder (screen) where AMX makes it faster."""
+    """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact selections (screen) where AMX makes them faster."""
 
     def __post_init__(self):
         for name, low in (("d_sae", 0), ("expansion", 1), ("k", 1)):
