@@ -14,7 +14,8 @@ Every Triton kernel sits beside its PyTorch reference: encoder.py / encoder_trit
 sparse_rows.py / sparse_rows_triton.py. screen.py is the CPU encoder's fast path: it ranks
 through a bf16 matmul and rescores in fp32 the latents its error bound cannot rule out, so
 it selects what encoder.py's reference selects (impl="screen"; "auto" takes it on CPUs with
-AMX at sizes where it pays). Importing this package imports neither triton nor
+AMX at sizes where it pays); screen_batch.py does the same for Mutual and Feature Choice's
+selections (select.global_topk, select.column_topk). Importing this package imports neither triton nor
 anything that probes a device.
 """
 

@@ -179,9 +179,10 @@ class MutualChoice(nn.Module):
     kept per training batch and ``f = pre·1[pre > θ]`` (``mc_mode="threshold"``);
     ``mc_mode="batch"`` keeps the batch rule at inference too.
 
-    The global selection is not a full sort (``kernels.select.global_topk``); the codes
-    carry ``lengths``, so decoding and the backward pass work on the k·B entries only
-    (the PyTorch kernels; the Triton ones run the zero-padded form)."""
+    The global selection is not a full sort (``kernels.select.global_topk``; on CPUs with
+    AMX it ranks through a bf16 product, ``kernels.screen_batch``); the codes carry
+    ``lengths``, so decoding and the backward pass work on the k·B entries only (the
+    PyTorch kernels; the Triton ones run the zero-padded form)."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -198,14 +199,14 @@ class MutualChoice(nn.Module):
 
     def screened_select(self, sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         """``batch_select`` of x's pre-activations through the bf16 screen
-        (``kernels.screen.screened_global_topk``) where the SAE's impl takes it, else None."""
-        from saekit.kernels import screen
+        (``kernels.screen_batch.screened_global_topk``) where the SAE's impl takes it, else None."""
+        from saekit.kernels import screen_batch
         from saekit.kernels.encoder import encoder_impl
 
         if x.dtype != torch.float32 or encoder_impl(sae.cfg.impl, x, sae.W_enc, self.k) != "screen":
             return None
         B, d_sae = x.shape[0], sae.cfg.d_sae
-        return screen.screened_global_topk(x - sae.b_dec, sae.W_enc, sae.b_enc, min(self.k * B, B * d_sae))
+        return screen_batch.screened_global_topk(x - sae.b_dec, sae.W_enc, sae.b_enc, min(self.k * B, B * d_sae))
 
     def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
         with torch.no_grad():
@@ -234,7 +235,8 @@ class FeatureChoice(nn.Module):
     latent j's rank by its running firing frequency, re-ranked every ``rerank_every`` calls.
     Inference: per-latent thresholds ``θ_j`` (EMA of the smallest value latent j kept per
     batch) and ``f_j = pre_j·1[pre_j > θ_j]``. The column-wise selection is
-    ``kernels.select.column_topk``; the codes carry ``lengths``."""
+    ``kernels.select.column_topk`` (on CPUs with AMX through a bf16 product,
+    ``kernels.screen_batch``); the codes carry ``lengths``."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -273,14 +275,14 @@ class FeatureChoice(nn.Module):
 
     def screened_select(self, sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
         """``batch_select`` of x's pre-activations through the bf16 screen
-        (``kernels.screen.screened_column_topk``) where the SAE's impl takes it, else None."""
-        from saekit.kernels import screen
+        (``kernels.screen_batch.screened_column_topk``) where the SAE's impl takes it, else None."""
+        from saekit.kernels import screen_batch
         from saekit.kernels.encoder import encoder_impl
 
         if x.dtype != torch.float32 or encoder_impl(sae.cfg.impl, x, sae.W_enc, self.k) != "screen":
             return None
         m = self.capacities(x.shape[0])
-        picked = screen.screened_column_topk(x - sae.b_dec, sae.W_enc, sae.b_enc, m)
+        picked = screen_batch.screened_column_topk(x - sae.b_dec, sae.W_enc, sae.b_enc, m)
         return None if picked is None else (*picked[:3], m, picked[3])
 
     def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from saekit.kernels import encode_topk, encode_topk_aux, resolve_impl
-from saekit.kernels import screen
+from saekit.kernels import screen, screen_batch
 
 
 def randn_sae(B, d_in, d_sae, seed=0, w_scale=None):
@@ -117,8 +117,8 @@ def test_batch_selections_give_up_early_where_nothing_can_be_ruled_out():
     fp32 path runs) without building every (token, latent) pair."""
     x, W_enc, _, b_dec = randn_sae(256, 32, 2048, seed=8)
     x, b_enc = b_dec.expand(256, -1).clone(), torch.full((2048,), 0.5)
-    assert screen.screened_global_topk(x - b_dec, W_enc, b_enc, 8 * 256) is None
-    assert screen.screened_column_topk(x - b_dec, W_enc, b_enc, torch.ones(2048, dtype=torch.long)) is None
+    assert screen_batch.screened_global_topk(x - b_dec, W_enc, b_enc, 8 * 256) is None
+    assert screen_batch.screened_column_topk(x - b_dec, W_enc, b_enc, torch.ones(2048, dtype=torch.long)) is None
 
 
 def test_rows_the_bound_cannot_narrow_take_the_fp32_product(caplog, monkeypatch):
@@ -200,10 +200,10 @@ def test_mutual_choice_on_the_screen_keeps_the_fp32_selection(negative, outlier,
     from saekit.sae import SAE, SAEConfig
 
     made, rescored = [], []
-    real = screen.screened_global_topk
-    monkeypatch.setattr(screen, "screened_global_topk", lambda *a: made.append(real(*a)) or made[-1])
-    real_rescore = screen._rescore
-    monkeypatch.setattr(screen, "_rescore", lambda *a: rescored.append(len(a[3])) or real_rescore(*a))
+    real = screen_batch.screened_global_topk
+    monkeypatch.setattr(screen_batch, "screened_global_topk", lambda *a: made.append(real(*a)) or made[-1])
+    real_rescore = screen_batch._rescore
+    monkeypatch.setattr(screen_batch, "_rescore", lambda *a: rescored.append(len(a[3])) or real_rescore(*a))
     x, W_enc, b_enc, b_dec = randn_sae(300, 64, 2048, seed=6)
     if negative:  # the batch's top k·B below zero: rows with tau <= 0
         b_enc = b_enc - 12
@@ -245,8 +245,8 @@ def test_feature_choice_on_the_screen_keeps_the_fp32_selection(capacity, B, outl
     from saekit.sae import SAE, SAEConfig, VariantOptions
 
     made = []
-    real = screen.screened_column_topk
-    monkeypatch.setattr(screen, "screened_column_topk", lambda *a: made.append(real(*a)) or made[-1])
+    real = screen_batch.screened_column_topk
+    monkeypatch.setattr(screen_batch, "screened_column_topk", lambda *a: made.append(real(*a)) or made[-1])
     x, W_enc, b_enc, b_dec = randn_sae(B, 64, 2048, seed=7)
     if outlier:
         x[9] *= 30

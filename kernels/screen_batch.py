@@ -1,0 +1,162 @@
+"""Mutual and Feature Choice's batch-level selections on the bf16 screen (impl="screen").
+
+The same product, bound and rescoring as the TopK encoder's screen (screen.py, whose
+docstring derives them), with thresholds that hold for the whole batch (Mutual Choice's top
+k·B) or for one latent over the batch (Feature Choice's top m_j) instead of for one row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .screen import (_GROUP, _ROW_CAP, _fallback, _group_maxima, _members, _rescore, _screen_product,
+                     _threshold)
+from .select import _strided_group_max
+
+
+def _outliers(E: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows whose bound E exceeds twice the median, max E over the other rows).
+
+    Batch-wide thresholds (Mutual and Feature Choice) hold for every row, so one token of
+    outsized norm (a BOS-like token) would widen them for all. Its row is instead computed
+    exactly in fp32 and joins the candidates whole; the thresholds use the others' bound."""
+    out = E > 2 * E.median()
+    return out.nonzero().flatten(), E[~out].max()
+
+
+def _exact_rows(xc: Tensor, W_enc: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor | None = None):
+    """All pairs of ``rows`` × ``cols`` (default: every latent) with their fp32
+    pre-activations: (rows, cols, values), rows ascending."""
+    pre = torch.addmm(b_enc, xc[rows], W_enc)  # [len(rows), d_sae]
+    if cols is None:
+        cols = torch.arange(W_enc.shape[1])
+    else:
+        pre = pre[:, cols]
+    return rows.repeat_interleave(len(cols)), cols.repeat(len(rows)), pre.reshape(-1)
+
+
+@torch.no_grad()
+def screened_global_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`select.global_topk` of the pre-activations ``xc @ W_enc + b_enc``, on the screen:
+    (rows, cols, values) of the batch's n largest fp32 pre-activations (Mutual Choice), in no
+    particular order, which of several equal values at the cut are kept unspecified; or None
+    where the screen cannot certify its result (the caller then runs the fp32 path).
+
+    The threshold is batch-wide: the n largest group maxima (bit maxima, `_group_maxima`,
+    unless the smallest of them is not positive: value maxima) of the rows that are not
+    outliers (`_outliers`; those are computed exactly) come from n distinct groups, each
+    holding a value >= the smallest of them, G. The n-th largest r is then at least
+    ``G - u'|G| - E_in`` (E_in: the largest bound of those rows), and row b's candidates are
+    ``a >= tau_b = f^-1(G - u'|G| - E_in - E_b)`` (module docstring)."""
+    from .select import global_topk
+
+    B = xc.shape[0]
+    if n > B * (W_enc.shape[1] // _GROUP):  # fewer groups than entries to keep
+        return _fallback("more entries to keep than groups")
+    product = _screen_product(xc, W_enc, b_enc)
+    if product is None:
+        return None
+    a, E = product
+    out, E_in = _outliers(E)
+    gm1 = _group_maxima(a)
+    gm_G = gm1.index_fill(0, out, torch.iinfo(torch.int16).min) if len(out) else gm1
+    G = global_topk(gm_G, n)[2].view(torch.bfloat16).amin()
+    if G <= 0:  # the batch's n-th value is not positive: bit maxima would rank it badly
+        gm1 = _strided_group_max(a, _GROUP).index_fill_(0, out, -math.inf)
+        G = global_topk(gm1, n)[2].amin()
+    tau = _threshold(G.expand(B), E_in, E).index_fill_(0, out, math.inf)  # outliers: exact below
+    if not bool(torch.isfinite(tau.index_fill(0, out, 0)).all()):
+        return _fallback("a pre-activation beyond bf16's range")
+    found = _members(a, gm1, tau, total=_ROW_CAP * n)
+    if found is None:
+        return _fallback(f"more than {_ROW_CAP}·n candidates")
+    rows, cols, _ = found
+    if len(out):  # (only an infinite a could have made them members)
+        keep = torch.ones(B, dtype=torch.bool).index_fill_(0, out, False)[rows]
+        rows, cols = rows[keep], cols[keep]
+    r = _rescore(xc, W_enc, b_enc[cols], rows, cols)[0]
+    if len(out):
+        orows, ocols, o = _exact_rows(xc, W_enc, b_enc, out)
+        rows, cols, r = torch.cat([rows, orows]), torch.cat([cols, ocols]), torch.cat([r, o])
+    top = r.topk(n, sorted=False)
+    return rows[top.indices], cols[top.indices], top.values
+
+
+@torch.no_grad()
+def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """`select.column_topk` of the pre-activations ``xc @ W_enc + b_enc``, on the screen:
+    for each latent j its ``m[j]`` largest fp32 pre-activations over the batch (Feature
+    Choice), as (rows, cols, values) and ``smallest`` [d_sae], each latent's m[j]-th value;
+    which of several equal values at a latent's cut are kept is unspecified. None where the
+    screen cannot certify its result (the caller then runs the fp32 path).
+
+    Thresholds are per latent: the value maxima of ``a`` over groups of 8 consecutive
+    tokens, and G_j the m[j]-th largest of latent j's among groups with no outlier token
+    (`_outliers`; those tokens are computed exactly): m[j] distinct groups, each holding a
+    value >= G_j, so latent j's m[j]-th largest r is at least ``G_j - u'|G_j| - E_in`` and
+    its candidates are ``a >= tau_j = f^-1(G_j - u'|G_j| - 2 E_in)`` (module docstring).
+    Latents with m[j] above a quarter of the groups rank their fp32 column."""
+    from .select import column_topk
+
+    B, d_sae = xc.shape[0], W_enc.shape[1]
+    B1 = B // _GROUP
+    narrow = m <= B1 // 4
+    if not bool(narrow.any()):
+        return _fallback("every latent keeps more than a quarter of the token groups")
+    product = _screen_product(xc, W_enc, b_enc)
+    if product is None:
+        return None
+    a, E = product
+    out, E_in = _outliers(E)
+    H = a[: B1 * _GROUP].unflatten(0, (B1, _GROUP)).amax(1).t().contiguous()  # [d_sae, B1] value maxima
+    out_groups = out[out < B1 * _GROUP] // _GROUP
+    M = int(m[narrow].max())
+    H_G = H.index_fill(1, out_groups, -math.inf) if len(out) else H
+    G = H_G.topk(M, dim=1).values.gather(1, (m.clamp(max=M) - 1)[:, None])[:, 0]  # [d_sae]
+    tau = _threshold(G, E_in, E_in.expand(d_sae))
+    if not bool(torch.isfinite(tau[narrow]).all()):
+        return _fallback("a pre-activation beyond bf16's range")
+    tau = torch.where(narrow, tau, math.inf)  # the wide latents are ranked below, in fp32
+    hit = H >= tau[:, None]
+    if int(torch.count_nonzero(hit)) > _ROW_CAP * int(m[narrow].sum()):  # each hit group holds a candidate
+        return _fallback(f"more than {_ROW_CAP}·m candidates")
+    j, g = hit.nonzero(as_tuple=True)                                # candidate (latent, group), j ascending
+    vals = a[: B1 * _GROUP].view(B1, _GROUP, d_sae)[g, :, j]         # [P, GROUP]
+    hit = (vals >= tau[j, None]).view(-1).nonzero().flatten()
+    p, t = hit // _GROUP, hit % _GROUP
+    cols, rows = j[p], g[p] * _GROUP + t
+    tail = torch.arange(B1 * _GROUP, B)  # tokens in no group, computed exactly with the outliers
+    exact = torch.cat([out[out < B1 * _GROUP], tail])
+    if len(exact):
+        keep = torch.ones(B, dtype=torch.bool).index_fill_(0, exact, False)[rows]
+        rows, cols = rows[keep], cols[keep]
+    if len(rows) > _ROW_CAP * int(m[narrow].sum()):
+        return _fallback(f"more than {_ROW_CAP}·m candidates")
+    r = _rescore(W_enc.t(), xc.t(), b_enc[cols], cols, rows)[0]  # by latent: W_enc^T rows . xc
+    if len(exact):
+        erows, ecols, e = _exact_rows(xc, W_enc, b_enc, exact, narrow.nonzero().flatten())
+        rows, cols, r = torch.cat([rows, erows]), torch.cat([cols, ecols]), torch.cat([r, e])
+    # Per latent, its candidates by value descending (one sort of int64 keys: the latent,
+    # then the value's bits flipped into descending order); keep the first m[j].
+    bits = r.view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 order = value order
+    order = ((cols << 32) - bits.long()).argsort()
+    rows, cols, r = rows[order], cols[order], r[order]
+    start = torch.zeros(d_sae + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(cols, minlength=d_sae), 0, out=start[1:])
+    pos = torch.arange(len(cols)) - start[cols]
+    keep = pos < m[cols]
+    smallest = torch.empty(d_sae)
+    last = keep & (pos == m[cols] - 1)
+    smallest[cols[last]] = r[last]
+    rows, cols, values = rows[keep], cols[keep], r[keep]
+    wide = (~narrow).nonzero().flatten()
+    if len(wide):  # fp32 columns for the latents that keep many tokens
+        wr, wc, wv, ws = column_topk(torch.addmm(b_enc[wide], xc, W_enc.t()[wide].t()), m[wide])
+        rows, cols, values = torch.cat([rows, wr]), torch.cat([cols, wide[wc]]), torch.cat([values, wv])
+        smallest[wide] = ws
+    return rows, cols, values, smallest
