@@ -17,14 +17,20 @@ from .screen import (_GROUP, _ROW_CAP, _fallback, _group_maxima, _members, _resc
 from .select import _strided_group_max
 
 
-def _outliers(E: Tensor) -> tuple[Tensor, Tensor]:
-    """(rows whose bound E exceeds twice the median, max E over the other rows).
+def _product(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """screen._screen_product's (a, E), then the rows whose bound exceeds twice the median
+    and the largest bound of the other rows: (a, E, outliers, E_in); None where the bound
+    is not finite.
 
-    Batch-wide thresholds (Mutual and Feature Choice) hold for every row, so one token of
-    outsized norm (a BOS-like token) would widen them for all. Its row is instead computed
-    exactly in fp32 and joins the candidates whole; the thresholds use the others' bound."""
+    Batch-wide thresholds hold for every row, so one token of outsized norm (a BOS-like
+    token) would widen them for all. Its row is instead computed exactly in fp32 and joins
+    the candidates whole; the thresholds use the others' bound."""
+    product = _screen_product(xc, W_enc, b_enc)
+    if product is None:
+        return None
+    a, E = product
     out = E > 2 * E.median()
-    return out.nonzero().flatten(), E[~out].max()
+    return a, E, out.nonzero().flatten(), E[~out].max()
 
 
 def _exact_rows(xc: Tensor, W_enc: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor | None = None):
@@ -47,7 +53,7 @@ def screened_global_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, n: int) -> tu
 
     The threshold is batch-wide: the n largest group maxima (bit maxima, `_group_maxima`,
     unless the smallest of them is not positive: value maxima) of the rows that are not
-    outliers (`_outliers`; those are computed exactly) come from n distinct groups, each
+    outliers (`_product`; those are computed exactly) come from n distinct groups, each
     holding a value >= the smallest of them, G. The n-th largest r is then at least
     ``G - u'|G| - E_in`` (E_in: the largest bound of those rows), and row b's candidates are
     ``a >= tau_b = f^-1(G - u'|G| - E_in - E_b)`` (module docstring)."""
@@ -56,11 +62,10 @@ def screened_global_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, n: int) -> tu
     B = xc.shape[0]
     if n > B * (W_enc.shape[1] // _GROUP):  # fewer groups than entries to keep
         return _fallback("more entries to keep than groups")
-    product = _screen_product(xc, W_enc, b_enc)
+    product = _product(xc, W_enc, b_enc)
     if product is None:
         return None
-    a, E = product
-    out, E_in = _outliers(E)
+    a, E, out, E_in = product
     gm1 = _group_maxima(a)
     gm_G = gm1.index_fill(0, out, torch.iinfo(torch.int16).min) if len(out) else gm1
     G = global_topk(gm_G, n)[2].view(torch.bfloat16).amin()
@@ -96,7 +101,7 @@ def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
 
     Thresholds are per latent: the value maxima of ``a`` over groups of 8 consecutive
     tokens, and G_j the m[j]-th largest of latent j's among groups with no outlier token
-    (`_outliers`; those tokens are computed exactly): m[j] distinct groups, each holding a
+    (`_product`; those tokens are computed exactly): m[j] distinct groups, each holding a
     value >= G_j, so latent j's m[j]-th largest r is at least ``G_j - u'|G_j| - E_in`` and
     its candidates are ``a >= tau_j = f^-1(G_j - u'|G_j| - 2 E_in)`` (module docstring).
     Latents with m[j] above a quarter of the groups rank their fp32 column."""
@@ -107,11 +112,10 @@ def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
     narrow = m <= B1 // 4
     if not bool(narrow.any()):
         return _fallback("every latent keeps more than a quarter of the token groups")
-    product = _screen_product(xc, W_enc, b_enc)
+    product = _product(xc, W_enc, b_enc)
     if product is None:
         return None
-    a, E = product
-    out, E_in = _outliers(E)
+    a, E, out, E_in = product
     H = a[: B1 * _GROUP].unflatten(0, (B1, _GROUP)).amax(1).t().contiguous()  # [d_sae, B1] value maxima
     out_groups = out[out < B1 * _GROUP] // _GROUP
     M = int(m[narrow].max())
