@@ -38,13 +38,14 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
     """Map a requested `impl` to the one that will run on `device`: "torch", "triton" or
     "screen".
 
-    "auto" -> "triton" on CUDA when triton is importable, else "torch" (the TopK encoder
-    then takes "screen" on CPUs with AMX, see encoder.encoder_impl).
+    "auto" -> "triton" on CUDA when triton is importable, else "torch" (the TopK encoder and
+    Mutual/Feature Choice's selections then take "screen" on CPUs with AMX where it pays,
+    see encoder.encoder_impl).
     "triton" on a CPU tensor is allowed only under TRITON_INTERPRET=1 (the test setting);
     otherwise a one-line ValueError says why.
-    "screen" (CPU only) is the plain-PyTorch path whose TopK encoder ranks through a bf16
-    matmul and rescores the candidates in fp32 (kernels/screen.py); the other ops run
-    as "torch".
+    "screen" (CPU only) is the plain-PyTorch path whose selections rank through a bf16
+    matmul and rescore the candidates in fp32 (kernels/screen.py, screen_batch.py); the
+    other ops run as "torch".
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
