@@ -163,7 +163,8 @@ def _row_bounds(xc: Tensor, xa: Tensor, cols: tuple[float, float, float, float])
 
 def _threshold(G: Tensor, E_G: Tensor | float, E: Tensor) -> Tensor:
     """tau (module docstring) from G [B], the bound E_G that holds for the latents behind G
-    and E [B] float64 (TopK: E_G = E; a batch-wide G: max E), rounded down to bf16."""
+    and E [B] float64 (TopK: E_G = E; a batch-wide G: the largest E of the rows behind it),
+    rounded down to bf16."""
     G = G.double()
     L = G - _U_OUT * G.abs() - E_G - E                 # L - E
     tau = torch.where(L >= 0, L / (1 + _U_OUT), L / (1 - _U_OUT))
