@@ -71,6 +71,13 @@ def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> T
         return _pre_from(x - b_dec, W_enc, b_enc)
 
 
+def pre_columns(xc: Tensor, W_enc: Tensor, b_enc: Tensor, cols: Tensor) -> Tensor:
+    """``xc @ W_enc[:, cols] + b_enc[cols]`` [B, len(cols)]: the pre-activations of some
+    latents only (dead or eligible latents for the auxiliary losses, wide latents), from
+    W_enc^T's rows, which saekit.SAE stores contiguously."""
+    return torch.addmm(b_enc[cols], xc, W_enc.t()[cols].t())
+
+
 def _pre_from(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     """``xc @ W_enc + b_enc`` [B, d_sae], into the thread's workspace on CPU."""
     out = _workspace((xc.shape[0], W_enc.shape[1]), xc.dtype) if xc.device.type == "cpu" else None

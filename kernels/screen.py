@@ -57,13 +57,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import warnings
 from functools import lru_cache
 
 import torch
 from torch import Tensor
 
+from .encoder import pre_columns
 from .select import _strided_group_max, keyed_topk, topk_lower_index
+from .sparse_rows import row_pointers, sampled_addmm_csr
 
 log = logging.getLogger("saekit.kernels")
 
@@ -251,27 +252,21 @@ def _cap_rows(rows: Tensor, cols: Tensor, B: int, lo: int, hi: int) -> tuple[Ten
     return rows, cols, dense
 
 
-def _rescore(left: Tensor, right: Tensor, bias: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _rescore(left: Tensor, right: Tensor, bias: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
     """``bias + left[rows] . right[:, cols]`` for each pair (rows ascending), in fp32: a
     sampled matmul. With left = xc, right = W_enc and bias = b_enc[cols], the candidates'
     pre-activations; with left = W_enc^T, right = xc^T, the same numbers latent by latent.
-    Returns (values [nnz], count [R] of pairs a row, crow [R + 1] where each row's start)."""
-    R = left.shape[0]
-    count = torch.bincount(rows, minlength=R)
-    crow = torch.zeros(R + 1, dtype=torch.int64)
-    torch.cumsum(count, 0, out=crow[1:])
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, cols, bias, (R, right.shape[1]), check_invariants=False)
-    return torch.sparse.sampled_addmm(pattern, left, right).values(), count, crow
+    Returns (values [nnz], crow [R + 1] where each row's pairs start)."""
+    crow = row_pointers(rows, left.shape[0])
+    return sampled_addmm_csr(crow, cols, bias, left, right), crow
 
 
 def _rescored_topk(xc: Tensor, W_enc: Tensor, b: Tensor, rows: Tensor, cols: Tensor, k: int):
     """fp32 pre-activations of the candidates, then each row's top k by (value desc, index
     asc): (values [B, k] fp32, indices [B, k] int64)."""
     B = xc.shape[0]
-    r, counts, crow = _rescore(xc, W_enc, b[cols], rows, cols)
-    C = int(counts.max())
+    r, crow = _rescore(xc, W_enc, b[cols], rows, cols)
+    C = int((crow[1:] - crow[:-1]).max())
     slot = torch.arange(len(rows)) - crow[rows]
     V = torch.full((B, C), -math.inf)
     I = torch.full((B, C), W_enc.shape[1], dtype=torch.int64)
@@ -331,8 +326,7 @@ def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask:
     # Screening them would rescore ~2 k_aux (k_aux = d_in/2 by default) candidates a row,
     # which costs more than this product unless nearly every latent is dead.
     dead_idx = dead_mask.nonzero().flatten()  # ascending, so the tie rule carries over
-    pre_dead = torch.addmm(b_enc[dead_idx], xc, W_enc.t()[dead_idx].t())  # [B, n_dead]
-    aux_values, aux_pos = topk_lower_index(pre_dead, k_aux)
+    aux_values, aux_pos = topk_lower_index(pre_columns(xc, W_enc, b_enc, dead_idx), k_aux)
     return values.relu_(), indices, aux_values.relu_(), dead_idx[aux_pos]
 
 

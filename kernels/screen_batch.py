@@ -14,7 +14,9 @@ from torch import Tensor
 
 from .screen import (_GROUP, _ROW_CAP, _fallback, _group_maxima, _members, _rescore, _screen_product,
                      _threshold)
+from .encoder import pre_columns
 from .select import _strided_group_max
+from .sparse_rows import row_pointers
 
 
 def _product(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
@@ -150,9 +152,7 @@ def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 order = value order
     order = ((cols << 32) - bits.long()).argsort()
     rows, cols, r = rows[order], cols[order], r[order]
-    start = torch.zeros(d_sae + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(cols, minlength=d_sae), 0, out=start[1:])
-    pos = torch.arange(len(cols)) - start[cols]
+    pos = torch.arange(len(cols)) - row_pointers(cols, d_sae)[cols]
     keep = pos < m[cols]
     smallest = torch.empty(d_sae)
     last = keep & (pos == m[cols] - 1)
@@ -160,7 +160,7 @@ def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
     rows, cols, values = rows[keep], cols[keep], r[keep]
     wide = (~narrow).nonzero().flatten()
     if len(wide):  # fp32 columns for the latents that keep many tokens
-        wr, wc, wv, ws = column_topk(torch.addmm(b_enc[wide], xc, W_enc.t()[wide].t()), m[wide])
+        wr, wc, wv, ws = column_topk(pre_columns(xc, W_enc, b_enc, wide), m[wide])
         rows, cols, values = torch.cat([rows, wr]), torch.cat([cols, wide[wc]]), torch.cat([values, wv])
         smallest[wide] = ws
     return rows, cols, values, smallest

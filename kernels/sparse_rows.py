@@ -121,6 +121,23 @@ def entries(idx: Tensor, lengths: Tensor | None) -> Entries:
     return _cached("entries", (idx, lengths), None, compute)
 
 
+def row_pointers(index: Tensor, n: int) -> Tensor:
+    """[n + 1] int64: where each value 0..n-1 of the ascending ``index`` starts (CSR row
+    pointers of a pattern whose rows are ``index``)."""
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=index.device)
+    torch.cumsum(torch.bincount(index, minlength=n), 0, out=ptr[1:])
+    return ptr
+
+
+def sampled_addmm_csr(crow: Tensor, cols: Tensor, bias: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``bias[e] + left[r] . right[:, cols[e]]`` for each entry e of CSR row r (row pointers
+    ``crow``): a sampled dense-dense matmul, values [nnz] in left's dtype."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": not the caller's concern
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols, bias, (left.shape[0], right.shape[1]), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, left, right).values()
+
+
 def gather_rows_torch(idx: Tensor, w: Tensor, M: Tensor, lengths: Tensor | None = None) -> Tensor:
     """out[b] = sum_j w[b, j] * M[idx[b, j]]: one fused embedding_bag, [B, D] fp32."""
     _check(idx, w, M)
@@ -141,13 +158,7 @@ def row_dot_torch(idx: Tensor, dense: Tensor, M: Tensor, lengths: Tensor | None 
     if K == 0:
         return torch.zeros(B, 0, device=idx.device)
     e = entries(idx, lengths)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": not the caller's concern
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(
-            e.crow, e.cols, torch.zeros(len(e.cols), device=idx.device), (B, M.shape[0]),
-            check_invariants=False,
-        )
-    vals = torch.sparse.sampled_addmm(pattern, _f32(dense), _f32(M).t()).values()
+    vals = sampled_addmm_csr(e.crow, e.cols, torch.zeros(len(e.cols), device=idx.device), _f32(dense), _f32(M).t())
     if e.mask is None:
         return vals.view(B, K)
     return torch.zeros(B, K, device=idx.device).masked_scatter_(e.mask, vals)
@@ -160,9 +171,7 @@ def _by_target_row(cols: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
     competes for them (a 1-D parallel sort waits on both threads at every phase)."""
     def compute():
         _, order = cols.to(torch.int32).sort(stable=True)  # int32 sorts ~2x faster than int64 on CPU
-        offsets = torch.zeros(n_rows + 1, dtype=torch.int64, device=cols.device)
-        torch.cumsum(torch.bincount(cols, minlength=n_rows), 0, out=offsets[1:])
-        return order, offsets
+        return order, row_pointers(cols, n_rows)
 
     return _cached("by_target_row", (cols,), n_rows, compute)
 

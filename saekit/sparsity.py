@@ -67,9 +67,9 @@ def aux_select(pre: Tensor | Callable[[Tensor], Tensor], weights: Tensor | None,
 def _columns(sae, x: Tensor) -> Callable[[Tensor], Tensor]:
     """Pre-activations of the latents ``cols`` only, ``(x - b_dec) @ W_enc[:, cols] + b_enc[cols]``
     (for the auxiliary selection where no dense pre-activations were made)."""
-    def pre(cols: Tensor) -> Tensor:
-        return torch.addmm(sae.b_enc[cols], x - sae.b_dec, sae.W_enc.t()[cols].t())
-    return pre
+    from saekit.kernels.encoder import pre_columns
+
+    return lambda cols: pre_columns(x - sae.b_dec, sae.W_enc, sae.b_enc, cols)
 
 
 def _pre(sae, x: Tensor) -> Tensor:
