@@ -2,8 +2,9 @@
 TopK encoder and of Mutual and Feature Choice's selections.
 
 The dense fp32 product ``(x - b_dec) @ W_enc + b_enc`` dominates a TopK SAE's step on CPU. On
-CPUs with AMX a bf16 product runs 3-8x faster (B=4096, d_in=768, d_sae=12288 on 2 cores:
-35-110 ms against 270-560 ms, with the machine's load; benchmarks/train_step.py). Its values are too coarse to rank
+CPUs with AMX a bf16 product runs ~3.5-5x faster (B=4096, d_in=768, d_sae=12288 on 2 cores,
+timed in the same rounds by benchmarks/train_step.py: 65-113 ms against 300-560 ms for the
+fp32 product, with the machine's load). Its values are too coarse to rank
 with, but a rigorous bound on their error says which latents can still be in a row's top k.
 Only those (~2k a row) are recomputed in fp32:
 
