@@ -24,7 +24,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import einops
 import torch
@@ -147,12 +147,20 @@ def harvest_batches(model, tokens: Tensor, hook: HookSpec, batch_seqs: int = 32,
     return torch.cat([fn(model, tokens[j: j + batch_seqs], hook) for j in range(0, len(tokens), batch_seqs)])
 
 
-def activation_and_grad(model, tokens: Tensor, hook: HookSpec) -> tuple[Tensor, Tensor]:
+def activation_and_grad(model, tokens: Tensor, hook: HookSpec,
+                        targets: Literal["tokens", "model"] = "tokens") -> tuple[Tensor, Tensor]:
     """The activation at ``hook`` and ∂L/∂activation, both ``[b, T, *shape]``.
 
     The hook replaces the activation by a leaf that requires grad, so the backward stops
     there; L is the next-token cross-entropy *summed* over positions, so a token's gradient
-    does not shrink with the batch size (methods.md §5)."""
+    does not shrink with the batch size (methods.md §5).
+
+    ``targets`` says what L is scored against:
+    - ``"tokens"``: the next tokens of ``tokens`` (training: the gradient of the real loss);
+    - ``"model"``: the model's own greedy predictions (argmax of its clean logits). No label
+      of the text enters, so a g-SAE that selects with these gradients can be evaluated on
+      the text's loss without having seen it (``"tokens"`` gradients at evaluation would be
+      an oracle: they are the gradient of the very loss being reported)."""
     from saekit.splice import next_token_loss
 
     box: list[Tensor] = []
@@ -167,7 +175,13 @@ def activation_and_grad(model, tokens: Tensor, hook: HookSpec) -> tuple[Tensor, 
         logits = model.run_with_hooks(tokens, fwd_hooks=[(hook.name, leaf)])
         if not box:
             raise HookError(f"hook {hook.name} did not fire during the forward pass")
-        loss = next_token_loss(logits, tokens) * (tokens.shape[0] * (tokens.shape[1] - 1))
+        if targets == "model":  # the prediction at t stands where tokens[t + 1] would
+            labels = torch.cat([tokens[:, :1], logits[:, :-1].detach().argmax(-1)], dim=1)
+        elif targets == "tokens":
+            labels = tokens
+        else:
+            raise ValueError(f"targets must be 'tokens' or 'model', not {targets!r}")
+        loss = next_token_loss(logits, labels) * (tokens.shape[0] * (tokens.shape[1] - 1))
         (grad,) = torch.autograd.grad(loss, box[0])
     return box[0].detach(), grad
 

@@ -293,3 +293,21 @@ def test_global_topk_ranks_nan_first_like_torch_topk():
     s[100, 33] = float("nan")
     rows, cols, values = global_topk(s, 300, fast_from=0)
     assert (100, 33) in set(zip(rows.tolist(), cols.tolist())) and values.isnan().sum() == 1
+
+
+def test_model_target_gradients_never_read_the_final_label():
+    """activation_and_grad(targets="model") scores the loss against the model's own greedy
+    predictions: the last token, which only ever serves as a label, cannot change it (with
+    the text's tokens as targets it does)."""
+    import saekit
+    from saekit.activations import activation_and_grad, resolve_hook
+
+    model = saekit.load_model()
+    hook = resolve_hook(model, "blocks.3.attn.hook_z")
+    t = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    t2 = t.clone()
+    t2[:, -1] = (t2[:, -1] + 1) % 400
+    g_model = [activation_and_grad(model, s, hook, "model")[1] for s in (t, t2)]
+    g_text = [activation_and_grad(model, s, hook, "tokens")[1] for s in (t, t2)]
+    assert torch.equal(g_model[0], g_model[1])
+    assert not torch.allclose(g_text[0], g_text[1])
