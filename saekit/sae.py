@@ -25,6 +25,10 @@ from torch import Tensor, nn
 from saekit.errors import ConfigError
 from saekit.options import VariantOptions
 
+# A latent counts as firing on a token only when its activation exceeds this (OpenAI's
+# sparse_autoencoder counts dead latents the same way): float noise is not firing.
+FIRING_THRESHOLD = 1e-3
+
 SparsityName = Literal["topk", "gtopk", "mutual_choice", "feature_choice"]
 
 

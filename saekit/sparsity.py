@@ -9,6 +9,10 @@ selection: per token the top ``k_aux`` of ``aux_weights ⊙ ReLU(pre)`` among la
 positive weight (AuxK passes the dead mask as weights; aux_zipf graded weights), whose
 values are the plain ``ReLU(pre)``.
 
+Training-time statistics (Mutual and Feature Choice's inference thresholds, Feature Choice's
+firing frequencies) change only when the caller passes ``update=True``, which the trainer's
+step alone does: an ``encode`` from user code never moves them, in train mode or not.
+
 Batch-level sparsifiers (Mutual and Feature Choice) give each token a varying number of
 latents; their codes are padded to the widest row with zero values, and ``Codes.lengths``
 tells the kernels where each row's padding starts.
@@ -21,7 +25,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from saekit.sae import Codes, SAEConfig
+from saekit.sae import FIRING_THRESHOLD, Codes, SAEConfig
 
 
 class Encoded(NamedTuple):
@@ -108,7 +112,7 @@ class TopK(nn.Module):
         self.k, self.impl = cfg.k, cfg.impl
 
     def encode(self, sae, x: Tensor, grad: Tensor | None = None,
-               aux_weights: Tensor | None = None, k_aux: int = 0) -> Encoded:
+               aux_weights: Tensor | None = None, k_aux: int = 0, update: bool = False) -> Encoded:
         from saekit import kernels
 
         if aux_weights is None or k_aux <= 0 or not bool((aux_weights > 0).any()):
@@ -150,7 +154,7 @@ class GradientTopK(nn.Module):
                 s.div_(torch.linalg.vector_norm(s, dim=1, keepdim=True).div_(s.shape[1] ** 0.5).clamp_min_(1e-12))
             return s.mul_(self.beta).add_(1).mul_(pre).clamp_min_(0)
 
-    def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
+    def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0, update=False) -> Encoded:
         if grad is None or self.beta == 0:
             return self._topk.encode(sae, x, None, aux_weights, k_aux)
         from saekit.kernels.select import topk_lower_index
@@ -208,7 +212,7 @@ class MutualChoice(nn.Module):
         B, d_sae = x.shape[0], sae.cfg.d_sae
         return screen_batch.screened_global_topk(x - sae.b_dec, sae.W_enc, sae.b_enc, min(self.k * B, B * d_sae))
 
-    def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
+    def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0, update=False) -> Encoded:
         with torch.no_grad():
             batch = self.training or self.mode == "batch"
             picked = self.screened_select(sae, x) if batch else None
@@ -217,7 +221,7 @@ class MutualChoice(nn.Module):
                 rows, cols, values = picked if picked is not None else self.batch_select(pre)
                 values = values.relu_()  # ranking pre keeps the same positive entries as ReLU(pre)
                 codes = pairs_to_codes(values, rows, cols, len(x))
-                if self.training:
+                if self.training and update:
                     _ema_(self.theta, values.min(), self.decay, self.theta_set)
             else:
                 codes = mask_to_codes(pre, pre > self.theta)  # theta >= 0: the same as ReLU(pre) > theta
@@ -232,7 +236,8 @@ class FeatureChoice(nn.Module):
 
     saekit's choices (methods.md §3): ``capacity="uniform"`` gives ``m_j = round(k·B/d_sae)``
     (at least 1); ``"zipf"`` gives ``m_j ∝ r_j^(−s)`` normalized to ``k·B``, with ``r_j``
-    latent j's rank by its running firing frequency, re-ranked every ``rerank_every`` calls.
+    latent j's rank by its running firing frequency (``_update``), re-ranked every
+    ``rerank_every`` training steps.
     Inference: per-latent thresholds ``θ_j`` (EMA of the smallest value latent j kept per
     batch) and ``f_j = pre_j·1[pre_j > θ_j]``. The column-wise selection is
     ``kernels.select.column_topk`` (on CPUs with AMX through a bf16 product,
@@ -244,7 +249,7 @@ class FeatureChoice(nn.Module):
         self.rerank_every, self.decay = cfg.variant.rerank_every, cfg.variant.threshold_decay
         self.register_buffer("theta", torch.zeros(cfg.d_sae))
         self.register_buffer("theta_set", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("freq", torch.zeros(cfg.d_sae))  # running firing frequency
+        self.register_buffer("freq", torch.zeros(cfg.d_sae))  # running firing frequency (zipf)
         self.register_buffer("rank", torch.arange(1, cfg.d_sae + 1, dtype=torch.float))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
@@ -285,24 +290,44 @@ class FeatureChoice(nn.Module):
         picked = screen_batch.screened_column_topk(x - sae.b_dec, sae.W_enc, sae.b_enc, m)
         return None if picked is None else (*picked[:3], m, picked[3])
 
-    def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0) -> Encoded:
+    def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0, update=False) -> Encoded:
         with torch.no_grad():
-            picked = self.screened_select(sae, x) if self.training else None
+            # zipf capacities rank latents by how often ReLU(pre) fires, which needs the dense
+            # pre-activations; the screen does not make them
+            screen = self.training and not (update and self.capacity == "zipf")
+            picked = self.screened_select(sae, x) if screen else None
             pre = _pre(sae, x) if picked is None else None
             if self.training:
                 rows, cols, values, m, smallest = picked if picked is not None else self.batch_select(pre)
                 # ranking pre keeps the same positive entries as ReLU(pre)
                 codes = pairs_to_codes(values.relu_(), rows, cols, len(x))
-                _ema_(self.theta, smallest.relu_(), self.decay, self.theta_set)
-                self.freq.mul_(self.decay).add_(m.float() / x.shape[0] * (1 - self.decay))
-                self.calls += 1
-                if self.capacity == "zipf" and int(self.calls) % self.rerank_every == 0:
-                    order = self.freq.argsort(descending=True)
-                    self.rank[order] = torch.arange(1, len(order) + 1, dtype=torch.float, device=x.device)
+                if update:
+                    self._update(smallest.relu_(), pre)
             else:
                 codes = mask_to_codes(pre, pre > self.theta)  # theta >= 0: the same as ReLU(pre) > theta
             aux = aux_select(_columns(sae, x) if pre is None else pre, aux_weights, k_aux)
         return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
+
+    def _update(self, smallest: Tensor, pre: Tensor | None) -> None:
+        """One training batch's statistics: the thresholds' EMA and, for zipf capacities,
+        the firing frequency and the periodic re-rank.
+
+        The frequency is the share of the batch's tokens on which ``ReLU(pre_j)`` exceeds
+        ``FIRING_THRESHOLD`` — how often the latent would fire with no capacity — not the
+        share it was allowed to keep (``m_j / B``), which is set by its capacity and would
+        re-rank the latents in the order they already have (methods.md §3)."""
+        _ema_(self.theta, smallest, self.decay, self.theta_set)
+        self.calls += 1
+        if self.capacity != "zipf":
+            return
+        fired = (pre > FIRING_THRESHOLD).sum(0).float() / pre.shape[0]  # [d_sae]
+        if int(self.calls) == 1:  # the first batch sets it, as _ema_ does
+            self.freq.copy_(fired)
+        else:
+            self.freq.mul_(self.decay).add_(fired * (1 - self.decay))
+        if int(self.calls) % self.rerank_every == 0:
+            order = self.freq.argsort(descending=True, stable=True)
+            self.rank[order] = torch.arange(1, len(order) + 1, dtype=torch.float, device=pre.device)
 
 
 SPARSIFIERS: dict[str, type[nn.Module]] = {

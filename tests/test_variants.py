@@ -311,3 +311,42 @@ def test_model_target_gradients_never_read_the_final_label():
     g_text = [activation_and_grad(model, s, hook, "tokens")[1] for s in (t, t2)]
     assert torch.equal(g_model[0], g_model[1])
     assert not torch.allclose(g_text[0], g_text[1])
+
+
+def test_zipf_capacities_follow_measured_firing_frequencies():
+    """Feature Choice with zipf capacities ranks latents by how often ReLU(pre) fires, not by
+    the share its capacity let it keep (which would keep latent 0 biggest forever)."""
+    sae = sae_of("feature_choice", capacity="zipf", rerank_every=5).train()
+    never, always = torch.arange(4), 127
+    with torch.no_grad():
+        sae.b_enc[never] = -1e3  # never fire
+        sae.b_enc[always] = 1e3  # fires on every token
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        sae.sparsifier.encode(sae, torch.randn(256, 32, generator=g), update=True)
+    fc = sae.sparsifier
+    m = fc.capacities(256)
+    others = m[4:127]
+    assert int(fc.rank[always]) == 1 and m[always] == m.max() and m[always] > others.max()
+    assert m[never].max() <= others.min()
+    assert (fc.freq[never] == 0).all() and torch.isclose(fc.freq[always], torch.tensor(1.0), atol=1e-4)
+
+
+@pytest.mark.parametrize("sparsity", ["mutual_choice", "feature_choice"])
+def test_train_sae_returns_eval_mode_and_encode_never_moves_thresholds(sparsity):
+    """train_sae hands the SAE back in eval mode, and no encode outside the trainer's step
+    (not even in train mode) changes the saved inference thresholds."""
+    x = synthetic(n=4096, d=32)
+    cfg = TrainConfig(sae=SAEOptions(d_sae=128, k=4, sparsity=sparsity),
+                      data=DataOptions(batch_size=512, fill_tokens=4096, total_tokens=512 * 20),
+                      optim=OptimOptions(lr=3e-3, warmup_steps=5), run=RunOptions(progress=False))
+    sae = train_sae(x, cfg)
+    assert not sae.training
+    saved = {k: v.clone() for k, v in sae.sparsifier.state_dict().items()}
+    for mode in (False, True):
+        sae.train(mode)
+        sae.encode(x[:1])
+        sae.encode(x[:512] * 3)
+        sae(x[:64])
+    for k, v in sae.sparsifier.state_dict().items():
+        assert torch.equal(v, saved[k]), k

@@ -234,7 +234,8 @@ def train_sae(acts: Tensor | Iterable[Tensor], cfg: TrainConfig | None = None, *
     than one epoch) or an iterable of ``[batch, d_in]`` batches (used in order). ``grads``
     (``[n, d_in]``, ∂L/∂x) go with a tensor for ``gtopk``; an iterable may instead yield
     ``[batch, 2·d_in]`` batches packed as ``[x | g]``. With no ``cfg``, a tensor gets one
-    epoch in batches of ``min(4096, n)``. Nothing is written unless ``out`` is given."""
+    epoch in batches of ``min(4096, n)``. Nothing is written unless ``out`` is given.
+    The SAE comes back in eval mode, as ``load_sae`` gives it."""
     if cfg is None:
         if not isinstance(acts, Tensor):
             raise ConfigError("train_sae on an iterable of batches needs a cfg (for the step count)")
@@ -276,6 +277,7 @@ def train_sae(acts: Tensor | Iterable[Tensor], cfg: TrainConfig | None = None, *
     with torch.no_grad():
         sae.b_dec.copy_(first[:, :d_in].float().mean(0))
     fit(trainer, batch_at, Path(out) if out else None)
+    sae.eval()  # inference rules from here on (Mutual/Feature Choice: the saved thresholds)
     if out:
         sae.save(out)
     return sae

@@ -105,7 +105,7 @@ class Trainer:
         sae.train()
         weights = self.aux_weights()
         n_aux = int((weights > 0).sum()) if weights is not None else 0
-        enc = sae.sparsifier.encode(sae, x, grad, weights if n_aux else None, min(self.k_aux, n_aux))
+        enc = sae.sparsifier.encode(sae, x, grad, weights if n_aux else None, min(self.k_aux, n_aux), update=True)
         x_hat = sae.decode_codes(enc.codes)
         denom = self.comm.total_variance(x)  # of the global batch: each rank's terms are partial sums
         terms = fvu_loss(x, x_hat, denom)
