@@ -195,8 +195,7 @@ def analyze(model, sae, n_tokens: int = 200_000, seq_len: int = 128, batch_seqs:
     if seq_len < 2:
         raise ConfigError("--seq-len must be at least 2 (BOS plus one token)")
     hook = resolve_hook(model, sae.cfg.hook_name)
-    split = "heldout" if dataset in (None, "saekit") else "train"
-    stream = token_batches(model.tokenizer, dataset, seq_len, batch_seqs, seed=0, split=split)
+    stream = token_batches(model.tokenizer, dataset, seq_len, batch_seqs, seed=0, split="heldout")
     acc = _Accumulator(sae.cfg.d_sae)
     seqs: list[Tensor] = []
     done, start = 0, time.time()

@@ -17,8 +17,12 @@ class EvalOptions:
     """Tokens per sequence (BOS included)."""
     seed: int = 0
     """Seed of the held-out text stream."""
+    heldout_frac: float = 0.01
+    """Local files and hub datasets without a validation/test split: the held-out share of documents; use the value the SAE was trained with."""
 
     def __post_init__(self):
+        if not 0 < self.heldout_frac < 1:
+            raise ConfigError(f"--heldout-frac must be between 0 and 1 (exclusive), not {self.heldout_frac}")
         if self.tokens < self.seq_len or self.seq_len < 2:
             raise ConfigError(f"--tokens ({self.tokens}) must be at least --seq-len ({self.seq_len}) and "
                               "--seq-len at least 2")

@@ -44,19 +44,32 @@ def write_report(path: Path, title: str, parts: list) -> None:
 
 def eval_parts(r: dict) -> list:
     """The figures of ``saekit eval``."""
-    keys = ["l0", "l0_std", "explained_variance", "fvu", "ce_loss_recovered", "ce_loss_recovered_mean", "kl",
-            "dead_frac", "dense_frac", "tokens"]
+    keys = ["l0", "l0_std", "explained_variance", "fvu", "ce_loss_recovered_mean", "ce_loss_recovered_zero_all",
+            "ce_loss_recovered_zero_keep_bos", "kl", "never_fired_frac", "dense_frac", "tokens"]
     h = r["log10_freq_hist"]
     freq = go.Figure(go.Bar(x=h["edges"][:-1], y=h["counts"], width=h["edges"][1] - h["edges"][0]))
     freq.update_layout(title="Firing frequency of live latents", xaxis_title="log10 frequency", yaxis_title="latents")
     l0 = go.Figure(go.Bar(x=list(range(len(r["l0_hist"]))), y=r["l0_hist"]))
     l0.update_layout(title="Active latents per token", xaxis_title="L0", yaxis_title="tokens")
-    names = ["clean", "SAE", "mean ablation", "zero ablation"]
+    names = ["clean", "SAE", "mean ablation", "zero ablation (BOS kept)", "zero ablation (all positions)"]
     ce = go.Figure(go.Bar(x=names, y=[r["ce_loss_clean"], r["ce_loss_sae"], r["ce_loss_mean_ablation"],
-                                      r["ce_loss_zero_ablation"]]))
+                                      r.get("ce_loss_zero_ablation_keep_bos"), r.get("ce_loss_zero_ablation_all")]))
     ce.update_layout(title="Next-token loss", yaxis_title="nats")
-    return [f"<p>{html.escape(r['hook'])}, {r['sparsity']}, d_sae={r['d_sae']}, k={r['k']}</p>",
-            _table([{k: r[k] for k in keys}], keys), freq, l0, ce]
+    parts = [f"<p>{html.escape(r['hook'])}, {r['sparsity']}, d_sae={r['d_sae']}, k={r['k']}; "
+             f"held-out text: {html.escape(r.get('eval_split', 'not recorded'))}</p>",
+             "<p>never_fired_frac: latents with no activation on these tokens (not the training run's dead_frac). "
+             "Zero ablation 'all positions' zeroes BOS too (Kissane et al.'s baseline); 'BOS kept' zeroes "
+             "the positions the SAE replaces.</p>",
+             _table([{k: r.get(k, "not in this file (older saekit): rerun saekit eval") for k in keys}], keys),
+             freq, l0, ce]
+    g = r.get("with_model_gradients")
+    if g:
+        gk = ["positions", "ce_loss_clean_last", "ce_loss_sae_topk_last", "ce_loss_sae_with_grads_last",
+              "explained_variance", "l0"]
+        parts += [f"<h2>g-SAE selecting with gradients</h2><p>{html.escape(g['gradients'])}; "
+                  f"{html.escape(g['scored'])}. The table above selects as TopK (no gradients).</p>",
+                  _table([{k: g[k] for k in gk}], gk)]
+    return parts
 
 
 def ioi_parts(r: dict) -> list:

@@ -45,9 +45,9 @@ def run_eval(sae_path, model: str | None = None, dataset: str | None = None, opt
     folder, sae = _load(sae_path)
     m = model_for(sae, model, device)
     n_seq = max(1, opts.tokens // opts.seq_len)
-    seqs = data.pack(data.documents(dataset, opts.seed + 1, "heldout"), m.tokenizer, opts.seq_len)
-    tokens = torch.stack([next(seqs) for _ in range(n_seq)])
-    result = {**evaluate_sae(m, sae, tokens), "model": m.saekit_name, "dataset": dataset or "saekit"}
+    tokens = data.heldout_sequences(m.tokenizer, dataset, n_seq, opts.seq_len, opts.seed + 1, opts.heldout_frac)
+    result = {**evaluate_sae(m, sae, tokens), "model": m.saekit_name, "dataset": dataset or "saekit",
+              "eval_split": data.describe_heldout(dataset, opts.heldout_frac)}
     atomic_write_text(folder / "eval.json", json.dumps(result, indent=1))
     write_report(folder / "eval.html", f"SAE evaluation: {folder.name}", eval_parts(result))
     return result

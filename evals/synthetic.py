@@ -89,7 +89,7 @@ def mmcs(W_dec: Tensor, features: Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def score(sae, o: SyntheticOptions, truth: GroundTruth, n_eval: int = 16384) -> dict:
-    """MMCS, recovered share, dead fraction and FVU of ``sae`` on fresh samples."""
+    """MMCS, recovered share, never-fired fraction and FVU of ``sae`` on fresh samples."""
     sae.eval()
     x = sample(o, truth, n_eval, seed=2)
     out = sae(x)
@@ -97,7 +97,7 @@ def score(sae, o: SyntheticOptions, truth: GroundTruth, n_eval: int = 16384) -> 
     fired[out.codes.indices[out.codes.values > 0]] = True
     m, rec = mmcs(sae.W_dec, truth.features)
     fvu = ((x - out.x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-    return {"mmcs": m, "recovered_0.9": rec, "dead_frac": 1 - fired.float().mean().item(),
+    return {"mmcs": m, "recovered_0.9": rec, "never_fired_frac": 1 - fired.float().mean().item(),
             "fvu": fvu.item(), "l0": (out.codes.values > 0).sum().item() / n_eval}
 
 
@@ -124,7 +124,7 @@ def bench(o: SyntheticOptions, variants=("topk", "mutual_choice", "feature_choic
 def format_table(rows: list[dict], o: SyntheticOptions) -> str:
     head = (f"synthetic: d={o.d}, {o.n_true} true features, mean {o.mean_active:g} active, "
             f"Zipf exponent {o.zipf_exponent:g}, noise {o.noise:g}\n"
-            "| variant | MMCS | recovered (cos ≥ 0.9) | dead | FVU | L0 |\n|---|---|---|---|---|---|\n")
+            "| variant | MMCS | recovered (cos ≥ 0.9) | never fired | FVU | L0 |\n|---|---|---|---|---|---|\n")
     return head + "\n".join(
-        f"| {r['variant']} | {r['mmcs']:.3f} | {r['recovered_0.9']:.3f} | {r['dead_frac']:.3f} "
+        f"| {r['variant']} | {r['mmcs']:.3f} | {r['recovered_0.9']:.3f} | {r['never_fired_frac']:.3f} "
         f"| {r['fvu']:.3f} | {r['l0']:.1f} |" for r in rows)

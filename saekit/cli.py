@@ -156,9 +156,11 @@ def format_summary(summary: dict, out: str) -> str:
     return (f"SAE at {summary['hook']} (d_sae {summary['d_sae']}, k {summary['k']}), "
             f"{summary['eval_tokens']} held-out tokens:\n"
             f"  L0 {summary['l0']:.1f}  explained variance {summary['explained_variance']:.3f}  "
-            f"dead fraction {summary['dead_frac']:.3f}\n"
+            f"dead fraction (training) {summary['dead_frac']:.3f}\n"
             f"  CE loss clean {summary['ce_loss_clean']:.3f}  with SAE {summary['ce_loss_sae']:.3f}  "
-            f"zero-ablated {summary['ce_loss_zero_ablation']:.3f}  recovered {summary['ce_loss_recovered']:.3f}\n"
+            f"recovered {summary['ce_loss_recovered_mean']:.3f} (mean abl.) "
+            f"{summary['ce_loss_recovered_zero_all']:.3f} (zero abl., all positions) "
+            f"{summary['ce_loss_recovered_zero_keep_bos']:.3f} (zero abl., BOS kept)\n"
             f"saved to {out}")
 
 
@@ -203,15 +205,17 @@ class CompareOption:
 
 
 def cmd_eval(args) -> None:
-    """Standard metrics of an SAE (L0, explained variance, CE loss recovered, KL, dead and
-    dense fractions, frequency histogram): eval.json and eval.html beside the SAE."""
+    """Standard metrics of an SAE (L0, explained variance, CE loss recovered, KL, never-fired
+    and dense fractions, frequency histogram): eval.json and eval.html beside the SAE."""
     from saekit.evals.run import run_eval
 
     a = args.target
     r = run_eval(a.sae, a.model, args.data.dataset, args.eval, a.device)
     print(f"{a.sae}: {r['tokens']} tokens  L0 {r['l0']:.1f} (sd {r['l0_std']:.1f})  explained variance "
-          f"{r['explained_variance']:.3f}  CE recovered {r['ce_loss_recovered']:.3f} (zero) "
-          f"{r['ce_loss_recovered_mean']:.3f} (mean)  KL {r['kl']:.4f}  dead {r['dead_frac']:.3f}  "
+          f"{r['explained_variance']:.3f}  CE recovered {r['ce_loss_recovered_mean']:.3f} (mean abl.) "
+          f"{r['ce_loss_recovered_zero_all']:.3f} (zero abl., all positions) "
+          f"{r['ce_loss_recovered_zero_keep_bos']:.3f} (zero abl., BOS kept)  KL {r['kl']:.4f}  "
+          f"never fired {r['never_fired_frac']:.3f}  "
           f"dense {r['dense_frac']:.3f}\nwrote eval.json and eval.html in {a.sae}")
 
 

@@ -1,7 +1,9 @@
 """Run a model with an SAE's reconstruction in place of the activation at its hook.
 
 The BOS position is left as it is, matching harvesting (``saekit.activations``), where the
-SAE never sees it.
+SAE never sees it. The ablation baselines come in two kinds, named apart: ``keep_bos``
+ablates positions 1: as the splice replaces them; ``all`` zero-ablates every position, BOS
+included, as Kissane et al. (2024) do for their "CE loss recovered".
 """
 
 from __future__ import annotations
@@ -52,9 +54,15 @@ def reconstruct_hook(sae, grads: Tensor | None = None):
 
 
 def zero_hook(act: Tensor, hook=None) -> Tensor:
+    """Zero ablation of positions 1: (BOS kept, as the splice keeps it)."""
     out = act.clone()
     out[:, 1:] = 0
     return out
+
+
+def zero_all_hook(act: Tensor, hook=None) -> Tensor:
+    """Zero ablation of every position, BOS included (Kissane et al. 2024's baseline)."""
+    return torch.zeros_like(act)
 
 
 def mean_hook(mean: Tensor):
@@ -82,30 +90,47 @@ def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 class CELosses(NamedTuple):
     clean: float
     sae: float
-    zero: float
+    zero_keep_bos: float  # positions 1: zeroed, BOS kept (the positions the splice replaces)
+    zero_all: float  # every position zeroed, BOS included (Kissane et al. 2024)
     kl: float  # mean KL(clean ‖ spliced) of the next-token distributions, nats per position
-    mean: float = float("nan")  # loss with the hook mean-ablated, when a mean was given
+    mean: float = float("nan")  # loss with positions 1: mean-ablated, when a mean was given
 
     @property
-    def recovered(self) -> float:
-        """Loss recovered against zero ablation."""
-        return loss_recovered(self.clean, self.sae, self.zero)
+    def recovered_zero_keep_bos(self) -> float:
+        """Loss recovered against zero ablation of the positions the splice replaces."""
+        return loss_recovered(self.clean, self.sae, self.zero_keep_bos)
+
+    @property
+    def recovered_zero_all(self) -> float:
+        """Loss recovered against zero ablation of every position (Kissane et al.'s figure)."""
+        return loss_recovered(self.clean, self.sae, self.zero_all)
 
     @property
     def recovered_mean(self) -> float:
-        """Loss recovered against mean ablation."""
+        """Loss recovered against mean ablation (positions 1:)."""
         return loss_recovered(self.clean, self.sae, self.mean)
+
+    def as_dict(self) -> dict[str, float]:
+        """The keys summary.json and eval.json use."""
+        d = {"ce_loss_clean": self.clean, "ce_loss_sae": self.sae,
+             "ce_loss_zero_ablation_keep_bos": self.zero_keep_bos, "ce_loss_zero_ablation_all": self.zero_all,
+             "ce_loss_recovered_zero_keep_bos": self.recovered_zero_keep_bos,
+             "ce_loss_recovered_zero_all": self.recovered_zero_all, "kl": self.kl}
+        if self.mean == self.mean:  # a mean was given
+            d |= {"ce_loss_mean_ablation": self.mean, "ce_loss_recovered_mean": self.recovered_mean}
+        return d
 
 
 @torch.no_grad()
 def ce_losses(model, sae, tokens: Tensor, batch_size: int = 32, grads: Tensor | None = None,
               mean: Tensor | None = None) -> CELosses:
-    """Next-token loss clean, with the SAE spliced in, and with the hook zero-ablated, and
-    the KL of the spliced model's next-token distribution from the clean one; with ``mean``
-    (``[*hook_shape]``) also the loss with the hook mean-ablated. ``grads``
-    (``[n, T, *hook_shape]``) are passed to gradient-aware sparsifiers."""
+    """Next-token loss clean, with the SAE spliced in, and with the hook zero-ablated (both
+    kinds, see the module docstring), and the KL of the spliced model's next-token
+    distribution from the clean one; with ``mean`` (``[*hook_shape]``) also the loss with the
+    hook mean-ablated. ``grads`` (``[n, T, *hook_shape]``) are passed to gradient-aware
+    sparsifiers."""
     check_sae_fits(model, sae)
-    sums = torch.zeros(5)
+    sums = torch.zeros(6)
     hook = sae.cfg.hook_name
     for i in range(0, len(tokens), batch_size):
         t = tokens[i: i + batch_size].to(model.cfg.device)
@@ -113,11 +138,13 @@ def ce_losses(model, sae, tokens: Tensor, batch_size: int = 32, grads: Tensor | 
         clean = model(t)
         spliced = model.run_with_hooks(t, fwd_hooks=[(hook, reconstruct_hook(sae, g))])
         zero = model.run_with_hooks(t, fwd_hooks=[(hook, zero_hook)])
+        zero_all = model.run_with_hooks(t, fwd_hooks=[(hook, zero_all_hook)])
         kl = F.kl_div(spliced.float().log_softmax(-1), clean.float().log_softmax(-1),
                       log_target=True, reduction="none").sum(-1).mean()
-        losses = [next_token_loss(clean, t), next_token_loss(spliced, t), next_token_loss(zero, t), kl]
+        losses = [next_token_loss(clean, t), next_token_loss(spliced, t), next_token_loss(zero, t),
+                  next_token_loss(zero_all, t), kl]
         if mean is not None:
             losses.append(next_token_loss(model.run_with_hooks(t, fwd_hooks=[(hook, mean_hook(mean))]), t))
         sums[: len(losses)] += torch.tensor([v.item() for v in losses]) * len(t)
     out = (sums / len(tokens)).tolist()
-    return CELosses(*out[:4], mean=out[4] if mean is not None else float("nan"))
+    return CELosses(*out[:5], mean=out[5] if mean is not None else float("nan"))

@@ -95,10 +95,12 @@ def test_evaluations_page_shows_reports_or_the_command(monkeypatch, sae_dir, tmp
     folder = tmp_path / "with_reports"
     shutil.copytree(sae_dir, folder)
     result = {"hook": "blocks.5.attn.hook_z", "sparsity": "topk", "d_sae": 64, "k": 4, "l0": 16.0, "l0_std": 1.0,
-              "explained_variance": 0.9, "fvu": 0.1, "ce_loss_recovered": 0.9, "ce_loss_recovered_mean": 0.8,
-              "kl": 0.01, "dead_frac": 0.0, "dense_frac": 0.0, "tokens": 100, "l0_hist": [0, 2, 5],
+              "explained_variance": 0.9, "fvu": 0.1, "ce_loss_recovered_zero_all": 0.9,
+              "ce_loss_recovered_zero_keep_bos": 0.9, "ce_loss_recovered_mean": 0.8,
+              "kl": 0.01, "never_fired_frac": 0.0, "dense_frac": 0.0, "tokens": 100, "l0_hist": [0, 2, 5],
               "log10_freq_hist": {"edges": [-2.0, -1.0, 0.0], "counts": [3, 4]}, "ce_loss_clean": 1.0,
-              "ce_loss_sae": 1.1, "ce_loss_mean_ablation": 1.5, "ce_loss_zero_ablation": 2.0}
+              "ce_loss_sae": 1.1, "ce_loss_mean_ablation": 1.5, "ce_loss_zero_ablation_keep_bos": 2.0,
+              "ce_loss_zero_ablation_all": 2.1}
     (folder / "eval.json").write_text(json.dumps(result))
     (folder / "ioi_eval.json").write_text("{not json")
     at = run_app(monkeypatch, str(folder), "Evaluations")

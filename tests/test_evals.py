@@ -13,7 +13,7 @@ from saekit.evals.metrics import frequency_summary, fvu, l0_per_token
 from saekit.evals.nodes import Node, Readout
 from saekit.evals.supervised import SupervisedDictionary
 from saekit.sae import SAE, SAEConfig
-from saekit.splice import ce_losses, loss_recovered
+from saekit.splice import ce_losses, loss_recovered, next_token_loss
 
 HOOK = "blocks.3.attn.hook_z"
 
@@ -27,7 +27,7 @@ def test_metric_functions_match_hand_computed_values():
     assert l0_per_token(torch.tensor([[0.0, 2.0, 0.5], [0.0, 0.0, 0.0]])).tolist() == [2, 0]
     assert loss_recovered(clean=2.0, spliced=2.5, ablated=4.0) == pytest.approx(0.75)
     s = frequency_summary(torch.tensor([0, 5, 50, 1]), n_tokens=100)
-    assert s["dead_frac"] == pytest.approx(0.25)  # one latent of four never fired
+    assert s["never_fired_frac"] == pytest.approx(0.25)  # one latent of four never fired
     assert s["dense_frac"] == pytest.approx(0.25)  # one fires on 50% > 10%
     assert sum(s["log10_freq_hist"]["counts"]) == 3  # the three live latents
 
@@ -50,12 +50,20 @@ def test_ce_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_the_ablat
     shape = (model.cfg.n_heads, model.cfg.d_head)
     tokens = torch.stack([s for s, _ in zip(data.pack(data.documents(None, 5, "heldout"), model.tokenizer, 32), range(4))])
     perfect = ce_losses(model, _identity_sae(math.prod(shape), shape), tokens)
-    assert perfect.recovered == pytest.approx(1.0, abs=1e-4)
+    assert perfect.recovered_zero_keep_bos == pytest.approx(1.0, abs=1e-4)
+    assert perfect.recovered_zero_all == pytest.approx(1.0, abs=1e-4)
     assert perfect.kl == pytest.approx(0.0, abs=1e-5)
     zero = _identity_sae(math.prod(shape), shape)
     with torch.no_grad():
         zero.W_dec.zero_()
-    assert ce_losses(model, zero, tokens).recovered == pytest.approx(0.0, abs=1e-6)
+    ce = ce_losses(model, zero, tokens)
+    assert ce.recovered_zero_keep_bos == pytest.approx(0.0, abs=1e-6)
+    # Kissane et al.'s baseline zeroes BOS too: a different loss, so the splice that keeps
+    # BOS is not "nothing recovered" against it
+    with torch.no_grad():
+        z = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda a, hook=None: torch.zeros_like(a))])
+    assert ce.zero_all == pytest.approx(next_token_loss(z, tokens).item(), rel=1e-5)
+    assert ce.zero_all != ce.zero_keep_bos and ce.recovered_zero_all != 0
     mean = torch.randn(shape)
     with torch.no_grad():
         zero.b_dec.copy_(mean.flatten())  # outputs exactly the mean: the mean ablation itself
@@ -169,8 +177,9 @@ def small_sae(tmp_path_factory, model):
 def test_saekit_eval_end_to_end(small_sae, capsys):
     assert main(["eval", "--sae", str(small_sae), "--tokens", "2048", "--seq-len", "64"]) == 0
     r = json.loads((small_sae / "eval.json").read_text())
-    assert r["l0"] == pytest.approx(8.0) and 0 <= r["dead_frac"] <= 1 and r["tokens"] == 32 * 63
-    assert r["ce_loss_zero_ablation"] > r["ce_loss_clean"]
+    assert r["l0"] == pytest.approx(8.0) and 0 <= r["never_fired_frac"] <= 1 and r["tokens"] == 32 * 63
+    assert "dead_frac" not in r  # the training counters' name; eval.json measures never-fired
+    assert r["ce_loss_zero_ablation_keep_bos"] > r["ce_loss_clean"] and r["eval_split"].startswith("saekit corpus")
     html = (small_sae / "eval.html").read_text()
     assert "Firing frequency" in html and (small_sae / "plotly.min.js").exists()
     assert "explained variance" in capsys.readouterr().out

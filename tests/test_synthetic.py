@@ -26,7 +26,7 @@ def test_bench_recovers_features_and_feature_choice_has_no_dead_latents():
     rows = {r["variant"]: r for r in bench(o, ("topk", "feature_choice"), d_sae=96, k=3,
                                               n_train=16384, steps=300, batch=512, lr=5e-3)}
     assert rows["topk"]["mmcs"] > 0.8 and rows["topk"]["fvu"] < 0.3
-    assert rows["feature_choice"]["dead_frac"] == 0
+    assert rows["feature_choice"]["never_fired_frac"] == 0
 
 
 def test_bench_command_prints_a_table_and_rejects_unknown_suites(capsys):

@@ -82,7 +82,10 @@ def test_default_train_end_to_end_small_budget(tmp_path, capsys):
     assert "explained variance" in stdout and "recovered" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["explained_variance"] <= 1 and summary["l0"] <= 8
-    assert summary["ce_loss_zero_ablation"] > summary["ce_loss_clean"]
+    assert summary["ce_loss_zero_ablation_keep_bos"] > summary["ce_loss_clean"]
+    assert summary["ce_loss_zero_ablation_all"] != summary["ce_loss_zero_ablation_keep_bos"]
+    assert "ce_loss_recovered" not in summary and "ce_loss_recovered_mean" in summary
+    assert summary["eval_split"].startswith("saekit corpus")
     assert summary["kl"] > 0 and 0 <= summary["dense_frac"] <= 1 and summary["l0_std"] >= 0
     sae = load_sae(out)
     assert sae.cfg.hook_name == "blocks.5.attn.hook_z" and len(sae.cfg.hook_shape) == 2
@@ -213,3 +216,67 @@ def test_checkpoint_from_before_W_enc_T_resumes_the_same():
     for t in (a, b, c):
         t.train_step(x[256:])
     assert torch.equal(b.sae.W_enc, a.sae.W_enc) and torch.equal(c.sae.W_enc, a.sae.W_enc)
+
+
+def test_auxk_default_is_gao_et_al_residual_normalisation():
+    """By default L_aux = α‖e − ê‖² / Σ‖e − mean e‖² with no dead-count scale (Gao et al.'s
+    code); aux_norm="input" keeps saekit's earlier α·min(n_dead/k_aux, 1)‖e − ê‖²/Σ‖x − x̄‖²."""
+    from saekit import SAE, SAEConfig
+    from saekit.training.losses import auxk_loss, squared_error, total_variance
+
+    sae = SAE(SAEConfig(d_in=24, d_sae=96, k=4), seed=0)
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(0))
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[:6] = True  # fewer dead latents than k_aux = 12: the old scale would be 0.5
+    enc = sae.sparsifier.encode(sae, x, None, dead.float(), 6)
+    x_hat = sae.decode_codes(enc.codes).detach()
+    e = x - x_hat
+    e_hat = enc.aux.dense(96) @ sae.W_dec
+    num = (e - e_hat).pow(2).sum()
+    got = auxk_loss(sae, x, x_hat, enc.aux, 6, 12, 1 / 32, total_variance(x))["aux"]
+    torch.testing.assert_close(got, num / (e - e.mean(0)).pow(2).sum() / 32, rtol=1e-4, atol=0)
+    old = auxk_loss(sae, x, x_hat, enc.aux, 6, 12, 1 / 32, total_variance(x), norm="input")["aux"]
+    torch.testing.assert_close(old, 0.5 * num / (x - x.mean(0)).pow(2).sum() / 32, rtol=1e-4, atol=0)
+    assert TrainConfig().optim.aux_norm == "residual"
+
+
+def test_latents_below_the_firing_threshold_count_as_dead():
+    """A latent whose activations stay under 1e-3 is not firing (OpenAI's rule): its
+    dead counter keeps growing."""
+    from saekit import SAE, SAEConfig
+    from saekit.training.trainer import Trainer
+
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, k=16), seed=0)  # k = d_sae: every latent is selected
+    with torch.no_grad():
+        sae.W_enc_T.zero_()
+        sae.b_enc.fill_(1e-4)  # every latent "on", but at 1e-4
+        sae.b_enc[0] = 1.0
+    cfg = TrainConfig(optim=OptimOptions(lr=1e-9, dead_tokens=100, aux="none"))
+    t = Trainer(sae, cfg, total_steps=10)
+    t.train_step(torch.randn(64, 8))
+    assert t.tokens_since_fired[0] == 0 and (t.tokens_since_fired[1:] == 64).all()
+
+
+def test_geometric_median_init_of_b_dec():
+    """--b-dec-init geometric_median: Weiszfeld's point is robust to outliers where the mean
+    is not, and it is what training starts from."""
+    from saekit.training.trainer import geometric_median
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 4, generator=g) * 0.1 + torch.tensor([1.0, -2.0, 0.5, 0.0])
+    x[:100] += 1000  # 5% far outliers drag the mean by ~50
+    m = geometric_median(x)
+    assert (m - torch.tensor([1.0, -2.0, 0.5, 0.0])).abs().max() < 0.05
+    assert (x.mean(0) - m).abs().max() > 10
+    data = synthetic(n=8192, d=16)
+    data[:200] += 50
+    base = dict(sae=SAEOptions(d_sae=64, k=4), data=DataOptions(batch_size=1024, fill_tokens=8192, total_tokens=1024),
+                optim=OptimOptions(lr=1e-12, warmup_steps=0), run=RunOptions(progress=False))
+    sae_gm = train_sae(data, _with_init(base, "geometric_median"))
+    sae_mean = train_sae(data, _with_init(base, "mean"))
+    assert (sae_gm.b_dec - geometric_median(data)).abs().max() < 0.05  # one fill = all 8192 rows
+    assert (sae_mean.b_dec - sae_gm.b_dec).abs().max() > 0.1
+
+
+def _with_init(base: dict, how: str) -> TrainConfig:
+    return TrainConfig(**{**base, "optim": replace(base["optim"], b_dec_init=how)})

@@ -250,8 +250,10 @@ def test_gtopk_trains_end_to_end_with_harvested_gradients(tmp_path, capsys):
     assert "explained variance" in capsys.readouterr().out
     import json
     summary = json.loads((out / "summary.json").read_text())
-    g = summary["with_grads"]  # evaluated selecting with gradients too
-    assert 0 < g["explained_variance"] <= 1 and g["kl"] >= 0 and abs(g["l0"] - 8) < 1e-6
+    g = summary["with_model_gradients"]  # evaluated selecting with (label-free) gradients too
+    assert 0 < g["explained_variance"] <= 1 and abs(g["l0"] - 8) < 1e-6
+    assert g["positions"] > 0 and g["ce_loss_sae_with_grads_last"] > 0 and g["ce_loss_sae_topk_last"] > 0
+    assert "with_grads" not in summary and "no text labels" in g["gradients"]
     args = ["--fill-tokens", "4064", "--batch-size", "512", "--total-tokens", "4064"]
     assert main(["cache", "--with-grads", "--out", str(tmp_path / "c"), *args]) == 0
     from saekit.activations import CachedActivations
@@ -350,3 +352,23 @@ def test_train_sae_returns_eval_mode_and_encode_never_moves_thresholds(sparsity)
         sae(x[:64])
     for k, v in sae.sparsifier.state_dict().items():
         assert torch.equal(v, saved[k]), k
+
+
+def test_with_model_gradients_equals_topk_at_beta_zero_and_differs_at_large_beta():
+    """The g-SAE's with-gradient score: β = 0 must give exactly the TopK figures on the same
+    positions; a large β changes the selection, so the spliced loss moves."""
+    import saekit
+    from saekit import data
+    from saekit.evals.metrics import with_model_gradients
+
+    model = saekit.load_model()
+    tokens = torch.stack([s for s, _ in zip(data.pack(data.documents(None, 3, "heldout"), model.tokenizer, 24), range(6))])
+    res = {}
+    for beta in (0.0, 50.0):
+        sae = SAE(SAEConfig(d_in=128, d_sae=256, k=4, sparsity="gtopk", hook_name="blocks.3.attn.hook_z",
+                            hook_shape=(4, 32), variant=VariantOptions(beta=beta)), seed=0).eval()
+        res[beta] = with_model_gradients(model, sae, tokens, batch_size=4)
+    assert res[0.0]["ce_loss_sae_topk_last"] == res[0.0]["ce_loss_sae_with_grads_last"]
+    assert res[50.0]["ce_loss_sae_topk_last"] == res[0.0]["ce_loss_sae_topk_last"]
+    assert res[50.0]["ce_loss_sae_with_grads_last"] != res[50.0]["ce_loss_sae_topk_last"]
+    assert res[0.0]["positions"] == 6 and res[0.0]["ce_loss_clean_last"] > 0

@@ -57,6 +57,8 @@ class DataOptions:
     """Activations per shuffled buffer fill (and per cache shard)."""
     device: str = "cpu"
     """Device for the model and the SAE."""
+    heldout_frac: float = 0.01
+    """Local files and hub datasets without a validation/test split: share of documents (by a stable hash) held out of training for the summary and saekit eval."""
 
     def __post_init__(self):
         for name in ("seq_len", "total_tokens", "batch_size", "fill_tokens"):
@@ -66,6 +68,8 @@ class DataOptions:
             raise ConfigError("--seq-len must be at least 2 (BOS plus one token)")
         if self.fill_tokens < self.batch_size:
             raise ConfigError(f"--fill-tokens ({self.fill_tokens}) must be at least --batch-size ({self.batch_size})")
+        if not 0 < self.heldout_frac < 1:
+            raise ConfigError(f"--heldout-frac must be between 0 and 1 (exclusive), not {self.heldout_frac}")
         if self.total_tokens < self.batch_size:
             raise ConfigError(f"--total-tokens ({self.total_tokens}) is less than one batch ({self.batch_size})")
 
@@ -86,10 +90,14 @@ class OptimOptions:
     """Auxiliary loss: auxk (dead latents), zipf (dead and underused latents), none."""
     aux_coef: float = 1 / 32
     """Weight α of the auxiliary loss."""
+    aux_norm: Literal["residual", "input"] = "residual"
+    """AuxK normalisation: residual = ‖e − ê‖² / variance of the residual e, unscaled (Gao et al.'s code); input = divided by the variance of x and scaled by min(n_dead / k_aux, 1) (saekit before, several times weaker)."""
     k_aux: int = 0
     """Dead latents the auxiliary loss reconstructs with; 0 means d_in / 2."""
     dead_tokens: int = 1_000_000
-    """A latent is dead after this many tokens without firing."""
+    """A latent is dead after this many tokens without firing (an activation above 1e-3)."""
+    b_dec_init: Literal["mean", "geometric_median"] = "mean"
+    """Start of b_dec: the mean of the first batch, or the geometric median of at least 32768 activations (Gao et al.)."""
     zipf_tail_frac: float = 0.2
     """aux zipf: share of lowest-ranked latents left out of the Zipf fit."""
     zipf_gamma: float = 0.5

@@ -6,6 +6,8 @@ as in Gao et al. 2024 and methods.md §1.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -54,18 +56,30 @@ def fvu_loss(x: Tensor, x_hat: Tensor, denom: Tensor) -> dict[str, Tensor]:
 
 
 def auxk_loss(sae, x: Tensor, x_hat: Tensor, aux: Codes | None, n_dead: int, k_aux: int,
-              coef: float, denom: Tensor) -> dict[str, Tensor]:
-    """AuxK (Gao et al. 2024 §A.2): reconstruct the residual ``e = x − x̂`` from the top
-    ``k_aux`` pre-activations of dead latents, decoded without ``b_dec``:
-    ``L_aux = ‖e − ê‖² / Σ‖x − mean(x)‖²``, scaled by ``min(n_dead / k_aux, 1)`` so that a
-    handful of dead latents does not get the full weight. Zero when nothing is dead.
-    aux_zipf uses the same term with its own selection (``n_dead`` = latents eligible)."""
+              coef: float, denom: Tensor, norm: str = "residual",
+              variance: Callable[[Tensor], Tensor] = total_variance) -> dict[str, Tensor]:
+    """AuxK (Gao et al. 2024 §A.2): reconstruct the residual ``e = x − x̂`` (a constant
+    target) from the top ``k_aux`` pre-activations of dead latents, decoded without
+    ``b_dec`` to ``ê``. Zero when nothing is dead. Two normalisations:
+
+    - ``norm="residual"`` (default; Gao et al.'s code, openai/sparse_autoencoder
+      ``normalized_mse(ê, e)``): ``L_aux = ‖e − ê‖² / Σ‖e − mean(e)‖²``, unscaled.
+    - ``norm="input"`` (saekit before; methods.md §1's wording):
+      ``L_aux = min(n_dead / k_aux, 1) · ‖e − ê‖² / Σ‖x − mean(x)‖²``. The residual's
+      variance is a fraction (the FVU) of x's, and the scale shrinks it again with few dead
+      latents, so at the same ``coef`` this term is several times weaker.
+
+    ``denom`` is ``Σ‖x − mean(x)‖²`` of the (global) batch; ``variance`` computes the
+    residual's (the trainer passes its all-reducing one). aux_zipf uses the same term with
+    its own selection (``n_dead`` = latents eligible)."""
     if aux is None or n_dead == 0:
         return {"aux": x.new_zeros(())}
     from saekit.kernels import decode_sparse
 
     e = (x - x_hat).detach()
     e_hat = decode_sparse(aux.values, aux.indices, sae.W_dec, torch.zeros_like(sae.b_dec), impl=sae.cfg.impl)
+    if norm == "residual":
+        return {"aux": coef * squared_error(e_hat, e) / variance(e).clamp_min(1e-30)}
     scale = min(n_dead / k_aux, 1.0)
     return {"aux": coef * scale * squared_error(e_hat, e) / denom}
 

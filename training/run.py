@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Iterable
 
@@ -19,7 +20,7 @@ from saekit.sae import SAE, SAEConfig
 from saekit.training import distributed, preflight
 from saekit.training.config import DataOptions, TrainConfig
 from saekit.training.summary import summarize
-from saekit.training.trainer import FillReader, Job, Trainer, fit, fit_jobs
+from saekit.training.trainer import GEOMEDIAN_SAMPLES, FillReader, Job, Trainer, fit, fit_jobs, init_b_dec_
 
 
 def _model_source(model, d: DataOptions, seed: int, with_grads: bool = False):
@@ -32,7 +33,8 @@ def _model_source(model, d: DataOptions, seed: int, with_grads: bool = False):
 def _model_activations(model, hooks: list[HookSpec], d: DataOptions, seed: int, with_grads: bool = False):
     from saekit import data
 
-    tokens = data.token_batches(model.tokenizer, d.dataset, d.seq_len, batch_size=32, seed=seed)
+    tokens = data.token_batches(model.tokenizer, d.dataset, d.seq_len, batch_size=32, seed=seed,
+                               heldout_frac=d.heldout_frac)  # never a held-out document
     return ModelActivations(model, hooks, tokens, max(1, d.fill_tokens // (d.seq_len - 1)), with_grads)
 
 
@@ -41,6 +43,12 @@ def _sae_config(cfg: TrainConfig, d_in: int, hook_name: str, hook_shape, model_n
     return SAEConfig(d_in=d_in, d_sae=s.d_sae or s.expansion * d_in, k=s.k, sparsity=s.sparsity,
                      hook_name=hook_name, model_name=model_name, hook_shape=tuple(hook_shape), impl=s.impl,
                      variant=cfg.variant)
+
+
+def _geomedian_batches(cfg: TrainConfig, per_fill: int) -> int:
+    """Batches for the geometric median's GEOMEDIAN_SAMPLES rows, within the first fill
+    (so that step 0 finds its fill still loaded)."""
+    return max(1, min(math.ceil(GEOMEDIAN_SAMPLES / cfg.data.batch_size), per_fill))
 
 
 def _truncate_metrics(out: Path, step: int) -> None:
@@ -152,7 +160,8 @@ def _open_source(cfg: TrainConfig, device: str):
 
 def _job(cfg: TrainConfig, sae_cfg: SAEConfig, state: dict | None, reader, folder: Path, comm,
          writer: bool, device: str) -> Job:
-    """An SAE and its trainer, resumed from ``state`` or started with ``b_dec`` at the data mean."""
+    """An SAE and its trainer, resumed from ``state`` or started with ``b_dec`` from the data
+    (``--b-dec-init``)."""
     sae = SAE(sae_cfg, seed=cfg.run.seed).to(device)
     trainer = Trainer(sae, cfg, total_steps=cfg.data.total_tokens // cfg.data.batch_size, comm=comm)
     if state:
@@ -163,8 +172,7 @@ def _job(cfg: TrainConfig, sae_cfg: SAEConfig, state: dict | None, reader, folde
         if writer:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "metrics.jsonl").unlink(missing_ok=True)
-        with torch.no_grad():  # b_dec starts at the data mean (methods.md, notation)
-            sae.b_dec.copy_(comm.mean_rows(reader.batch_at(0)[:, : sae_cfg.d_in]))
+        init_b_dec_(sae, reader.batch_at, cfg.optim.b_dec_init, _geomedian_batches(cfg, reader.per_fill), comm)
     comm.broadcast_(sae.parameters())  # replicas start identical
     return Job(trainer, reader.batch_at, folder, sae_cfg.hook_name)
 
@@ -274,8 +282,10 @@ def train_sae(acts: Tensor | Iterable[Tensor], cfg: TrainConfig | None = None, *
         d_in = first.shape[1] // 2 if cfg.sae.sparsity == "gtopk" else first.shape[1]  # gtopk: [x | g]
     sae = SAE(_sae_config(cfg, d_in, hook_name, (), model_name), seed=cfg.run.seed).to(d.device)
     trainer = Trainer(sae, cfg, total_steps=d.total_tokens // d.batch_size)
-    with torch.no_grad():
-        sae.b_dec.copy_(first[:, :d_in].float().mean(0))
+    if isinstance(acts, Tensor):
+        init_b_dec_(sae, batch_at, cfg.optim.b_dec_init, _geomedian_batches(cfg, reader.per_fill))
+    else:  # an iterable's batches are read once: b_dec starts from the first alone
+        init_b_dec_(sae, lambda step: first, cfg.optim.b_dec_init, 1)
     fit(trainer, batch_at, Path(out) if out else None)
     sae.eval()  # inference rules from here on (Mutual/Feature Choice: the saved thresholds)
     if out:

@@ -2,7 +2,8 @@
 
 Each step: encode, decode, sum the loss terms, backward, remove the decoder gradient's
 component parallel to each row, Adam, renormalize decoder rows. Dead latents are counted
-in tokens since they last fired; AuxK trains on them.
+in tokens since they last fired (an activation above ``FIRING_THRESHOLD``, 1e-3, as in
+OpenAI's code); AuxK trains on them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from saekit.activations import fill_permutation
 from saekit.errors import SaekitError
-from saekit.sae import SAE
+from saekit.sae import FIRING_THRESHOLD, SAE
 from saekit.training import checkpoint as ckpt
 from saekit.training.config import TrainConfig
 from saekit.training.distributed import Collective
@@ -110,11 +111,13 @@ class Trainer:
         denom = self.comm.total_variance(x)  # of the global batch: each rank's terms are partial sums
         terms = fvu_loss(x, x_hat, denom)
         if weights is not None:
-            terms |= auxk_loss(sae, x, x_hat, enc.aux, n_aux, self.k_aux, o.aux_coef, denom)
+            terms |= auxk_loss(sae, x, x_hat, enc.aux, n_aux, self.k_aux, o.aux_coef, denom, o.aux_norm,
+                                self.comm.total_variance)
         loss = sum(terms.values())
         with torch.no_grad():  # one reduction for the logged terms and the firing counts
-            on = enc.codes.values > 0
-            counts = torch.bincount(enc.codes.indices[on], minlength=sae.cfg.d_sae)
+            on = enc.codes.values > 0  # for L0
+            fired = enc.codes.values > FIRING_THRESHOLD  # for the dead counters and frequencies
+            counts = torch.bincount(enc.codes.indices[fired], minlength=sae.cfg.d_sae)
             aux = terms.get("aux", loss * 0)
             packed = self.comm.sum_(torch.cat([torch.stack([loss, terms["fvu"], aux, on.sum().float()]).detach(),
                                                counts.float()]))
@@ -157,6 +160,42 @@ class Trainer:
         self.tokens_since_fired.copy_(s["tokens_since_fired"])
         self.freq.copy_(s["freq"])
         torch.set_rng_state(s["torch_rng"])
+
+
+GEOMEDIAN_SAMPLES = 32_768  # Gao et al. 2024 §A.1 take b_dec's start from this many or more
+
+
+def geometric_median(x: Tensor, comm: Collective | None = None, iters: int = 200, tol: float = 1e-6) -> Tensor:
+    """The point minimising ``Σ_i ‖x_i − m‖`` over the rows of ``x`` (of every rank, under
+    data parallelism), by Weiszfeld's iteration from the mean: ``m ← Σ w_i x_i / Σ w_i``
+    with ``w_i = 1 / ‖x_i − m‖``. Every rank sees the same sums, so all stop together."""
+    comm = comm or Collective()
+    x = x.double()
+    m = comm.mean_rows(x)
+    for _ in range(iters):
+        w = 1 / (x - m).norm(dim=1).clamp_min(1e-12)  # [n]
+        sums = comm.sum_(torch.cat([w @ x, w.sum().reshape(1)]))
+        new = sums[:-1] / sums[-1]
+        moved = (new - m).norm().item()
+        m = new
+        if moved <= tol * max(m.norm().item(), 1e-12):
+            break
+    return m.float()
+
+
+def init_b_dec_(sae: SAE, batch_at: Callable[[int], Tensor], how: str, n_batches: int,
+                comm: Collective | None = None) -> None:
+    """Set ``b_dec`` before training: the mean of batch 0 (``how="mean"``), or the geometric
+    median of the first ``n_batches`` batches (``"geometric_median"``; the caller picks
+    enough for ``GEOMEDIAN_SAMPLES`` rows). Gradients packed beside x (g-SAE) are ignored."""
+    comm = comm or Collective()
+    d_in = sae.cfg.d_in
+    with torch.no_grad():
+        if how == "mean":
+            sae.b_dec.copy_(comm.mean_rows(batch_at(0)[:, :d_in].float()))
+        else:
+            x = torch.cat([batch_at(s)[:, :d_in].float() for s in range(n_batches)])
+            sae.b_dec.copy_(geometric_median(x.to(sae.b_dec.device), comm))
 
 
 class FillReader:
