@@ -63,7 +63,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .encoder import pre_columns
+from .encoder import aux_topk
 from .select import _strided_group_max, keyed_topk, topk_lower_index
 from .sparse_rows import row_pointers, sampled_addmm_csr
 
@@ -320,15 +320,10 @@ def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask:
     if len(dense):  # rows the bound cannot narrow (e.g. x = b_dec with b_enc = 0): fp32
         _fallback(f"rows with more than {_ROW_CAP}·k candidates take the fp32 product")
         values[dense], indices[dense] = topk_lower_index(torch.addmm(b_enc, xc[dense], W_enc), k)
-    if dead_mask is None or k_aux == 0:
-        empty = xc.new_empty(B, 0)
-        return values.relu_(), indices, empty, empty.long()
     # AuxK: the dead latents' pre-activations in fp32, a matmul over just their columns.
     # Screening them would rescore ~2 k_aux (k_aux = d_in/2 by default) candidates a row,
     # which costs more than this product unless nearly every latent is dead.
-    dead_idx = dead_mask.nonzero().flatten()  # ascending, so the tie rule carries over
-    aux_values, aux_pos = topk_lower_index(pre_columns(xc, W_enc, b_enc, dead_idx), k_aux)
-    return values.relu_(), indices, aux_values.relu_(), dead_idx[aux_pos]
+    return values.relu_(), indices, *aux_topk(xc, W_enc, b_enc, dead_mask, k_aux)
 
 
 _logged: set[str] = set()
