@@ -247,16 +247,31 @@ def _encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, impl):
 
 def encoder_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
     """The impl a TopK-style selection of k latents a row runs for x [B, d_in]: resolve_impl,
-    and "auto" on CPU takes the bf16 screen where it pays (screen.pays). "screen" applies
-    to fp32 only; other dtypes run it as "torch"."""
+    and "auto" on CPU takes the bf16 screen where it pays (screen.pays) and this platform's
+    bf16 matmul passes the fp32-accumulation probe (screen.bf16_accumulates_in_fp32; else
+    the fp32 path, logged). "screen" is refused where the probe fails; it applies to fp32
+    only, other dtypes run it as "torch"."""
     resolved = resolve_impl(impl, x.device)
-    if impl == "auto" and resolved == "torch":
-        from .screen import pays
+    if resolved == "screen":
+        _require_sound_screen()
+    elif impl == "auto" and resolved == "torch":
+        from .screen import bf16_accumulates_in_fp32, pays
 
         if pays(x, W_enc, k):
-            resolved = "screen"
-            log_decision("auto", resolved, "cpu encoder, AMX")
+            if bf16_accumulates_in_fp32():
+                resolved = "screen"
+                log_decision("auto", resolved, "cpu encoder, AMX")
+            else:
+                log_decision("auto", resolved, "cpu encoder, AMX, but the bf16 matmul fails the fp32-accumulation probe")
     return resolved
+
+
+def _require_sound_screen() -> None:
+    from .screen import bf16_accumulates_in_fp32
+
+    if not bf16_accumulates_in_fp32():
+        raise ValueError("impl='screen' needs a bf16 matmul that accumulates in fp32, and this platform's does not "
+                         "(a probe product leaves the screen's error bound); use impl='auto' or 'torch'")
 
 
 def _topk_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
@@ -280,11 +295,12 @@ def check_impl(impl: str, device: torch.device | str, topk_k: int = 0) -> None:
     """Raise now, as a one-line ValueError, what the kernels would raise at their first call
     with ``impl`` on ``device``: k > TRITON_MAX_K under impl="triton" for a TopK encoder
     selecting ``topk_k`` latents a row (0: none runs; checked first, as it holds on every
-    machine), then resolve_impl's refusals. Callers configuring a run (the trainer) call it
-    before step 1."""
+    machine), resolve_impl's refusals, and "screen" where the bf16 matmul fails its probe.
+    Callers configuring a run (the trainer) call it before step 1."""
     if impl == "triton" and topk_k > TRITON_MAX_K:
         raise ValueError(_too_wide(topk_k))
-    resolve_impl(impl, device)
+    if resolve_impl(impl, device) == "screen":
+        _require_sound_screen()
 
 
 def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, *, impl: str = "auto") -> TopK:

@@ -390,3 +390,61 @@ def test_feature_choice_screen_at_the_edge_of_its_bound(case):
     ref = column_topk(x @ W_enc, m)
     assert ref[0][ref[1] == 0].tolist() == [want]
     assert torch.equal(values_got[cols_got == 0], ref[2][ref[1] == 0]) and smallest[0] == ref[3][0]
+
+
+# ---- the platform's bf16 matmul must accumulate as the bound assumes ------------------------
+
+
+def test_this_platforms_bf16_matmul_accumulates_within_the_bound():
+    """The probe behind impl="screen" (uncached here): on this machine the bf16 product
+    stays within the bound, which assumes fp32 accumulation (PyTorch does not promise it)."""
+    assert screen.bf16_accumulates_in_fp32.__wrapped__()
+
+
+@pytest.mark.parametrize("chunk", [1, 64, 256])
+def test_the_probe_catches_a_matmul_that_rounds_its_partial_sums_to_bf16(chunk, monkeypatch):
+    """A matmul that accumulates fp32 over chunks of the inner dimension but keeps its
+    running sum in bf16 between them (chunk 1: plain bf16 accumulation) fails the probe."""
+    def rounding_mm(a, b, out):
+        acc = torch.zeros(a.shape[0], b.shape[1])
+        for k0 in range(0, a.shape[1], chunk):
+            acc = (acc + a[:, k0:k0 + chunk].float() @ b[k0:k0 + chunk].float()).bfloat16().float()
+        return out.copy_(acc)
+
+    monkeypatch.setattr(screen, "_bf16_mm", rounding_mm)
+    assert not screen.bf16_accumulates_in_fp32.__wrapped__()
+
+
+def test_a_platform_failing_the_probe_refuses_screen_and_auto_falls_back(monkeypatch, caplog, capsys):
+    """Where the probe fails, impl="screen" is refused in one line (at the trainer's start
+    too) and impl="auto" takes the fp32 path where it would have screened, logged."""
+    from saekit.errors import ConfigError
+    from saekit.kernels import dispatch, encoder
+    from saekit.sae import SAE, SAEConfig
+    from saekit.training.config import TrainConfig
+    from saekit.training.trainer import Trainer
+
+    monkeypatch.setattr(screen, "bf16_accumulates_in_fp32", lambda: False)
+    monkeypatch.setattr(screen, "amx_available", lambda: True)
+    monkeypatch.setattr(dispatch, "_logged", set())
+    calls = []
+    real = screen.screened_select
+    monkeypatch.setattr(screen, "screened_select", lambda *a: calls.append(1) or real(*a))
+    x, W_enc, b_enc, b_dec = randn_sae(1024, 256, 4096, seed=3)
+    with pytest.raises(ValueError, match="impl='screen' needs a bf16 matmul that accumulates in fp32") as e:
+        encode_topk(x, W_enc, b_enc, b_dec, 32, impl="screen")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="impl='screen' needs a bf16 matmul"):
+        Trainer(SAE(SAEConfig(d_in=8, d_sae=64, k=4, impl="screen"), seed=0), TrainConfig(), total_steps=1)
+    with caplog.at_level(logging.INFO, logger="saekit.kernels"):
+        got = encode_topk(x, W_enc, b_enc, b_dec, 32, impl="auto")
+    assert calls == [] and encoder.encoder_impl("auto", x, W_enc, 32) == "torch"
+    want = encode_topk(x, W_enc, b_enc, b_dec, 32, impl="torch")
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+    assert "fails the fp32-accumulation probe" in " ".join(r.getMessage() for r in caplog.records)
+    assert capsys.readouterr() == ("", "")  # logged, not printed
+    monkeypatch.setattr(screen, "bf16_accumulates_in_fp32", lambda: True)  # the other branch
+    assert encoder.encoder_impl("auto", x, W_enc, 32) == "screen"
+    encode_topk(x, W_enc, b_enc, b_dec, 32, impl="screen")
+    Trainer(SAE(SAEConfig(d_in=8, d_sae=64, k=4, impl="screen"), seed=0), TrainConfig(), total_steps=1)
+    assert len(calls) == 1
