@@ -265,16 +265,16 @@ def compile_only() -> None:
     ptr = lambda dt: "*" + dt  # noqa: E731
     for dt in ("bf16", "fp32"):
         elt = 2 if dt == "bf16" else 4
-        for k_pad, ka_pad in ((32, 1), (128, 1), (32, 512)):
-            plan = et._plan(4096, 32768, elt, k_pad + (ka_pad if ka_pad > 1 else 0))
+        for k_pad in (32, 128, 512):
+            plan = et._plan(4096, 32768, elt, k_pad)
             sig = {n: ptr(dt) for n in ("x_ptr", "w_ptr", "b_enc_ptr", "b_dec_ptr")}
-            sig |= {"dead_ptr": "*u8", "keys_ptr": "*i64", "aux_keys_ptr": "*i64"}
+            sig |= {"keys_ptr": "*i64"}
             sig |= {n: "i32" for n in ("B", "D_IN", "D_SAE", "TILES_PER_CHUNK", "s_xb", "s_xd", "s_wd", "s_wn")}
-            consts = dict(LOG_K=k_pad.bit_length() - 1, LOG_KA=ka_pad.bit_length() - 1, HAS_AUX=ka_pad > 1,
+            consts = dict(LOG_K=k_pad.bit_length() - 1,
                           BLOCK_B=plan["BLOCK_B"], LOG_N=plan["BLOCK_N"].bit_length() - 1, BLOCK_K=plan["BLOCK_K"],
                           DOT_PRECISION="ieee", UPCAST_DOT=False, IS_BF16=dt == "bf16")
             sig |= {n: "constexpr" for n in consts}
-            report(f"encoder {dt} k_pad={k_pad} k_aux_pad={ka_pad} BLOCK_B={plan['BLOCK_B']}",
+            report(f"encoder {dt} k_pad={k_pad} BLOCK_B={plan['BLOCK_B']}",
                    et._encoder_topk_kernel, sig, consts, 8)
         common = {"B": "i32", "K": "i32", "D": "i32"}
         s6 = lambda *names: {n: "i32" for n in names}  # noqa: E731

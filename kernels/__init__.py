@@ -7,7 +7,8 @@ Public API (each op takes impl="auto" | "torch" | "triton" | "screen"; see resol
     encode_selected(x, W_enc, b_enc, b_dec, values, indices) -> values with the sparse backward,
         for selections made elsewhere (Mutual/Feature Choice, g-TopK)
     decode_sparse(values, indices, W_dec, b_dec) -> x_hat [B, d_in]
-    resolve_impl(impl, device) -> "torch" | "triton"
+    resolve_impl(impl, device) -> "torch" | "triton" | "screen"
+    check_impl(impl, device, topk_k) -> None, or the ValueError a first call would raise
 
 Layout (SAELens): W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
 Every Triton kernel sits beside its PyTorch reference: encoder.py / encoder_triton.py,
@@ -21,6 +22,7 @@ anything that probes a device.
 
 from .decoder import decode_sparse
 from .dispatch import resolve_impl
-from .encoder import TopK, encode_selected, encode_topk, encode_topk_aux
+from .encoder import TopK, check_impl, encode_selected, encode_topk, encode_topk_aux
 
-__all__ = ["TopK", "decode_sparse", "encode_selected", "encode_topk", "encode_topk_aux", "resolve_impl"]
+__all__ = ["TopK", "check_impl", "decode_sparse", "encode_selected", "encode_topk", "encode_topk_aux",
+           "resolve_impl"]

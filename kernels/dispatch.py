@@ -19,7 +19,9 @@ import torch
 log = logging.getLogger("saekit.kernels")
 
 IMPLS = ("auto", "torch", "triton", "screen")
-TRITON_MAX_K = 512  # the fused encoder keeps k (and k_aux) keys per row in registers
+# The fused TopK encoder keeps k keys a row in registers. AuxK's k_aux has no limit: it ranks
+# a product over the dead columns (encoder.aux_topk). "auto" runs the PyTorch encoder above it.
+TRITON_MAX_K = 512
 _logged: set[tuple[str, str, str]] = set()
 
 

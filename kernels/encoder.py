@@ -99,15 +99,29 @@ def encode_forward_torch(
 
 def _select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None, k_aux: int):
     """encode_forward_torch given xc = x - b_dec [B, d_in]."""
-    B = xc.shape[0]
     pre = _pre_from(xc, W_enc, b_enc)  # [B, d_sae]
     values, indices = topk_lower_index(pre, k)
+    return values.relu_(), indices, *aux_topk(xc, W_enc, b_enc, dead_mask, k_aux, pre)
+
+
+def aux_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, dead_mask: Tensor | None, k_aux: int,
+             pre: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """AuxK's selection (Gao et al. 2024, sec. A.2; methods.md sec. 1): per row the k_aux
+    largest pre-activations among the latents where dead_mask [d_sae] is True (k_aux <= their
+    number), as (ReLU'd values [B, k_aux] sorted descending, indices [B, k_aux] int64), ties
+    to the lower index.
+
+    Ranks the dead columns of ``pre`` [B, d_sae] when the dense pre-activations exist, else
+    of a product over the dead columns only (`pre_columns`): the fused Triton and the
+    screened encoders never build the dense matrix, and this has no width limit. Width 0
+    without a mask or with k_aux = 0."""
     if dead_mask is None or k_aux == 0:
-        empty = pre.new_empty(B, 0)
-        return values.relu_(), indices, empty, empty.long()
+        empty = xc.new_empty(xc.shape[0], 0)
+        return empty, empty.long()
     dead_idx = dead_mask.nonzero().flatten()  # ascending, so the tie rule carries over
-    aux_values, aux_pos = topk_lower_index(pre.index_select(1, dead_idx), k_aux)
-    return values.relu_(), indices, aux_values.relu_(), dead_idx[aux_pos]
+    pre_dead = pre_columns(xc, W_enc, b_enc, dead_idx) if pre is None else pre.index_select(1, dead_idx)
+    values, pos = topk_lower_index(pre_dead, k_aux)
+    return values.relu_(), dead_idx[pos]
 
 
 # ---- autograd ---------------------------------------------------------------------------
@@ -117,12 +131,14 @@ class _EncodeTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, dead_mask, k, k_aux, impl):
         # xc = x - b_dec is kept for grad W_enc (B*d_in, small) instead of being recomputed.
-        xc = x - b_dec if impl != "triton" or ctx.needs_input_grad[1] else None
+        xc = x - b_dec if impl != "triton" or ctx.needs_input_grad[1] or k_aux else None
         out = None
         if impl == "triton":
             from .encoder_triton import encoder_topk_triton
 
-            out = encoder_topk_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+            # (xc is None only without aux, where aux_topk reads just B and the dtype from x)
+            aux = aux_topk(x if xc is None else xc, W_enc, b_enc, dead_mask, k_aux)
+            out = (*encoder_topk_triton(x, W_enc, b_enc, b_dec, k), *aux)
         elif impl == "screen" and x.dtype == torch.float32:
             from .screen import screened_select
 
@@ -224,25 +240,67 @@ def _encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, impl):
     _validate(x, W_enc, b_enc, b_dec, k)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # [B, d_in]
-    impl = encoder_impl(impl, x2, W_enc, k)
-    if impl == "triton" and max(k, k_aux) > TRITON_MAX_K:
-        raise ValueError(f"impl='triton' supports k, k_aux <= {TRITON_MAX_K}; got k={k}, k_aux={k_aux}")
+    impl = _topk_impl(impl, x2, W_enc, k)
     v, i, av, ai = _EncodeTopK.apply(x2, W_enc, b_enc, b_dec, dead_mask, k, k_aux, impl)
     return TopK(v.unflatten(0, lead), i.unflatten(0, lead)), TopK(av.unflatten(0, lead), ai.unflatten(0, lead))
 
 
 def encoder_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
     """The impl a TopK-style selection of k latents a row runs for x [B, d_in]: resolve_impl,
-    and "auto" on CPU takes the bf16 screen where it pays (screen.pays). "screen" applies
-    to fp32 only; other dtypes run it as "torch"."""
+    and "auto" on CPU takes the bf16 screen where it pays (screen.pays) and this platform's
+    bf16 matmul passes the fp32-accumulation probe (screen.bf16_accumulates_in_fp32; else
+    the fp32 path, logged). "screen" is refused where the probe fails; it applies to fp32
+    only, other dtypes run it as "torch"."""
     resolved = resolve_impl(impl, x.device)
-    if impl == "auto" and resolved == "torch":
-        from .screen import pays
+    if resolved == "screen":
+        _require_sound_screen()
+    elif impl == "auto" and resolved == "torch":
+        from .screen import bf16_accumulates_in_fp32, pays
 
         if pays(x, W_enc, k):
-            resolved = "screen"
-            log_decision("auto", resolved, "cpu encoder, AMX")
+            if bf16_accumulates_in_fp32():
+                resolved = "screen"
+                log_decision("auto", resolved, "cpu encoder, AMX")
+            else:
+                log_decision("auto", resolved, "cpu encoder, AMX, but the bf16 matmul fails the fp32-accumulation probe")
     return resolved
+
+
+def _require_sound_screen() -> None:
+    from .screen import bf16_accumulates_in_fp32
+
+    if not bf16_accumulates_in_fp32():
+        raise ValueError("impl='screen' needs a bf16 matmul that accumulates in fp32, and this platform's does not "
+                         "(a probe product leaves the screen's error bound); use impl='auto' or 'torch'")
+
+
+def _topk_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
+    """encoder_impl for the TopK encoder, whose fused Triton kernel holds k <= TRITON_MAX_K
+    keys a row: "auto" runs the PyTorch encoder above that (logged), "triton" refuses."""
+    resolved = encoder_impl(impl, x, W_enc, k)
+    if resolved == "triton" and k > TRITON_MAX_K:
+        if impl != "auto":
+            raise ValueError(_too_wide(k))
+        resolved = "torch"
+        log_decision("auto", resolved, f"{x.device.type} TopK encoder, k > {TRITON_MAX_K}")
+    return resolved
+
+
+def _too_wide(k: int) -> str:
+    return (f"impl='triton' supports k <= {TRITON_MAX_K} (the fused TopK encoder keeps k keys a row in "
+            f"registers), got k={k}; use impl='auto' or 'torch'")
+
+
+def check_impl(impl: str, device: torch.device | str, topk_k: int = 0) -> None:
+    """Raise now, as a one-line ValueError, what the kernels would raise at their first call
+    with ``impl`` on ``device``: k > TRITON_MAX_K under impl="triton" for a TopK encoder
+    selecting ``topk_k`` latents a row (0: none runs; checked first, as it holds on every
+    machine), resolve_impl's refusals, and "screen" where the bf16 matmul fails its probe.
+    Callers configuring a run (the trainer) call it before step 1."""
+    if impl == "triton" and topk_k > TRITON_MAX_K:
+        raise ValueError(_too_wide(topk_k))
+    if resolve_impl(impl, device) == "screen":
+        _require_sound_screen()
 
 
 def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, *, impl: str = "auto") -> TopK:
@@ -261,8 +319,10 @@ def encode_topk_aux(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
     dead_mask: Tensor, k_aux: int, *, impl: str = "auto",
 ) -> tuple[TopK, TopK]:
-    """`encode_topk` plus, from the same pre-activations, the AuxK selection (Gao et al. 2024):
-    per row the top-k_aux of ReLU(pre) among latents where dead_mask [d_sae] (bool) is True.
+    """`encode_topk` plus the AuxK selection (Gao et al. 2024): per row the top-k_aux of
+    ReLU(pre) among latents where dead_mask [d_sae] (bool) is True (`aux_topk`: from the
+    dense pre-activations on the "torch" path, from the dead columns alone on "triton" and
+    "screen"; any k_aux on every impl).
 
     k_aux is clipped to the number of dead latents (0 dead -> aux tensors of width 0). Both
     results are differentiable the same way; their gradients add up in W_enc, b_enc, x, b_dec.

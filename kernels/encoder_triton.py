@@ -16,8 +16,9 @@ Running top-K merge (`_merge_topk`): with the running keys R sorted descending a
 tile's best K sorted ascending C, max(R, C) element-wise holds the K largest of R u C and is
 bitonic (the half-cleaner step of a bitonic merge), so one bitonic merge re-sorts it.
 
-The optional AuxK selection keeps a second running top-KA_PAD over keys masked to the
-latents where dead_mask is True, in the same pass (the mask is loaded per tile).
+AuxK's selection among dead latents is not made here: its width k_aux (d_in/2 by default)
+would have to fit in registers like k's, which limits both to TRITON_MAX_K. encoder.py ranks
+a product over the dead columns only (`encoder.aux_topk`), which has no such limit.
 """
 
 from __future__ import annotations
@@ -129,22 +130,20 @@ def _merge_topk(top, keys, LOG_K: tl.constexpr, LOG_N: tl.constexpr):
 
 @triton.jit
 def _encoder_topk_kernel(
-    x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, dead_ptr, keys_ptr, aux_keys_ptr,
+    x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, keys_ptr,
     B, D_IN, D_SAE, TILES_PER_CHUNK,
     s_xb, s_xd, s_wd, s_wn,
-    LOG_K: tl.constexpr, LOG_KA: tl.constexpr, HAS_AUX: tl.constexpr,
+    LOG_K: tl.constexpr,
     BLOCK_B: tl.constexpr, LOG_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, IS_BF16: tl.constexpr,
 ):
     K_PAD: tl.constexpr = 1 << LOG_K
-    KA_PAD: tl.constexpr = 1 << LOG_KA
     BLOCK_N: tl.constexpr = 1 << LOG_N
     chunk = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rmask = rows < B
     top = tl.full([BLOCK_B, K_PAD], _MIN_KEY, tl.int64)
-    top_aux = tl.full([BLOCK_B, KA_PAD], _MIN_KEY, tl.int64)
     for t in range(TILES_PER_CHUNK):
         cols = ((chunk * TILES_PER_CHUNK + t) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         cmask = cols < D_SAE
@@ -169,23 +168,19 @@ def _encoder_topk_kernel(
         pre = _round_to_input(acc, IS_BF16)                                           # [BB, BN]
         keys = tl.where(cmask[None, :], _pack(pre, cols), _MIN_KEY)
         top = _merge_topk(top, keys, LOG_K, LOG_N)
-        if HAS_AUX:
-            dead = tl.load(dead_ptr + cols, mask=cmask, other=0) != 0
-            top_aux = _merge_topk(top_aux, tl.where(dead[None, :], keys, _MIN_KEY), LOG_KA, LOG_N)
     out_rows = rows[:, None] * n_chunks + chunk
     tl.store(keys_ptr + out_rows * K_PAD + tl.arange(0, K_PAD)[None, :], top, mask=rmask[:, None])
-    if HAS_AUX:
-        tl.store(aux_keys_ptr + out_rows * KA_PAD + tl.arange(0, KA_PAD)[None, :], top_aux, mask=rmask[:, None])
 
 
 def _plan(B: int, d_sae: int, elt_bytes: int, k_pads: int) -> dict:
-    """Block sizes and the number of d_sae chunks for one launch."""
+    """Block sizes and the number of d_sae chunks for one launch; k_pads: the running top-k
+    width (K_PAD)."""
     if interpreting():
         BB, BN, BK = 32, 64, 32  # numpy runs a program per call: few, large programs are fast
     else:
         # Row block sized so the [BB, 128] int64 keys, the accumulator and the running top-k
         # fit in registers at 8 warps (ptxas on sm_90: no spills for bf16 BB=64 k<=32, fp32
-        # BB=32; large k_aux spills whatever the block).
+        # BB=32; a running top-512 spills whatever the block).
         BB = 64 if (elt_bytes == 2 and k_pads <= 64) else 32 if k_pads <= 256 else 16
         BN, BK = 128, 64 if elt_bytes == 2 else 32
     tiles = triton.cdiv(d_sae, BN)
@@ -208,18 +203,14 @@ def _final_topk(keys: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tenso
     return vals.relu().to(dtype), idx
 
 
-def encoder_topk_triton(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
-    dead_mask: Tensor | None = None, k_aux: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def encoder_topk_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Fused (x - b_dec) @ W_enc + b_enc -> per-row top-k, without the [B, d_sae] matrix.
 
-    Same as `encode_forward_torch(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)`, i.e.
-    `topk_lower_index((x - b_dec) @ W_enc + b_enc, k)` with ReLU on the values, plus the top
-    k_aux among latents where dead_mask is True (k_aux already clipped to their number).
+    Same as the (values, indices) of `encode_forward_torch(x, W_enc, b_enc, b_dec, k)`, i.e.
+    `topk_lower_index((x - b_dec) @ W_enc + b_enc, k)` with ReLU on the values.
     x [B, d_in]; W_enc [d_in, d_sae] (any strides); b_enc [d_sae]; b_dec [d_in]; one float
-    dtype (fp32 or bf16). Returns (values [B, k], indices [B, k], aux values [B, k_aux],
-    aux indices [B, k_aux]); values in x's dtype, sorted descending, ties to the lower index.
+    dtype (fp32 or bf16); 1 <= k <= TRITON_MAX_K. Returns (values [B, k] in x's dtype, sorted
+    descending, ties to the lower index; indices [B, k] int64).
     """
     B, d_in = x.shape
     d_sae = W_enc.shape[1]
@@ -228,31 +219,20 @@ def encoder_topk_triton(
     assert b_enc.is_contiguous() and b_dec.is_contiguous(), "biases must be contiguous"
     assert x.dtype in (torch.float32, torch.bfloat16), f"fp32 or bf16 only, got {x.dtype}"
     assert W_enc.dtype == b_enc.dtype == b_dec.dtype == x.dtype, "x, W_enc, b_enc, b_dec: one dtype"
-    assert 1 <= k <= min(d_sae, TRITON_MAX_K) and 0 <= k_aux <= TRITON_MAX_K, f"k={k}, k_aux={k_aux} out of range"
-    has_aux = dead_mask is not None and k_aux > 0
-    if has_aux:
-        assert dead_mask.shape == (d_sae,) and dead_mask.dtype == torch.bool and dead_mask.is_contiguous()
+    assert 1 <= k <= min(d_sae, TRITON_MAX_K), f"k={k} out of range"
     K_PAD = _next_pow2(k)
-    KA_PAD = _next_pow2(k_aux) if has_aux else 1
-    p = _plan(B, d_sae, x.element_size(), K_PAD + (KA_PAD if has_aux else 0))
-    dev = x.device
-    keys = torch.empty(B, p["n_chunks"], K_PAD, dtype=torch.int64, device=dev)
-    aux_keys = torch.empty(B, p["n_chunks"], KA_PAD, dtype=torch.int64, device=dev) if has_aux else keys
+    p = _plan(B, d_sae, x.element_size(), K_PAD)
+    keys = torch.empty(B, p["n_chunks"], K_PAD, dtype=torch.int64, device=x.device)
     # Match torch's fp32 matmul: TF32 only when torch itself allows it for matmuls.
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     grid = (triton.cdiv(B, p["BLOCK_B"]), p["n_chunks"])
     _encoder_topk_kernel[grid](
-        x, W_enc, b_enc, b_dec, dead_mask.view(torch.uint8) if has_aux else b_enc, keys, aux_keys,
+        x, W_enc, b_enc, b_dec, keys,
         B, d_in, d_sae, p["tiles_per_chunk"], *x.stride(), *W_enc.stride(),
-        LOG_K=K_PAD.bit_length() - 1, LOG_KA=KA_PAD.bit_length() - 1, HAS_AUX=has_aux,
+        LOG_K=K_PAD.bit_length() - 1,
         BLOCK_B=p["BLOCK_B"], LOG_N=p["BLOCK_N"].bit_length() - 1, BLOCK_K=p["BLOCK_K"],
         DOT_PRECISION="tf32" if tf32 else "ieee", UPCAST_DOT=interpreting() and x.dtype != torch.float32,
         IS_BF16=x.dtype == torch.bfloat16,
         num_warps=8,
     )
-    values, indices = _final_topk(keys.view(B, -1), k, x.dtype)
-    if not has_aux:
-        empty = torch.empty(B, 0, dtype=x.dtype, device=dev)
-        return values, indices, empty, empty.long()
-    aux_values, aux_indices = _final_topk(aux_keys.view(B, -1), k_aux, x.dtype)
-    return values, indices, aux_values, aux_indices
+    return _final_topk(keys.view(B, -1), k, x.dtype)

@@ -47,6 +47,11 @@ largest ``r`` is at least ``L = G - u'|G| - E`` (``a - u'|a|`` grows with ``a``)
 even through a tie. The candidates are therefore ``a >= tau = f^-1(L - E)`` with
 ``f(a) = a + u'|a|``, compared in bf16 after rounding tau down. Every row has at least k.
 
+The bound assumes the bf16 matmul accumulates in fp32, which PyTorch does not promise: a
+probe (`bf16_accumulates_in_fp32`, once per process at the screen's first use) checks it on
+products that a bf16-rounded partial sum would take outside the bound. Where it fails,
+impl="screen" is refused and impl="auto" keeps the fp32 path (encoder.encoder_impl).
+
 Falls back to the plain fp32 path when the bound or a threshold is not finite (inf or NaN
 anywhere, or a product beyond bf16's range). A row with more than 16k candidates (its
 top-k values sit within the bound of each other, e.g. x = b_dec with b_enc = 0) takes the
@@ -63,7 +68,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .encoder import pre_columns
+from .encoder import aux_topk
 from .select import _strided_group_max, keyed_topk, topk_lower_index
 from .sparse_rows import row_pointers, sampled_addmm_csr
 
@@ -296,7 +301,46 @@ def _screen_product(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, T
     E = _row_bounds(xc, xa, cols)
     if not (math.isfinite(sum(cols)) and bool(torch.isfinite(E).all())):
         return _fallback("a non-finite input or weight")
-    return torch.mm(xa, Wa.t(), out=_buffer("a", (B, d_sae), torch.bfloat16)), E
+    return _bf16_mm(xa, Wa.t(), out=_buffer("a", (B, d_sae), torch.bfloat16)), E
+
+
+def _bf16_mm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """The screen's bf16 product ``a @ b`` into ``out`` (the probe checks this call)."""
+    return torch.mm(a, b, out=out)
+
+
+_PROBE_D_IN = 1023  # pads to an inner size of 1024 (`_padded_k`), past common K blocks
+
+
+@lru_cache(maxsize=None)
+def bf16_accumulates_in_fp32() -> bool:
+    """Whether this platform's bf16 matmul keeps within the bound on a probe, [256, 1023] x
+    [1023, 512]: every entry of `_screen_product`'s ``a`` within ``E + u'|a|`` of the exact
+    product (cached per process; one shape, so a library whose accumulation changes with
+    the shape could still differ elsewhere).
+
+    The probe's first 64 rows and columns pair up: row i is +1 and -1 at two random
+    positions and 3·2^-10 at two more, column i is 1 at those four, so the exact product is
+    6·2^-10. A partial sum holding one of the +-1 but not the other, rounded to bf16
+    (half an ulp: 2^-8), loses the small terms: an error of at least 2^-10, where the bound
+    allows ~5e-4 (E, with inputs exact in bf16, is only the fp32 rounding term). The other
+    rows and columns are random, bf16-exact."""
+    g = torch.Generator().manual_seed(0)
+    d_in, n = _PROBE_D_IN, 64
+    x = torch.randn(256, d_in, generator=g).bfloat16().float()
+    W_T = (torch.randn(512, d_in, generator=g) / d_in**0.5).bfloat16().float()
+    pos = torch.stack([torch.randperm(d_in, generator=g)[:4] for _ in range(n)])  # [n, 4]
+    x[:n], W_T[:n] = 0, 0
+    x[:n].scatter_(1, pos, torch.tensor([1.0, -1.0, 3 * 2.0**-10, 3 * 2.0**-10]).expand(n, 4))
+    W_T[:n].scatter_(1, pos, 1.0)
+    with torch.no_grad():
+        a, E = _screen_product(x, W_T.t(), torch.zeros(512))
+    a = a.double()
+    err = (x.double() @ W_T.double().t() - a).abs()
+    ok = bool((err <= E[:, None] + _U_OUT * a.abs()).all())
+    log.info("bf16 matmul accumulation probe: %s (largest error / bound %.3g)", "passed" if ok else "FAILED",
+             float((err / (E[:, None] + _U_OUT * a.abs())).max()))
+    return ok
 
 
 @torch.no_grad()
@@ -320,15 +364,10 @@ def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask:
     if len(dense):  # rows the bound cannot narrow (e.g. x = b_dec with b_enc = 0): fp32
         _fallback(f"rows with more than {_ROW_CAP}·k candidates take the fp32 product")
         values[dense], indices[dense] = topk_lower_index(torch.addmm(b_enc, xc[dense], W_enc), k)
-    if dead_mask is None or k_aux == 0:
-        empty = xc.new_empty(B, 0)
-        return values.relu_(), indices, empty, empty.long()
     # AuxK: the dead latents' pre-activations in fp32, a matmul over just their columns.
     # Screening them would rescore ~2 k_aux (k_aux = d_in/2 by default) candidates a row,
     # which costs more than this product unless nearly every latent is dead.
-    dead_idx = dead_mask.nonzero().flatten()  # ascending, so the tie rule carries over
-    aux_values, aux_pos = topk_lower_index(pre_columns(xc, W_enc, b_enc, dead_idx), k_aux)
-    return values.relu_(), indices, aux_values.relu_(), dead_idx[aux_pos]
+    return values.relu_(), indices, *aux_topk(xc, W_enc, b_enc, dead_mask, k_aux)
 
 
 _logged: set[str] = set()

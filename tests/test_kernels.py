@@ -300,6 +300,90 @@ def test_encode_topk_aux(impl, n_dead, k_aux):
     assert_grads_equal([t.grad for t in lv], [t.grad for t in dl])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_encode_topk_aux_wider_than_the_fused_kernel(impl):
+    """k_aux above TRITON_MAX_K (AuxK's default d_in/2 once d_in > 1024): the AuxK
+    selection ranks the dead columns only, with no width limit; it equals the dense
+    reference and carries the same sparse backward. Once raised under impl="triton"."""
+    d_in, d_sae, k, k_aux, B = 8, 700, 3, dispatch.TRITON_MAX_K + 88, 5
+    params = int_sae(d_in, d_sae, B, seed=3)
+    g = torch.Generator().manual_seed(3)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[torch.randperm(d_sae, generator=g)[:650]] = True
+    up, up_aux = (torch.randint(-2, 3, (B, d_in), generator=g).float() for _ in range(2))
+
+    lv = leaves(*params)
+    top, aux = encode_topk_aux(*lv[:4], k, dead, k_aux, impl=impl)
+    x_hat = decode_sparse(top.values, top.indices, lv[4], lv[3], impl="torch")
+    e_hat = decode_sparse(aux.values, aux.indices, lv[4], None, impl="torch")
+    ((x_hat * up).sum() + (e_hat * up_aux).sum()).backward()
+
+    rv, ri = stable_topk(dense_pre(*params[:4]).masked_fill(~dead, float("-inf")), k_aux)
+    assert torch.equal(aux.indices, ri) and torch.equal(aux.values, rv.relu())
+    assert torch.equal(top.indices, stable_topk(dense_pre(*params[:4]), k)[1])
+    dl = leaves(*params)
+    x, W_enc, b_enc, b_dec, W_dec = dl
+    pre = (x - b_dec) @ W_enc + b_enc
+    f = torch.zeros_like(pre).scatter(1, ri, pre.gather(1, ri).relu())
+    ((dense_pipeline(*dl, k) * up).sum() + ((f @ W_dec) * up_aux).sum()).backward()
+    assert_grads_equal([t.grad for t in lv], [t.grad for t in dl])
+
+
+@triton_case
+def test_triton_training_keeps_running_once_more_latents_die_than_the_kernel_holds():
+    """A Triton run whose AuxK k_aux (600) exceeds TRITON_MAX_K: after step 1 most latents
+    are dead (dead_tokens=1), and the following steps train on them instead of refusing."""
+    from saekit.sae import SAE, SAEConfig
+    from saekit.training.config import OptimOptions, TrainConfig
+    from saekit.training.trainer import Trainer
+
+    sae = SAE(SAEConfig(d_in=8, d_sae=700, k=3, impl="triton"), seed=0)
+    trainer = Trainer(sae, TrainConfig(optim=OptimOptions(k_aux=600, dead_tokens=1, warmup_steps=0)), total_steps=3)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    stats = [trainer.train_step(x) for _ in range(3)]
+    assert stats[0].aux == 0 and stats[1].dead_frac > 600 / 700
+    assert all(s.aux > 0 for s in stats[1:])
+
+
+def test_auto_on_cuda_runs_the_torch_encoder_where_k_exceeds_the_fused_kernel(monkeypatch, caplog):
+    """impl="auto" resolving to Triton (as on CUDA) with k > TRITON_MAX_K: the PyTorch
+    encoder runs (logged) instead of a refusal; explicit impl="triton" refuses in one line."""
+    from saekit.kernels import encoder
+
+    real = encoder.resolve_impl
+    monkeypatch.setattr(encoder, "resolve_impl", lambda impl, dev: "triton" if impl == "auto" else real(impl, dev))
+    monkeypatch.setattr(dispatch, "_logged", set())
+    k = dispatch.TRITON_MAX_K + 1
+    x, W_enc, b_enc, b_dec, _ = int_sae(8, 600, 4)
+    with caplog.at_level(logging.INFO, logger="saekit.kernels"):
+        top = encode_topk(x, W_enc, b_enc, b_dec, k, impl="auto")
+    assert torch.equal(top.indices, stable_topk(dense_pre(x, W_enc, b_enc, b_dec), k)[1])
+    assert f"k > {dispatch.TRITON_MAX_K}" in " ".join(r.getMessage() for r in caplog.records)
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match=f"supports k <= {dispatch.TRITON_MAX_K}") as e:
+            encode_topk(x, W_enc, b_enc, b_dec, k, impl="triton")
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("sparsity,refused", [("topk", True), ("gtopk", True), ("mutual_choice", False)])
+def test_trainer_refuses_an_unsupported_kernel_setting_before_step_1(sparsity, refused):
+    """k > TRITON_MAX_K under impl="triton" is refused when the trainer is built, not at its
+    first encoder call; sparsifiers that do not run the fused TopK encoder are not refused."""
+    from saekit.errors import ConfigError
+    from saekit.sae import SAE, SAEConfig
+    from saekit.training.config import TrainConfig
+    from saekit.training.trainer import Trainer
+
+    k = dispatch.TRITON_MAX_K + 1
+    sae = SAE(SAEConfig(d_in=8, d_sae=1024, k=k, impl="triton", sparsity=sparsity), seed=0)
+    if not refused:
+        Trainer(sae, TrainConfig(), total_steps=1)
+        return
+    with pytest.raises(ConfigError, match=rf"supports k <= {dispatch.TRITON_MAX_K} .*, got k={k};") as e:
+        Trainer(sae, TrainConfig(), total_steps=1)
+    assert "\n" not in str(e.value)
+
+
 def test_encode_topk_aux_validation():
     x, W_enc, b_enc, b_dec, _ = int_sae(24, 200, 5)
     with pytest.raises(ValueError, match="dead_mask"):

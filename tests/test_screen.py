@@ -272,3 +272,179 @@ def test_feature_choice_on_the_screen_keeps_the_fp32_selection(capacity, B, outl
     assert keep(a) == keep(b)
     torch.testing.assert_close(theta_a, theta_b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.values.sum(), b.values.sum(), rtol=1e-5, atol=1e-3)
+
+
+# ---- adversarial data: bf16 rounding errs by the whole bound ------------------------------
+
+_DELTA = 15 * 2.0**-13  # below half a bf16 ulp of every entry flip_sae rounds (2^-9 for 0.5..2)
+_M = 64                 # coordinates per block
+_REAL = _M * _DELTA     # |x.(w - bf16(w))| for a unit-sign row of its block: 0.1171875
+
+
+def flip_sae(latents, rows, n_blocks, seed=0):
+    """x [len(rows), 64 n_blocks], W_enc [d_in, len(latents)]: bf16 rounding errs on chosen
+    (token, latent) pairs by the whole of the bound's |x| Dw term, in a chosen direction.
+
+    Block b holds a sign pattern s_b in {-1, 1}^64. A row ``(b, t)`` is ``t s_b`` on block b and 0
+    elsewhere (bf16-exact). A latent ``(b, sigma, A)`` is ``s_b * c + sigma DELTA s_b`` on block
+    b, with c = (1 + A, -1, 1, -1, ...), which bf16 rounds to ``s_b * c`` exactly, and ``-s/8``
+    on the other blocks; b = -1: ``-s/8`` everywhere. For a row and a latent of one block the
+    bf16 product is ``a = t A`` exactly while the fp32 one is ``r = t (A + sigma 64 DELTA)``:
+    the error x.(w - bf16(w)) equals |x| |w - bf16(w)| = |x| Dw (Cauchy-Schwarz with equality;
+    every latent has |w - bf16(w)| = Dw or 0). Across blocks a = r = -8t. Every sum is exact
+    in fp32 and every a exact in bf16, so only the bound's own slack (~1%) is left."""
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randint(0, 2, (n_blocks, _M), generator=g).float() * 2 - 1
+    c = torch.ones(_M)
+    c[1::2] = -1
+    W_T = (-S / 8).flatten().repeat(len(latents), 1)  # [d_sae, d_in]
+    for j, (b, sigma, A) in enumerate(latents):
+        if b >= 0:
+            cj = c.clone()
+            cj[0] += A
+            W_T[j, b * _M:(b + 1) * _M] = S[b] * cj + sigma * _DELTA * S[b]
+    x = torch.zeros(len(rows), n_blocks * _M)
+    for i, (b, t) in enumerate(rows):
+        x[i, b * _M:(b + 1) * _M] = t * S[b]
+    return x, W_T.t()
+
+
+def assert_errs_by_the_bound(x, W_enc, pairs, sign):
+    """The construction's premise: on each (row, latent) pair the bf16 product errs (r - a)
+    by more than 0.98 of the bound E of its row, with the given sign."""
+    zero = torch.zeros(W_enc.shape[1])
+    a, E = screen._screen_product(x, W_enc, zero)
+    r = x.double() @ W_enc.double()
+    for (i, j), s in zip(pairs, sign):
+        err = float(r[i, j] - a[i, j].double())
+        assert s * err > 0.98 * float(E[i]), (i, j, err, float(E[i]))
+
+
+EDGE = {"inside": -2.0**-7, "tie": 0.0, "outside": 2.0**-7}  # how far the flipped latent is behind
+
+
+@pytest.mark.parametrize("case", list(EDGE))
+@pytest.mark.parametrize("d_sae,k,A_G", [(256, 3, 0.125), (256, 1, 0.125), (40, 1, 0.125), (40, 2, -0.125)])
+def test_topk_screen_at_the_edge_of_its_bound(case, d_sae, k, A_G):
+    """Latent 1 leads latent 0 in the bf16 product by 2·E - ``EDGE[case]``, with rounding
+    errors of -E on it and +E on latent 0: in fp32 latent 0 comes out ahead ("inside"), ties
+    it (and wins: the lower index) or stays one bf16 step behind ("outside"). A bound even
+    ~2% too small leaves latent 0 out of the candidates. k - 1 latents far above take the
+    other places. Rows of norms 8, 8·2^40 and 8·2^-40: the bound scales with them.
+    d_sae=256 ranks strided groups, 40 whole rows. A negative k-th value (A_G < 0) only on
+    whole rows: over groups its threshold comes from the bit maxima of negative groups,
+    sound but loose (the most negative member), which no bound error could show."""
+    lead = 2 * _REAL + EDGE[case]
+    latents = [(0, +1, A_G - lead), (0, -1, A_G)] + [(0, 0, 0.875)] * (k - 1)
+    latents += [(-1, 0, 0)] * (d_sae - len(latents))
+    x, W_enc = flip_sae(latents, [(0, 1.0), (0, 2.0**40), (0, 2.0**-40)], 1)
+    assert_errs_by_the_bound(x, W_enc, [(0, 0), (0, 1)], [+1, -1])
+    b_enc, b_dec = torch.zeros(d_sae), torch.zeros(x.shape[1])
+    got = encode_topk(x, W_enc, b_enc, b_dec, k, impl="screen")
+    want = encode_topk(x, W_enc, b_enc, b_dec, k, impl="torch")
+    assert want.indices[:, -1].tolist() == [1 if case == "outside" else 0] * 3
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+
+
+@pytest.mark.parametrize("case", ["inside", "outside"])
+def test_mutual_choice_screen_at_the_edge_of_its_bound(case):
+    """The batch's top 1: token 0 (norm 16) leads token 1 (norm 8) in the bf16 product by
+    E_0 + E_1 - ``EDGE[case]``, with errors -E_0 and +E_1: the window must hold the bound of
+    the row behind the threshold plus that of the candidate's row. Six more tokens of norm
+    16 keep token 0 from being an outlier."""
+    A_G = 0.125
+    latents = [(0, -1, A_G), (1, +1, 2 * A_G - 3 * _REAL - EDGE[case])] + [(-1, 0, 0)] * 254
+    rows = [(0, 2.0), (1, 1.0)] + [(2, 2.0)] * 6
+    x, W_enc = flip_sae(latents, rows, 3)
+    assert_errs_by_the_bound(x, W_enc, [(0, 0), (1, 1)], [-1, +1])
+    b_enc = torch.zeros(256)
+    got = screen_batch.screened_global_topk(x, W_enc, b_enc, 1)
+    assert got is not None
+    want = (1, 1) if case == "inside" else (0, 0)
+    assert (int(got[0][0]), int(got[1][0])) == want
+    from saekit.kernels.select import global_topk
+
+    ref = global_topk(x @ W_enc, 1)
+    assert (int(ref[0][0]), int(ref[1][0])) == want and torch.equal(got[2], ref[2])
+
+
+@pytest.mark.parametrize("case", ["inside", "outside"])
+def test_feature_choice_screen_at_the_edge_of_its_bound(case):
+    """Latent 0 keeps its top token (m = 1) of 32: token 8 leads token 0 in the bf16 product
+    by 2 E - ``EDGE[case]``, with errors -E and +E (tokens 0 and 8 are +s and -s on block 0;
+    the others sit on block 1, far below): the per-latent window must be 2 E."""
+    A = -_REAL - EDGE[case] / 2
+    latents = [(0, +1, A)] + [(-1, 0, 0)] * 255
+    rows = [(1, 1.0)] * 32
+    rows[0], rows[8] = (0, 1.0), (0, -1.0)
+    x, W_enc = flip_sae(latents, rows, 2)
+    assert_errs_by_the_bound(x, W_enc, [(0, 0), (8, 0)], [+1, -1])
+    m = torch.ones(256, dtype=torch.long)
+    got = screen_batch.screened_column_topk(x, W_enc, torch.zeros(256), m)
+    assert got is not None
+    rows_got, cols_got, values_got, smallest = got
+    want = 0 if case == "inside" else 8
+    assert rows_got[cols_got == 0].tolist() == [want]
+    from saekit.kernels.select import column_topk
+
+    ref = column_topk(x @ W_enc, m)
+    assert ref[0][ref[1] == 0].tolist() == [want]
+    assert torch.equal(values_got[cols_got == 0], ref[2][ref[1] == 0]) and smallest[0] == ref[3][0]
+
+
+# ---- the platform's bf16 matmul must accumulate as the bound assumes ------------------------
+
+
+def test_this_platforms_bf16_matmul_accumulates_within_the_bound():
+    """The probe behind impl="screen" (uncached here): on this machine the bf16 product
+    stays within the bound, which assumes fp32 accumulation (PyTorch does not promise it)."""
+    assert screen.bf16_accumulates_in_fp32.__wrapped__()
+
+
+@pytest.mark.parametrize("chunk", [1, 64, 256])
+def test_the_probe_catches_a_matmul_that_rounds_its_partial_sums_to_bf16(chunk, monkeypatch):
+    """A matmul that accumulates fp32 over chunks of the inner dimension but keeps its
+    running sum in bf16 between them (chunk 1: plain bf16 accumulation) fails the probe."""
+    def rounding_mm(a, b, out):
+        acc = torch.zeros(a.shape[0], b.shape[1])
+        for k0 in range(0, a.shape[1], chunk):
+            acc = (acc + a[:, k0:k0 + chunk].float() @ b[k0:k0 + chunk].float()).bfloat16().float()
+        return out.copy_(acc)
+
+    monkeypatch.setattr(screen, "_bf16_mm", rounding_mm)
+    assert not screen.bf16_accumulates_in_fp32.__wrapped__()
+
+
+def test_a_platform_failing_the_probe_refuses_screen_and_auto_falls_back(monkeypatch, caplog, capsys):
+    """Where the probe fails, impl="screen" is refused in one line (at the trainer's start
+    too) and impl="auto" takes the fp32 path where it would have screened, logged."""
+    from saekit.errors import ConfigError
+    from saekit.kernels import dispatch, encoder
+    from saekit.sae import SAE, SAEConfig
+    from saekit.training.config import TrainConfig
+    from saekit.training.trainer import Trainer
+
+    monkeypatch.setattr(screen, "bf16_accumulates_in_fp32", lambda: False)
+    monkeypatch.setattr(screen, "amx_available", lambda: True)
+    monkeypatch.setattr(dispatch, "_logged", set())
+    calls = []
+    real = screen.screened_select
+    monkeypatch.setattr(screen, "screened_select", lambda *a: calls.append(1) or real(*a))
+    x, W_enc, b_enc, b_dec = randn_sae(1024, 256, 4096, seed=3)
+    with pytest.raises(ValueError, match="impl='screen' needs a bf16 matmul that accumulates in fp32") as e:
+        encode_topk(x, W_enc, b_enc, b_dec, 32, impl="screen")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="impl='screen' needs a bf16 matmul"):
+        Trainer(SAE(SAEConfig(d_in=8, d_sae=64, k=4, impl="screen"), seed=0), TrainConfig(), total_steps=1)
+    with caplog.at_level(logging.INFO, logger="saekit.kernels"):
+        got = encode_topk(x, W_enc, b_enc, b_dec, 32, impl="auto")
+    assert calls == [] and encoder.encoder_impl("auto", x, W_enc, 32) == "torch"
+    want = encode_topk(x, W_enc, b_enc, b_dec, 32, impl="torch")
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+    assert "fails the fp32-accumulation probe" in " ".join(r.getMessage() for r in caplog.records)
+    assert capsys.readouterr() == ("", "")  # logged, not printed
+    monkeypatch.setattr(screen, "bf16_accumulates_in_fp32", lambda: True)  # the other branch
+    assert encoder.encoder_impl("auto", x, W_enc, 32) == "screen"
+    encode_topk(x, W_enc, b_enc, b_dec, 32, impl="screen")
+    Trainer(SAE(SAEConfig(d_in=8, d_sae=64, k=4, impl="screen"), seed=0), TrainConfig(), total_steps=1)
+    assert len(calls) == 1

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from saekit.activations import fill_permutation
-from saekit.errors import SaekitError
+from saekit.errors import ConfigError, SaekitError
 from saekit.sae import FIRING_THRESHOLD, SAE
 from saekit.training import checkpoint as ckpt
 from saekit.training.config import TrainConfig
@@ -63,6 +63,18 @@ class StepStats:
     lr: float
 
 
+def _check_kernels(sae: SAE) -> None:
+    """Refuse, before step 1, a kernel setting the first encoder call would refuse (impl on
+    this device; k above the fused TopK encoder's limit, for the sparsifiers that run it)."""
+    from saekit.kernels import check_impl
+
+    c = sae.cfg
+    try:
+        check_impl(c.impl, sae.W_dec.device, c.k if c.sparsity in ("topk", "gtopk") else 0)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 class Trainer:
     """Owns the SAE, the optimizer and the dead-latent counters; ``fit`` runs the loop over
     ``batch_at(step)``, which returns the step's ``[batch, d_in]`` activations, or
@@ -74,6 +86,7 @@ class Trainer:
 
     def __init__(self, sae: SAE, cfg: TrainConfig, total_steps: int, comm: Collective | None = None):
         self.sae, self.cfg, self.total_steps = sae, cfg, total_steps
+        _check_kernels(sae)
         self.comm = comm or Collective()
         o = cfg.optim
         self.base_lr = o.lr or default_lr(sae.cfg.d_sae)
