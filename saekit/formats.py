@@ -3,7 +3,7 @@
 | layout   | files                                   | weights                                        |
 |----------|-----------------------------------------|------------------------------------------------|
 | saekit   | cfg.json (``"format": "saekit"``) + sae.safetensors | W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, sparsifier buffers |
-| SAELens  | cfg.json + sae_weights.safetensors      | same names and shapes as saekit                |
+| SAELens  | cfg.json + sae_weights.safetensors      | same names and shapes as saekit; settings folded in (``saekit.saelens``) |
 | sparsify | cfg.json (d_in, k, num_latents / expansion_factor) + sae.safetensors | encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec |
 
 Every write goes to a temporary name in the same folder and is renamed into place, so a
@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saekit.errors import SAEFileError
+from saekit.saelens import from_saelens, to_saelens
 
 CFG = "cfg.json"
 SAEKIT_WEIGHTS = "sae.safetensors"
@@ -85,33 +86,13 @@ def save_sae(sae, path, format: str = "saekit") -> None:
         if sae.cfg.sparsity != "topk":
             raise SAEFileError(f"SAELens has no {sae.cfg.sparsity!r} architecture; save with format='saekit'")
         atomic_save_tensors(path / SAELENS_WEIGHTS, weights)
-        lens_cfg = {
-            "architecture": "topk", "d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "k": cfg["k"],
-            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-            "normalize_activations": "none",
-            "reshape_activations": "hook_z" if cfg["hook_name"].endswith("hook_z") else "none",
-            "metadata": {"model_name": cfg["model_name"], "hook_name": cfg["hook_name"],
-                         "saekit": cfg},
-        }
+        lens_cfg = to_saelens(cfg)
         atomic_write_text(path / CFG, json.dumps(lens_cfg, indent=1))
     else:
         raise SAEFileError(f"unknown format {format!r}; use 'saekit' or 'saelens'")
 
 
 # ---- load ------------------------------------------------------------------------------------
-
-def _from_saelens(cfg: dict, w: dict) -> tuple[dict, dict]:
-    meta = cfg.get("metadata") or {}
-    if "saekit" in meta:
-        return meta["saekit"], w
-    arch = cfg.get("architecture") or cfg.get("activation_fn_str") or cfg.get("activation_fn")
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    if arch != "topk" or k is None:
-        raise SAEFileError(f"SAELens architecture {arch!r} is not a TopK SAE; saekit loads TopK SAEs")
-    return {"d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "k": int(k),
-            "hook_name": meta.get("hook_name", cfg.get("hook_name", "")),
-            "model_name": meta.get("model_name", cfg.get("model_name", ""))}, w
-
 
 def _from_sparsify(cfg: dict, w: dict, folder: Path) -> tuple[dict, dict]:
     try:
@@ -135,7 +116,7 @@ def load_sae(path, device: str | torch.device = "cpu"):
         raise SAEFileError(f"no SAE folder at {folder}; pass a folder holding cfg.json and the weights")
     cfg = read_json(folder / CFG)
     if (folder / SAELENS_WEIGHTS).exists():
-        cfg_dict, w = _from_saelens(cfg, read_tensors(folder / SAELENS_WEIGHTS))
+        cfg_dict, w = from_saelens(cfg, read_tensors(folder / SAELENS_WEIGHTS), folder)
     elif (folder / SAEKIT_WEIGHTS).exists():
         w = read_tensors(folder / SAEKIT_WEIGHTS)
         if cfg.get("format") == "saekit":

@@ -58,6 +58,31 @@ def prepare(d: Path) -> None:
     ckpt.save(d / "run", {"step": 4}, TrainConfig())
     (d / "corrupt-run" / "checkpoints").mkdir(parents=True)
     (d / "corrupt-run" / "checkpoints" / "step_0000004.pt").write_bytes(b"x")
+    prepare_saelens(d)
+
+
+def prepare_saelens(d: Path) -> None:
+    """Tiny SAELens TopK folders $DIR/lens-*, each with one setting saekit refuses."""
+    from safetensors.torch import save_file
+
+    changes = {"arch": {"architecture": "jumprelu"}, "no-k": {"k": None},
+               "two-k": {"activation_fn_kwargs": {"k": 3}}, "kwargs": {"activation_fn_kwargs": {"k": 2, "temp": 1}},
+               "head": {"hook_head_index": 1}, "layer-norm": {"normalize_activations": "layer_norm"},
+               "norm-typo": {"normalize_activations": "l2"},
+               "no-factor": {"normalize_activations": "expected_average_only_in"},
+               "bad-factor": {"normalize_activations": "expected_average_only_in"},
+               "half-b-dec": {"apply_b_dec_to_input": 0.5}, "zero-row": {"rescale_acts_by_decoder_norm": True},
+               "ft-scale": {}}
+    for name, change in changes.items():
+        w = {"W_enc": torch.ones(4, 8), "b_enc": torch.zeros(8), "W_dec": torch.ones(8, 4), "b_dec": torch.zeros(4)}
+        w["W_dec"][5] = 0
+        if name == "ft-scale":
+            w["scaling_factor"] = torch.full((8,), 2.0)
+        (d / f"lens-{name}").mkdir()
+        save_file(w, d / f"lens-{name}" / "sae_weights.safetensors")
+        cfg = {"architecture": "topk", "d_in": 4, "d_sae": 8, "k": 2, "dtype": "float32", **change}
+        (d / f"lens-{name}" / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    (d / "lens-bad-factor" / "activation_scaler.json").write_text('{"scaling_factor": -1}')
 
 
 @pytest.fixture(scope="module")
