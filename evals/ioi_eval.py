@@ -1,5 +1,12 @@
 """``saekit eval-ioi``: score SAEs against supervised IOI dictionaries at IOI nodes, on the
-three axes of Makelov, Lange & Nanda (2024) (methods.md §7)."""
+three axes of Makelov, Lange & Nanda (2024) (methods.md §7).
+
+Which prompts serve what: the *fit* prompts fit the supervised dictionaries and *choose*
+latents (each attribute value's best-F1 latent, the aware edit's latents, over-splitting's
+candidates); every reported number is measured on the *evaluation* prompts and their
+counterfactuals. A g-SAE (``gtopk``) is scored twice: without gradients (its selection is
+then TopK's) and with ∂L/∂x of the loss against the model's own greedy predictions
+(``layer_grads``), which no label of the prompt enters (methods.md §5)."""
 
 from __future__ import annotations
 
@@ -13,12 +20,14 @@ import torch
 from saekit.errors import ConfigError, MismatchError
 from saekit.evals import axes
 from saekit.evals import ioi_data as D
-from saekit.evals.nodes import (GPT2_SMALL_NODES, Node, ablation_table, ioi_nodes, layer_acts, main_layer,
-                                model_dims, readout, resid_pre)
+from saekit.evals.nodes import (GPT2_SMALL_NODES, Node, _batch_size, ablation_table, ioi_nodes, layer_acts,
+                                main_layer, model_dims, readout, resid_pre)
 from saekit.evals.options import IOIEvalOptions
 from saekit.evals.supervised import SupervisedDictionary
 
 log = logging.getLogger("saekit")
+
+GRAD_SUFFIX = " (with model-target gradients)"  # the label of a g-SAE's with-gradient block
 
 
 def sae_layer(sae) -> int:
@@ -75,10 +84,45 @@ class Prepared:
             self.cache[key] = layer_acts(model, data, layer, pos)
         return self.cache[key]
 
+    def grads(self, model, which: str, layer: int, pos: str):
+        """``layer_grads`` of the fit, eval or a counterfactual set (only g-SAEs need them)."""
+        key = ("grad", which, layer, pos)
+        if key not in self.cache:
+            data = {"fit": self.fit, "eval": self.eval}.get(which) or self.cf[which]
+            self.cache[key] = layer_grads(model, data, layer, pos)
+        return self.cache[key]
+
     def resid(self, model, layer: int):
         if ("resid", layer) not in self.cache:
             self.cache[("resid", layer)] = resid_pre(model, self.eval, layer)
         return self.cache[("resid", layer)]
+
+
+def layer_grads(model, data: D.IOIData, layer: int, pos: str) -> torch.Tensor:
+    """∂L/∂``hook_z`` of ``layer`` at each prompt's ``pos``, flattened like ``layer_acts``:
+    ``[n, n_heads·d_head]``, for a g-SAE's selection (Olmo et al. 2024; methods.md §5).
+
+    L is ``activation_and_grad``'s ``targets="model"`` loss: the next-token cross-entropy
+    summed over positions, each scored against the model's own greedy prediction there, so
+    no token of the prompt, and not the IO answer the evaluation scores, is a target. Each
+    prompt runs cut one position after END (prompts of one length batched together), so the
+    positions 0..END are all scored, END included (its target is the model's own guess of
+    the IO), and neither padding nor the appended token (BOS, whose logits are not scored)
+    enters L."""
+    from saekit.activations import activation_and_grad, resolve_hook
+
+    hook = resolve_hook(model, f"blocks.{layer}.attn.hook_z")
+    where = data.position(pos)
+    tokens = torch.cat([data.tokens, data.tokens[:, :1]], 1)  # one more column: BOS, a pad
+    out = torch.zeros(len(data), hook.d_in)
+    bs = _batch_size(model, data)
+    for end in data.end.unique().tolist():
+        rows = (data.end == end).nonzero()[:, 0]
+        for i in range(0, len(rows), bs):
+            r = rows[i: i + bs]
+            _, g = activation_and_grad(model, tokens[r, : end + 2], hook, targets="model")  # [b, T, h, d]
+            out[r] = g[torch.arange(len(r)), where[r].to(g.device)].flatten(1).float().cpu()
+    return out
 
 
 def prepare(model, opts: IOIEvalOptions) -> Prepared:
@@ -125,51 +169,75 @@ def eval_node(model, node: Node, p: Prepared, saes: dict) -> dict:
             seen = {t: torch.bincount(p.fit.labels[t], minlength=len(values[t])) > 0 for t in D.ATTRIBUTES}
             norms = {t: sup.norms(t)[seen[t]].mean().item() for t in D.ATTRIBUTES}
     for label, sae in saes.items():
-        res["saes"][label] = eval_sae_at_node(axes.NodeSAE(sae, sl), run, a, x, x_cf, p, truth, changes, norms, base)
+        ns = axes.NodeSAE(sae, sl)
+        block = eval_sae_at_node(ns, run, a, x, x_cf, p, truth, changes, norms, base)
+        if sae.cfg.sparsity == "gtopk":
+            res["saes"][label] = {"selection": "TopK (g-SAE without gradients)", **block}
+            g = {w: p.grads(model, w, node.layer, node.pos) for w in ("fit", "eval", *D.ATTRIBUTES)}
+            res["saes"][label + GRAD_SUFFIX] = {
+                "selection": "g-TopK with gradients of the loss against the model's own predictions",
+                **eval_sae_at_node(ns, run, a, x, x_cf, p, truth, changes, norms, base, grads=g)}
+        else:
+            res["saes"][label] = block
     return res
 
 
-def eval_sae_at_node(ns: axes.NodeSAE, run, a, x, x_cf, p: Prepared, truth, changes, norms, base) -> dict:
+def eval_sae_at_node(ns: axes.NodeSAE, run, a, x, x_cf, p: Prepared, truth, changes, norms, base,
+                     grads: dict | None = None) -> dict:
+    """One SAE's three axes at a node. ``x``/``x_cf``: layer activations of the fit and eval
+    sets and of each attribute's counterfactuals; ``grads``, keyed the same way (fit, eval,
+    io, s, pos), reach the encoder (a g-SAE's selection). Latents are chosen on the fit
+    prompts, every score is measured on the evaluation prompts."""
     values, labels = p.setup.values, p.eval.labels
-    f, f_fit = ns.codes(x["eval"]), ns.codes(x["fit"])
+    g = grads or {}
+    f, f_fit = ns.codes(x["eval"], g.get("eval")), ns.codes(x["fit"], g.get("fit"))
     x_hat = ns.reconstruct(f)
     D_ = ns.directions
-    interp = axes.interpretability(f_fit > 0, p.fit.labels, values)
+    interp = axes.interpretability(f_fit > 0, p.fit.labels, f > 0, labels, values)
     control = {}
     for attr in D.ATTRIBUTES:
         old, new = labels[attr], p.cf[attr].labels[attr]
+        # the aware edit's latents are a choice, made on the fit prompts like the interpretations
         f1 = axes.f1_table(f_fit > 0, p.fit.labels[attr], len(values[attr]))[2]  # [d_sae, V]
-        f_cf = ns.codes(x_cf[attr])
+        f_cf = ns.codes(x_cf[attr], g.get(attr))
         rows = {"aware": {}, "agnostic": {}}
         for b in axes.BUDGETS:
-            delta, removed = axes.aware_edit(f, f_cf, D_, f1[:, old].T, f1[:, new].T, b)
-            rows["aware"][b] = _edit_score(run, a, delta, removed, x_hat, ns.bias, truth[attr])
+            edit = axes.aware_edit(f, f_cf, D_, f1[:, old].T, f1[:, new].T, b)
+            rows["aware"][b] = _edit_score(run, a, edit, x_hat, ns.bias, truth[attr])
         target = x_cf[attr][:, ns.sl] - a
-        for b, (delta, removed) in axes.agnostic_edits(f, f_cf, D_, target).items():
-            rows["agnostic"][b] = _edit_score(run, a, delta, removed, x_hat, ns.bias, truth[attr])
+        for b, edit in axes.agnostic_edits(f, f_cf, D_, target).items():
+            rows["agnostic"][b] = _edit_score(run, a, edit, x_hat, ns.bias, truth[attr])
         control[attr] = rows
     return {"approximation": axes.approximation(run, a, x_hat, x_hat - ns.bias, base),
             "fvu": (a - x_hat).pow(2).sum().item() / (a - a.mean(0)).pow(2).sum().item(),
             "l0": (f > 0).sum(1).float().mean().item(),
             "control": control, "interpretability": interp,
             "occlusion": axes.occlusion(interp, changes, norms),
-            "oversplitting": {t: axes.oversplitting(f_fit > 0, p.fit.labels[t], len(values[t])) for t in D.ATTRIBUTES},
-            "f1_heatmaps": _heatmaps(f_fit > 0, p.fit.labels, values)}
+            "oversplitting": {t: axes.oversplitting(f_fit > 0, p.fit.labels[t], f > 0, labels[t], len(values[t]))
+                              for t in D.ATTRIBUTES},
+            "f1_heatmaps": _heatmaps(f_fit > 0, p.fit.labels, f > 0, labels, values)}
 
 
-def _edit_score(run, a, delta, removed, x_hat, bias, truth) -> dict:
-    pred = run(a + delta).pred
+def _edit_score(run, a, edit: axes.Edit, x_hat, bias, truth) -> dict:
+    pred = run(a + edit.delta).pred
     return {"accuracy": _accuracy(pred, truth),
-            "weight_removed": axes.weight_removed(removed, x_hat, bias).mean().item()}
+            "weight_removed": axes.weight_removed(edit.removed, x_hat, bias).mean().item(),
+            "latents_changed": edit.changed.float().mean().item()}
 
 
-def _heatmaps(active, labels, values, n_latents: int = 24, n_values: int = 24) -> dict:
-    """For the report: F1 of the latents that best detect some value, per attribute."""
+def _heatmaps(fit_active, fit_labels, eval_active, eval_labels, values, n_latents: int = 24,
+              n_values: int = 24) -> dict:
+    """For the report, per attribute: for the values most frequent on the evaluation prompts,
+    the latents with the best fit-prompt F1 for one of them (chosen on the fit prompts, like
+    ``interpretability``'s), and their F1 on the evaluation prompts."""
     out = {}
-    for attr, lab in labels.items():
-        _, _, f1 = axes.f1_table(active, lab, len(values[attr]))
-        vals = torch.bincount(lab, minlength=len(values[attr])).argsort(descending=True)[:n_values]
-        lat = f1[:, vals].max(1).values.argsort(descending=True)[:n_latents]
+    for attr, lab in eval_labels.items():
+        n_v = len(values[attr])
+        fit_f1 = axes.f1_table(fit_active, fit_labels[attr], n_v)[2]
+        f1 = axes.f1_table(eval_active, lab, n_v)[2]
+        counts = torch.bincount(lab, minlength=n_v)
+        vals = counts.argsort(descending=True)[: min(n_values, int((counts > 0).sum()))]
+        lat = fit_f1[:, vals].max(1).values.argsort(descending=True)[:n_latents]
         out[attr] = {"latents": lat.tolist(), "values": [values[attr][v] for v in vals.tolist()],
                      "f1": f1[lat][:, vals].round(decimals=3).tolist()}
     return out

@@ -74,7 +74,8 @@ def eval_parts(r: dict) -> list:
 
 def ioi_parts(r: dict) -> list:
     """The figures of ``saekit eval-ioi``: approximation bars, edit accuracy against weight
-    removed per budget, F1 heatmaps, occlusion/over-splitting, and the node table."""
+    removed per budget (latents changed), F1 heatmaps, occlusion/over-splitting, and the node
+    table. A g-SAE appears twice: without gradients and with model-target gradients."""
     parts = [f"<p>model {html.escape(r['model'])}, layer {r['layer']}, {r['n_eval']} evaluation prompts, "
              f"{r['n_fit']} fitting prompts. IOI nodes: {html.escape(', '.join(r['ioi_nodes']))}</p>"]
     for name, n in r["nodes"].items():
@@ -102,20 +103,31 @@ def _node_parts(name: str, n: dict) -> list:
             for kind, per in s["control"][attr].items():
                 b = sorted(per, key=int)
                 fig.add_trace(go.Scatter(x=[per[k]["weight_removed"] for k in b], y=[per[k]["accuracy"] for k in b],
-                                         text=[f"budget {k}" for k in b], mode="lines+markers", name=f"{label} {kind}"))
-        fig.update_layout(title=f"{name}: editing {attr} (unedited accuracy {n['unedited_accuracy'][attr]:.2f})",
+                                         text=[_budget_text(k, per[k]) for k in b],
+                                         mode="lines+markers", name=f"{label} {kind}"))
+        fig.update_layout(title=f"{name}: editing {attr}, budgets in latents changed "
+                                f"(unedited accuracy {n['unedited_accuracy'][attr]:.2f})",
                           xaxis_title="weight removed", yaxis_title="edit accuracy")
         parts.append(fig)
     for label, s in n["saes"].items():
         for attr, hm in s["f1_heatmaps"].items():
             fig = go.Figure(go.Heatmap(z=hm["f1"], x=hm["values"], y=[f"latent {j}" for j in hm["latents"]],
                                        zmin=0, zmax=1, colorscale="Viridis"))
-            fig.update_layout(title=f"{name}, {label}: F1 of latents for {attr} values", height=520)
+            fig.update_layout(title=f"{name}, {label}: F1 on the evaluation prompts of the latents chosen "
+                                    f"on the fit prompts, for {attr} values", height=520)
             parts.append(fig)
         occ = [{"attribute": a, **{k: v for k, v in o.items() if k != "by"}, "shadowed by": ", ".join(o["by"]),
                 "over-split values": s["oversplitting"][a],
                 "mean best F1": s["interpretability"][a]["mean_best_f1"],
                 "coverage (F1 ≥ 0.7)": s["interpretability"][a]["coverage"]} for a, o in s["occlusion"].items()]
-        parts += [f"<h3>{html.escape(label)}: interpretability, occlusion and over-splitting</h3>",
+        selection = f"<p>selection: {html.escape(s['selection'])}</p>" if "selection" in s else ""
+        parts += [f"<h3>{html.escape(label)}: interpretability, occlusion and over-splitting</h3>", selection,
+                  "<p>best latent per value chosen on the fit prompts; its F1 measured on the evaluation prompts</p>",
                   _table(occ, list(occ[0]))]
     return parts
+
+
+def _budget_text(budget: str, row: dict) -> str:
+    """Hover text of one edit: its budget and how many latents it changed on average."""
+    changed = f" ({row['latents_changed']:.3g} changed on average)" if "latents_changed" in row else ""
+    return f"budget {budget} latents{changed}"

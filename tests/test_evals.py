@@ -112,7 +112,7 @@ def test_f1_of_a_latent_firing_exactly_on_one_value_is_one():
     precision, recall, f1 = axes.f1_table(active, labels, 3)
     assert f1[0, 1] == 1.0 and f1[0, 0] == 0.0
     assert precision[1, 1] == pytest.approx(0.5) and recall[1, 1] == 1.0  # always-on latent
-    r = axes.interpretability(active, {"io": labels}, {"io": ["a", "b", "c"]})["io"]
+    r = axes.interpretability(active, {"io": labels}, active, {"io": labels}, {"io": ["a", "b", "c"]})["io"]
     assert r["best_f1"]["b"] == 1.0 and r["coverage"] == pytest.approx(1 / 3)
 
 
@@ -122,9 +122,9 @@ def test_oversplitting_counts_a_value_split_over_precise_latents():
     a[:5, 0] = True  # half of value 1, precisely
     a[5:10, 1] = True  # the other half
     a[:, 2] = True  # an always-on latent changes nothing
-    assert axes.oversplitting(a, labels, 2) == 1
+    assert axes.oversplitting(a, labels, a, labels, 2) == 1
     a[15, 1] = True  # now latent 1 is imprecise (5/6 < 0.9)
-    assert axes.oversplitting(a, labels, 2) == 0
+    assert axes.oversplitting(a, labels, a, labels, 2) == 0
 
 
 def test_approximation_ratios_on_a_toy_readout():
@@ -192,7 +192,10 @@ def test_saekit_eval_ioi_end_to_end(small_sae, capsys):
     r = json.loads((small_sae / "ioi_eval.json").read_text())
     assert set(r["nodes"]) == {"L3.END", "L3H3.END"}
     node = r["nodes"]["L3.END"]
-    assert set(node["saes"]["small"]["control"]["io"]["aware"]) == {"1", "2", "4", "8"}
+    assert set(node["saes"]) == {"small"} and "selection" not in node["saes"]["small"]  # TopK: one block
+    for kind, per in node["saes"]["small"]["control"]["io"].items():
+        assert set(per) == {"2", "4", "8", "16"}  # budgets in latents changed, the same for both edits
+        assert all(0 < row["latents_changed"] <= int(b) for b, row in per.items()), kind
     assert node["saes"]["small"]["l0"] == pytest.approx(8.0)
     # layer 3 at END is the embedded model's main IOI node: mean-ablating it costs most of the LD
     ap = node["supervised"]["mean"]["approximation"]
