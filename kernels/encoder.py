@@ -8,7 +8,7 @@ Selection ranks `pre` itself and applies ReLU to the kept values (Gao et al. 202
 methods.md sec. 1). The scattered sparse code equals scatter(topk(ReLU(pre), k)) always; the
 indices differ from that only in rows with fewer than k positive pre-activations, where the
 extra entries have value 0 either way. Not building ReLU(pre) saves a full pass over
-[B, d_sae] (measured ~95 ms for a fresh 200 MB tensor at B=4096, d_sae=12288 on CPU).
+[B, d_sae] and a fresh tensor of that size (benchmarks/RESULTS.md, "Figures moved from docstrings").
 
 Backward touches only the selected latents (K = k, plus k_aux for AuxK), with g = dL/dvalues
 masked by values > 0 and xc = x - b_dec:
@@ -44,9 +44,9 @@ _tls = threading.local()
 def _workspace(shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
     """A reused CPU buffer for the pre-activation matrix, one per thread.
 
-    A fresh 200 MB tensor costs ~0.1 s of page faults per step on CPU: glibc hands large
-    blocks back to the OS on free. Measured on one core at B=4096, d_in=768, d_sae=12288:
-    `x @ W_enc` 602 ms into a fresh tensor, 508 ms into a reused one. Only the last
+    A fresh [B, d_sae] tensor (200 MB at B=4096, d_sae=12288) pays page faults every step
+    on CPU: glibc hands large blocks back to the OS on free (`x @ W_enc` into a fresh tensor
+    against a reused one: benchmarks/RESULTS.md, "Figures moved from docstrings"). Only the last
     shape/dtype is kept (one [B, d_sae] buffer per thread). Its users (the TopK encoder here,
     the sparsifiers through `pre_activations`) read what they need from it before the next
     encoder call and keep no view of it. It is made outside inference mode, so that a first

@@ -65,7 +65,7 @@ def _cas(x, M: tl.constexpr, S: tl.constexpr, FLIP: tl.constexpr):
     ascending otherwise (S = the size of the sequences the current bitonic stage builds).
     Written with tl.min/tl.max over a size-2 axis rather than tl.sort's xor_sum trick: the
     same work on GPU, and Triton's interpreter runs min/max in numpy but a custom reduce
-    element by element (~100x slower here).
+    element by element, far slower (benchmarks/RESULTS.md, "Figures moved from docstrings").
     """
     BB: tl.constexpr = x.shape[0]
     W: tl.constexpr = x.shape[1]

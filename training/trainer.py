@@ -90,8 +90,8 @@ class Trainer:
         self.comm = comm or Collective()
         o = cfg.optim
         self.base_lr = o.lr or default_lr(sae.cfg.d_sae)
-        # fused: one kernel per parameter instead of a dozen passes (~80 -> ~14 ms a step
-        # at d_in=768, d_sae=12288 on CPU; benchmarks/train_step.py)
+        # fused: one kernel per parameter instead of a dozen passes (the times a step:
+        # benchmarks/RESULTS.md, "Figures moved from docstrings")
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, eps=o.adam_eps, fused=True)
         self.k_aux = o.k_aux or max(1, sae.cfg.d_in // 2)
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_dec.device)
