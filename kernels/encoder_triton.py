@@ -105,7 +105,8 @@ def _topk_ascending(keys, LOG_K: tl.constexpr, LOG_N: tl.constexpr):
     x = _sort_runs(keys, LOG_K, 1 if LOG_K == LOG_N else 0)
     for r in tl.static_range(1, LOG_N - LOG_K + 1):
         # width 2**(LOG_N - r + 1) -> 2**(LOG_N - r); the last round leaves one ascending run
-        x = tl.reshape(tl.max(tl.reshape(x, [BB, 1 << (LOG_N - LOG_K - r), 2, K]), axis=2), [BB, K << (LOG_N - LOG_K - r)])
+        x = tl.reshape(tl.max(tl.reshape(x, [BB, 1 << (LOG_N - LOG_K - r), 2, K]), axis=2),
+                       [BB, K << (LOG_N - LOG_K - r)])
         x = _merge_runs(x, LOG_K, 1 if r == LOG_N - LOG_K else 0)
     return x
 

@@ -140,7 +140,8 @@ def _column_bounds(W_T: Tensor, b: Tensor, Wa: Tensor) -> tuple[float, float, fl
     Wa[:, d_in + 1:].zero_()  # the buffer may come from a call with a smaller d_in
     diff = _buffer("diff", (min(_COL_BLOCK, len(W_T)), d_in), torch.float32)
     norm_d, norm_w = W_T.new_empty(len(W_T)), W_T.new_empty(len(W_T))
-    blocks = zip(W_T.split(_COL_BLOCK), Wa[:, :d_in].split(_COL_BLOCK), norm_d.split(_COL_BLOCK), norm_w.split(_COL_BLOCK))
+    blocks = zip(W_T.split(_COL_BLOCK), Wa[:, :d_in].split(_COL_BLOCK), norm_d.split(_COL_BLOCK),
+                 norm_w.split(_COL_BLOCK))
     for Wb, Ab, nd, nw in blocks:
         torch.linalg.vector_norm(diff[: len(Wb)].copy_(Ab).sub_(Wb), dim=1, out=nd)
         torch.linalg.vector_norm(Wb, dim=1, out=nw)

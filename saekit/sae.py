@@ -51,7 +51,7 @@ class SAEConfig:
     hook_shape: tuple[int, ...] = ()
     """Per-token shape at the hook, e.g. (n_heads, d_head) for hook_z; () means (d_in,)."""
     impl: Literal["auto", "torch", "triton", "screen"] = "auto"
-    """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact selections (screen) where AMX makes them faster."""
+    """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact selections (screen) where AMX makes them faster."""  # noqa: E501 (one-line field docstring)
     variant: VariantOptions = field(default_factory=VariantOptions)
     """Settings of the gtopk, mutual_choice and feature_choice sparsifiers."""
 

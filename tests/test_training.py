@@ -12,7 +12,7 @@ import torch
 
 from saekit import load_sae
 from saekit.cli import main
-from saekit.errors import ConfigError, HookError, MismatchError, SAEFileError
+from saekit.errors import HookError, MismatchError, SAEFileError
 from saekit.training import TrainConfig, train_sae
 from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions
 from saekit.training.trainer import TrainingDiverged
@@ -103,7 +103,8 @@ def test_cache_then_train_from_cache_matches_training_from_the_model(tmp_path):
                  "--total-tokens", "8128"]) == 0
     assert json.loads((tmp_path / "cache" / "meta.json").read_text())["n_shards"] == 2
     assert main(["train", "--out", str(tmp_path / "a"), "--eval-tokens", "0", *args]) == 0
-    assert main(["train", "--out", str(tmp_path / "b"), "--eval-tokens", "0", "--from-cache", str(tmp_path / "cache"), *args]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), "--eval-tokens", "0", "--from-cache", str(tmp_path / "cache"),
+                 *args]) == 0
     a, b = load_sae(tmp_path / "a"), load_sae(tmp_path / "b")
     assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.W_dec, b.W_dec)
 
@@ -216,7 +217,7 @@ def test_auxk_default_is_gao_et_al_residual_normalisation():
     """By default L_aux = α‖e − ê‖² / Σ‖e − mean e‖² with no dead-count scale (Gao et al.'s
     code); aux_norm="input" keeps saekit's earlier α·min(n_dead/k_aux, 1)‖e − ê‖²/Σ‖x − x̄‖²."""
     from saekit import SAE, SAEConfig
-    from saekit.training.losses import auxk_loss, squared_error, total_variance
+    from saekit.training.losses import auxk_loss, total_variance
 
     sae = SAE(SAEConfig(d_in=24, d_sae=96, k=4), seed=0)
     x = torch.randn(64, 24, generator=torch.Generator().manual_seed(0))
