@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make demo` (the main job on the embedded defaults)
-# and `make test` (the test suite). Each creates .venv and installs what it needs.
+# and `make test` (ruff's lint, then the test suite). Each creates .venv and installs what it needs.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/saekit demo
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 clean:

@@ -69,14 +69,16 @@ def primitives(B: int, d_in: int, d_sae: int, k: int, reps: int) -> list[tuple[s
 
     def coo_mm():
         r = torch.arange(B).repeat_interleave(k)
-        sp = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), r]), w.reshape(-1), (d_sae, B), check_invariants=False)
+        sp = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), r]), w.reshape(-1), (d_sae, B),
+                                     check_invariants=False)
         return torch.sparse.mm(sp, dense)
 
     add("scatter_rows", "sparse COO mm", coo_mm)
     return rows
 
 
-def training_step(B: int, d_in: int, d_sae: int, k: int, reps: int, linear_layout: bool) -> dict[str, tuple[float, float]]:
+def training_step(B: int, d_in: int, d_sae: int, k: int, reps: int,
+                  linear_layout: bool) -> dict[str, tuple[float, float]]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, d_in, generator=g)
     W_dec = torch.nn.Parameter(F.normalize(torch.randn(d_sae, d_in, generator=g), dim=1))
@@ -141,7 +143,8 @@ def main() -> None:
         for op, name, mn, med in primitives(B, d_in, d_sae, k, a.reps):
             print(f"| {op} | {name} | {mn:.1f} | {med:.1f} |")
 
-    print("\n| part (ms) | W_enc layout | min | median | step tokens/s (median) | floor / step (median of paired reps) |")
+    print("\n| part (ms) | W_enc layout | min | median | step tokens/s (median) "
+          "| floor / step (median of paired reps) |")
     print("|---|---|---|---|---|---|")
     for linear_layout in (False, True):
         layout = "[d_sae, d_in] param, .t()" if linear_layout else "row-major [d_in, d_sae]"

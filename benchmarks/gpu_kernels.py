@@ -173,8 +173,9 @@ def measure_row(B, d_in, d_sae, dtype, k, device, timer, ceilings) -> dict:
             row[f"{tag} roof"] = f"{flops / (ms * 1e-3) / 1e12 / ceilings[dtype]:.0%}"
         for kind in ("unfused", "fused"):
             opt = torch.optim.Adam(p.values(), lr=1e-5)
-            row[f"(c) {kind} ms"] = timer(lambda: train_step(kind, x, p, opt, k))
-            row[f"(c) {kind} MiB"] = peak_mib(device, lambda: train_step(kind, x, p, opt, k))
+            # the lambdas run before `del opt` (which frees Adam's moments before the next kind)
+            row[f"(c) {kind} ms"] = timer(lambda: train_step(kind, x, p, opt, k))  # noqa: F821
+            row[f"(c) {kind} MiB"] = peak_mib(device, lambda: train_step(kind, x, p, opt, k))  # noqa: F821
             del opt
     except Exception as e:  # one bad row must not take the table down
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
@@ -211,7 +212,8 @@ def run_table() -> None:
     header = [
         f"# saekit.kernels on {name}: B={B}, k={k}, median of {reps} (CUDA events)" if not small
         else f"# saekit.kernels --small on {name}: B={B}, k={k}, wall clock, {reps} rep(s)",
-        "matmul ceiling: " + ", ".join(f"{str(dt).removeprefix('torch.')} {c:.3g} TFLOP/s" for dt, c in ceilings.items()),
+        "matmul ceiling: " + ", ".join(f"{str(dt).removeprefix('torch.')} {c:.3g} TFLOP/s"
+                                       for dt, c in ceilings.items()),
         "",
     ]
     rows = []
@@ -219,8 +221,9 @@ def run_table() -> None:
         for d_sae in d_saes:
             for dtype in dtypes:
                 rows.append(measure_row(B, d_in, d_sae, dtype, k, device, timer, ceilings))
-                print("row done:", {c: fmt(rows[-1].get(c)) for c in ("d_in", "d_sae", "dtype", "(b) ms", "error") if c in rows[-1]},
-                      file=sys.stderr, flush=True)
+                done = {c: fmt(rows[-1].get(c)) for c in ("d_in", "d_sae", "dtype", "(b) ms", "error")
+                        if c in rows[-1]}
+                print("row done:", done, file=sys.stderr, flush=True)
     table = markdown(rows, header)
     if ARGS.out:
         with open(ARGS.out, "w") as f:
@@ -258,7 +261,8 @@ def compile_only() -> None:
             f.write(kern.asm["cubin"])
             f.flush()
             use = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        use = " ".join(w for line in use.splitlines() if "REG:" in line for w in line.split() if w.split(":")[0] in ("REG", "STACK"))
+        use = " ".join(w for line in use.splitlines() if "REG:" in line
+                       for w in line.split() if w.split(":")[0] in ("REG", "STACK"))
         print(f"| {name} | {use} | {time.perf_counter() - t0:.0f} s |")
 
     print("| kernel (sm_90) | registers / stack bytes (spills) | compile |\n|---|---|---|")

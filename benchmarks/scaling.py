@@ -42,7 +42,11 @@ def step_time(d_in: int, d_sae: int, k: int, batch: int, reps: int, comm=None, r
     trainer = make_trainer(d_in, d_sae, k, batch, comm)
     times = run_times(lambda: trainer.train_step(x), reps, warmup=1)
     if comm is not None:  # a step lasts until the slowest rank is done
-        times = [comm.max_(torch.tensor([t])).item() for t in times]
+        import torch.distributed as dist
+
+        slowest = torch.tensor(times)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        times = slowest.tolist()
     return statistics.median(times), min(times)
 
 

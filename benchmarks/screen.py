@@ -50,7 +50,8 @@ def main(argv=None) -> None:
         x = torch.randn(B, d_in, generator=g)
         W_enc = (torch.randn(d_sae, d_in, generator=g) / d_in**0.5).t()  # [d_in, d_sae] view of rows
         b_enc, b_dec = torch.zeros(d_sae), torch.zeros(d_in)
-        fns = {impl: (lambda impl=impl: encode_topk(x, W_enc, b_enc, b_dec, k, impl=impl)) for impl in ("torch", "screen")}
+        fns = {impl: (lambda impl=impl: encode_topk(x, W_enc, b_enc, b_dec, k, impl=impl))
+               for impl in ("torch", "screen")}
         t = {name: statistics.median(v) * 1e3 for name, v in interleaved_times(fns, args.reps).items()}
         cands = candidates_per_row(x, W_enc, b_enc, b_dec, k)
         auto = encoder_impl("auto", x, W_enc, k)

@@ -54,11 +54,13 @@ def main(argv=None):
             print(json.dumps({"variant": sparsity, "aux": aux, **s}), flush=True)
     print(f"\n{args.hook}, {args.tokens:,} tokens, d_sae {args.d_sae}, k {args.k} (mean L0 target), "
           "held-out eval tokens from saekit's corpus\n")
-    print("| variant | aux | explained var. | CE recovered (zero abl., BOS kept) | KL (nats) | dead (training) | dense | L0 mean ± sd | train s |")
+    print("| variant | aux | explained var. | CE recovered (zero abl., BOS kept) | KL (nats) | dead (training) "
+          "| dense | L0 mean ± sd | train s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, aux, s in rows:
-        print(f"| {name} | {aux} | {s['explained_variance']:.3f} | {s['ce_loss_recovered_zero_keep_bos']:.3f} | {s['kl']:.4f} "
-              f"| {s['dead_frac']:.3f} | {s['dense_frac']:.3f} | {s['l0']:.1f} ± {s['l0_std']:.1f} | {s['seconds']:.0f} |")
+        print(f"| {name} | {aux} | {s['explained_variance']:.3f} | {s['ce_loss_recovered_zero_keep_bos']:.3f} "
+              f"| {s['kl']:.4f} | {s['dead_frac']:.3f} | {s['dense_frac']:.3f} "
+              f"| {s['l0']:.1f} ± {s['l0_std']:.1f} | {s['seconds']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def frequency_summary(counts: Tensor, n_tokens: int, bins: int = 30) -> dict:
     lo = min(alive.min().item(), -6.0) if len(alive) else -6.0
     hist = torch.histc(alive, bins=bins, min=lo, max=0.0) if len(alive) else torch.zeros(bins)
     edges = torch.linspace(lo, 0.0, bins + 1)
-    return {"never_fired_frac": (counts == 0).double().mean().item(), "dense_frac": (freq > DENSE).double().mean().item(),
+    return {"never_fired_frac": (counts == 0).double().mean().item(),
+            "dense_frac": (freq > DENSE).double().mean().item(),
             "log10_freq_hist": {"edges": edges.tolist(), "counts": hist.int().tolist()}}
 
 

@@ -135,11 +135,6 @@ def readout(model, data: IOIData, node: Node | None = None, values: Tensor | Non
     return Readout(torch.cat(lds), torch.cat(preds))
 
 
-def node_acts(model, data: IOIData, node: Node) -> Tensor:
-    """The node's activation per prompt, ``[n, d_node]``."""
-    return layer_acts(model, data, node.layer, node.pos)[:, node.slice(model.cfg.d_head)]
-
-
 def ablation_table(model, data: IOIData) -> list[dict]:
     """For each head at END and at S2, and each whole layer at END: the share of the clean
     logit difference lost when that activation is mean-ablated (its mean over the prompts)."""

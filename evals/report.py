@@ -81,7 +81,8 @@ def ioi_parts(r: dict) -> list:
     for name, n in r["nodes"].items():
         parts.append(f"<h2>Node {html.escape(name)}</h2>")
         parts += _node_parts(name, n)
-    cols = ["node", "effect", "ld_clean", "ld_ablated"] if r["node_table"] and "effect" in r["node_table"][0] else ["node"]
+    has_effects = r["node_table"] and "effect" in r["node_table"][0]
+    cols = ["node", "effect", "ld_clean", "ld_ablated"] if has_effects else ["node"]
     parts += ["<h2>Nodes: mean-ablation effect on the logit difference</h2>", _table(r["node_table"][:24], cols)]
     return parts
 

@@ -35,8 +35,6 @@ def run_eval(sae_path, model: str | None = None, dataset: str | None = None, opt
              device: str = "cpu") -> dict:
     """Standard metrics of the SAE at ``sae_path`` on held-out text; writes ``eval.json`` and
     ``eval.html`` in its folder and returns the metrics."""
-    import torch
-
     from saekit import data
     from saekit.evals.metrics import evaluate_sae
     from saekit.evals.report import eval_parts, write_report

@@ -55,7 +55,8 @@ def decode_sparse(
     rest is padding with value 0 and gets no gradient; the work is then O(nnz·d_in).
     """
     if values.shape != indices.shape or indices.dtype != torch.int64:
-        raise ValueError(f"values {tuple(values.shape)} and int64 indices {tuple(indices.shape)} {indices.dtype} must match")
+        raise ValueError(f"values {tuple(values.shape)} and int64 indices {tuple(indices.shape)} {indices.dtype} "
+                         "must match")
     if W_dec.dim() != 2 or (b_dec is not None and b_dec.shape != (W_dec.shape[1],)):
         raise ValueError(f"W_dec must be [d_sae, d_in] and b_dec [d_in], got {tuple(W_dec.shape)}, "
                          f"{None if b_dec is None else tuple(b_dec.shape)}")

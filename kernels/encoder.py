@@ -8,7 +8,7 @@ Selection ranks `pre` itself and applies ReLU to the kept values (Gao et al. 202
 methods.md sec. 1). The scattered sparse code equals scatter(topk(ReLU(pre), k)) always; the
 indices differ from that only in rows with fewer than k positive pre-activations, where the
 extra entries have value 0 either way. Not building ReLU(pre) saves a full pass over
-[B, d_sae] (measured ~95 ms for a fresh 200 MB tensor at B=4096, d_sae=12288 on CPU).
+[B, d_sae] and a fresh tensor of that size (benchmarks/RESULTS.md, "Figures moved from docstrings").
 
 Backward touches only the selected latents (K = k, plus k_aux for AuxK), with g = dL/dvalues
 masked by values > 0 and xc = x - b_dec:
@@ -44,9 +44,9 @@ _tls = threading.local()
 def _workspace(shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
     """A reused CPU buffer for the pre-activation matrix, one per thread.
 
-    A fresh 200 MB tensor costs ~0.1 s of page faults per step on CPU: glibc hands large
-    blocks back to the OS on free. Measured on one core at B=4096, d_in=768, d_sae=12288:
-    `x @ W_enc` 602 ms into a fresh tensor, 508 ms into a reused one. Only the last
+    A fresh [B, d_sae] tensor (200 MB at B=4096, d_sae=12288) pays page faults every step
+    on CPU: glibc hands large blocks back to the OS on free (`x @ W_enc` into a fresh tensor
+    against a reused one: benchmarks/RESULTS.md, "Figures moved from docstrings"). Only the last
     shape/dtype is kept (one [B, d_sae] buffer per thread). Its users (the TopK encoder here,
     the sparsifiers through `pre_activations`) read what they need from it before the next
     encoder call and keep no view of it. It is made outside inference mode, so that a first
@@ -220,7 +220,8 @@ def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, valu
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must be [B={x.shape[0]}, K]")
     if lengths is not None:
         check_lengths(lengths, (x.shape[0],), indices.shape[1])
-    return _EncodeSelected.apply(x, W_enc, b_enc, b_dec, values.detach(), indices, resolve_impl(impl, x.device), lengths)
+    return _EncodeSelected.apply(x, W_enc, b_enc, b_dec, values.detach(), indices, resolve_impl(impl, x.device),
+                                 lengths)
 
 
 def _validate(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> None:
@@ -231,7 +232,8 @@ def _validate(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) ->
             f"b_dec {tuple(b_dec.shape)}; expected x [..., d_in], W_enc [d_in, d_sae], b_enc [d_sae], b_dec [d_in]"
         )
     if not (x.dtype == W_enc.dtype == b_enc.dtype == b_dec.dtype):
-        raise ValueError(f"x, W_enc, b_enc, b_dec must share one dtype, got {x.dtype}, {W_enc.dtype}, {b_enc.dtype}, {b_dec.dtype}")
+        raise ValueError(f"x, W_enc, b_enc, b_dec must share one dtype, got {x.dtype}, {W_enc.dtype}, "
+                         f"{b_enc.dtype}, {b_dec.dtype}")
     if not 1 <= k <= d_sae:
         raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
 
@@ -262,7 +264,8 @@ def encoder_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
                 resolved = "screen"
                 log_decision("auto", resolved, "cpu encoder, AMX")
             else:
-                log_decision("auto", resolved, "cpu encoder, AMX, but the bf16 matmul fails the fp32-accumulation probe")
+                log_decision("auto", resolved,
+                             "cpu encoder, AMX, but the bf16 matmul fails the fp32-accumulation probe")
     return resolved
 
 
@@ -328,7 +331,8 @@ def encode_topk_aux(
     results are differentiable the same way; their gradients add up in W_enc, b_enc, x, b_dec.
     """
     if dead_mask.shape != (W_enc.shape[1],) or dead_mask.dtype != torch.bool:
-        raise ValueError(f"dead_mask must be a bool [d_sae={W_enc.shape[1]}] tensor, got {dead_mask.dtype} {tuple(dead_mask.shape)}")
+        raise ValueError(f"dead_mask must be a bool [d_sae={W_enc.shape[1]}] tensor, got {dead_mask.dtype} "
+                         f"{tuple(dead_mask.shape)}")
     if k_aux < 0:
         raise ValueError(f"k_aux must be >= 0, got {k_aux}")
     k_aux = min(k_aux, int(dead_mask.sum()))

@@ -65,7 +65,7 @@ def _cas(x, M: tl.constexpr, S: tl.constexpr, FLIP: tl.constexpr):
     ascending otherwise (S = the size of the sequences the current bitonic stage builds).
     Written with tl.min/tl.max over a size-2 axis rather than tl.sort's xor_sum trick: the
     same work on GPU, and Triton's interpreter runs min/max in numpy but a custom reduce
-    element by element (~100x slower here).
+    element by element, far slower (benchmarks/RESULTS.md, "Figures moved from docstrings").
     """
     BB: tl.constexpr = x.shape[0]
     W: tl.constexpr = x.shape[1]
@@ -105,7 +105,8 @@ def _topk_ascending(keys, LOG_K: tl.constexpr, LOG_N: tl.constexpr):
     x = _sort_runs(keys, LOG_K, 1 if LOG_K == LOG_N else 0)
     for r in tl.static_range(1, LOG_N - LOG_K + 1):
         # width 2**(LOG_N - r + 1) -> 2**(LOG_N - r); the last round leaves one ascending run
-        x = tl.reshape(tl.max(tl.reshape(x, [BB, 1 << (LOG_N - LOG_K - r), 2, K]), axis=2), [BB, K << (LOG_N - LOG_K - r)])
+        x = tl.reshape(tl.max(tl.reshape(x, [BB, 1 << (LOG_N - LOG_K - r), 2, K]), axis=2),
+                       [BB, K << (LOG_N - LOG_K - r)])
         x = _merge_runs(x, LOG_K, 1 if r == LOG_N - LOG_K else 0)
     return x
 

@@ -2,9 +2,9 @@
 TopK encoder and of Mutual and Feature Choice's selections.
 
 The dense fp32 product ``(x - b_dec) @ W_enc + b_enc`` dominates a TopK SAE's step on CPU. On
-CPUs with AMX a bf16 product runs ~3.5-5x faster (B=4096, d_in=768, d_sae=12288 on 2 cores,
-timed in the same rounds by benchmarks/train_step.py: 65-113 ms against 300-560 ms for the
-fp32 product, with the machine's load). Its values are too coarse to rank
+CPUs with AMX a bf16 product runs several times faster (B=4096, d_in=768, d_sae=12288, timed
+in the same rounds by benchmarks/train_step.py: benchmarks/RESULTS.md, "With the bf16-screened
+encoder"). Its values are too coarse to rank
 with, but a rigorous bound on their error says which latents can still be in a row's top k.
 Only those (~2k a row) are recomputed in fp32:
 
@@ -85,7 +85,8 @@ _tls = threading.local()
 
 @lru_cache(maxsize=None)
 def amx_available() -> bool:
-    """True when this CPU has AMX tiles, which make bf16 matmuls ~3x faster than fp32."""
+    """True when this CPU has AMX tiles, which make bf16 matmuls several times faster than fp32
+    (benchmarks/RESULTS.md, "With the bf16-screened encoder")."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe and probe())
 
@@ -93,11 +94,11 @@ def amx_available() -> bool:
 def pays(x: Tensor, W_enc: Tensor, k: int) -> bool:
     """Whether impl="auto" screens: fp32 on a CPU with AMX, at sizes where it is faster.
 
-    The fp32 product it saves grows with d_in·d_sae, the rescoring with k·d_in. Measured on
-    2 cores (benchmarks/screen.py, screen time / fp32 time, two runs; RESULTS.md): B=4096,
-    d_in=768: d_sae=12288, k=32: 0.50-0.56; d_sae=24576, k=64: 0.56-0.62; d_sae=12288,
-    k=128: 0.71-0.98; d_in=256, d_sae=4096: 0.70-0.84. Shapes with d_sae <= 2048 went from
-    30% slower to 15% faster between runs, so they stay on the fp32 path."""
+    The fp32 product it saves grows with d_in·d_sae, the rescoring with k·d_in. The bounds
+    follow benchmarks/screen.py's screen time / fp32 time on 2 cores (benchmarks/RESULTS.md,
+    "With the bf16-screened encoder", two runs): a clear gain at d_in=768, d_sae >= 12288,
+    k <= 64 and at d_in=256, d_sae=4096, much less at k=128; shapes with d_sae <= 2048 went
+    from slower to faster between runs, so they stay on the fp32 path."""
     B, d_in = x.shape
     d_sae = W_enc.shape[1]
     return (x.device.type == "cpu" and x.dtype == W_enc.dtype == torch.float32 and B >= 1024
@@ -139,7 +140,8 @@ def _column_bounds(W_T: Tensor, b: Tensor, Wa: Tensor) -> tuple[float, float, fl
     Wa[:, d_in + 1:].zero_()  # the buffer may come from a call with a smaller d_in
     diff = _buffer("diff", (min(_COL_BLOCK, len(W_T)), d_in), torch.float32)
     norm_d, norm_w = W_T.new_empty(len(W_T)), W_T.new_empty(len(W_T))
-    blocks = zip(W_T.split(_COL_BLOCK), Wa[:, :d_in].split(_COL_BLOCK), norm_d.split(_COL_BLOCK), norm_w.split(_COL_BLOCK))
+    blocks = zip(W_T.split(_COL_BLOCK), Wa[:, :d_in].split(_COL_BLOCK), norm_d.split(_COL_BLOCK),
+                 norm_w.split(_COL_BLOCK))
     for Wb, Ab, nd, nw in blocks:
         torch.linalg.vector_norm(diff[: len(Wb)].copy_(Ab).sub_(Wb), dim=1, out=nd)
         torch.linalg.vector_norm(Wb, dim=1, out=nw)
@@ -207,7 +209,8 @@ def _candidates(a: Tensor, k: int, E: Tensor) -> tuple[Tensor, Tensor, Tensor] |
 
 def _group_maxima(a: Tensor) -> Tensor:
     """Maxima of the raw bits of ``a`` [B, n] bf16 as int16 over strided groups of 8
-    (`select._strided_group_max`), [B, n // 8]: ~3.5x faster than of bf16 values. Bits order
+    (`select._strided_group_max`), [B, n // 8]: faster than over the bf16 values
+    (benchmarks/RESULTS.md, "Figures moved from docstrings"). Bits order
     like values among non-negative numbers and below them come all negative ones, so a
     group's bit maximum is its value maximum whenever the group holds a value >= +0.0, and
     otherwise one of its (negative) values. Either way it is one of the group's values."""

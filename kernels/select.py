@@ -12,8 +12,10 @@ Triton encoder kernel builds the same keys (encoder_triton.py), so both paths ra
 Building keys for a whole [B, d_sae] matrix is slow on CPU, so `topk_lower_index` ranks the
 plain values and only re-ranks with keys (a) the k selected entries, to order them, and
 (b) the rare rows with a tie at the k-th place. For large rows on CPU it also avoids running
-torch.topk over every element (see `_hierarchical`): torch.topk costs ~3.5 ns per element there,
-~30% of the time of the encoder matmul itself at d_in=768 (benchmarks/cpu_kernels.py).
+torch.topk over every element (see `_hierarchical`), which there costs a sizeable share of
+the encoder matmul's own time at d_in=768 (benchmarks/cpu_kernels.py;
+benchmarks/RESULTS.md, "The selections beside their alternatives" and "Figures moved from
+docstrings").
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def topk_lower_index(
     last place. Same result as `keyed_topk(scores, arange(n), k)`, computed faster.
     `group`/`n_super` (default 4k) shape the CPU hierarchical path; tests shrink them to
     exercise it on small rows. Defaults from a sweep at B=4096, n=12288, k=32 on one core
-    (benchmarks/cpu_kernels.py): 92 ms against 169 ms for a bare torch.topk.
+    (benchmarks/cpu_kernels.py), against a bare torch.topk (benchmarks/RESULTS.md, "Figures
+    moved from docstrings").
     """
     R, n = scores.shape
     if not 1 <= k <= n:
@@ -157,8 +160,9 @@ def global_topk(scores: Tensor, n: int, *, group: int = 8, sample_step: int = 17
     in no particular order; which of several equal values at the cut are kept is unspecified.
 
     Mutual Choice keeps the batch's k·B largest pre-activations: n = 131,072 of 50 million at
-    B=4096, d_sae=12288, where ``torch.topk`` over the flattened matrix takes ~1 s on 2 CPU
-    cores. Instead (matrices of at least ``fast_from`` entries):
+    B=4096, d_sae=12288, where ``torch.topk`` over the flattened matrix is slow on CPU
+    (benchmarks/RESULTS.md, "The selections beside their alternatives"). Instead (matrices
+    of at least ``fast_from`` entries):
 
     1. group maxima ``gm`` [R, C // group] over strided groups of ``group`` columns
        (`_strided_group_max`, as in `_hierarchical`; columns in no group are always candidates);
@@ -169,8 +173,8 @@ def global_topk(scores: Tensor, n: int, *, group: int = 8, sample_step: int = 17
        gather those groups' entries that are >= t and take their top n.
 
     Exact whenever step 3's count holds; when it does not (an unlucky sample), or when
-    more than 4n groups pass (heavy ties), the flat ``torch.topk`` runs instead. ~75 ms at
-    the shape above (benchmarks/cpu_kernels.py).
+    more than 4n groups pass (heavy ties), the flat ``torch.topk`` runs instead. Its time at
+    the shape above: benchmarks/RESULTS.md, "The selections beside their alternatives".
     """
     R, C = scores.shape
     if not 1 <= n <= R * C:
@@ -213,8 +217,8 @@ def column_topk(scores: Tensor, m: Tensor, *, group: int = 8, narrow_max: int = 
     Which of several equal values at a column's cut are kept is unspecified.
 
     Feature Choice keeps each latent's m_j largest activations over the batch; a column-wise
-    ``torch.topk`` over [4096, 12288] takes ~430 ms on 2 CPU cores (this takes ~120 ms,
-    benchmarks/cpu_kernels.py). Instead, for columns
+    ``torch.topk`` over [4096, 12288] takes several times as long as this (benchmarks/RESULTS.md,
+    "The selections beside their alternatives"). Instead, for columns
     with m[j] <= ``narrow_max`` (matrices of at least ``fast_from`` entries): maxima over
     groups of ``group`` consecutive rows, [R // group, C]; per column, the M largest group
     maxima (M = the largest such m[j]); the column's top m[j] entries all lie in those M

@@ -46,11 +46,12 @@ def _check(idx: Tensor, w: Tensor | None, M_or_dense: Tensor, B_dim: int | None 
 
 
 # ---- PyTorch reference implementations -------------------------------------------------
-# Chosen by benchmarks/cpu_kernels.py at B=4096, K=32, D=768, N=12288 on one core (median ms,
-# a shared 2-core VM): gather_rows: embedding_bag 26 vs (M[idx] * w).sum 735 (it builds a
-# 400 MB [B, K, D] tensor); row_dot: sampled_addmm 44 vs embedding_bag's backward 69 vs
-# einsum over M[idx] 495; scatter_rows: sort + embedding_bag 36 vs sparse COO mm 76 vs
-# index_add_ of a materialized [B*K, D] product 352.
+# Chosen by benchmarks/cpu_kernels.py at B=4096, K=32, D=768, N=12288, each the fastest of
+# the alternatives it times: gather_rows: embedding_bag, not (M[idx] * w).sum (it builds a
+# 400 MB [B, K, D] tensor); row_dot: sampled_addmm, not embedding_bag's backward or einsum
+# over M[idx]; scatter_rows: sort + embedding_bag, not a sparse COO mm or index_add_ of a
+# materialized [B*K, D] product. The times: benchmarks/RESULTS.md, "The selections beside
+# their alternatives" (2 threads) and "Figures moved from docstrings" (one core).
 
 
 def check_lengths(lengths: Tensor, lead: tuple[int, ...], K: int) -> None:
@@ -167,10 +168,11 @@ def row_dot_torch(idx: Tensor, dense: Tensor, M: Tensor, lengths: Tensor | None 
 def _by_target_row(cols: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
     """(order, offsets): cols[order] is ascending; target row n's entries are
     order[offsets[n]:offsets[n+1]]. Kept per thread (grad W_dec, then grad W_enc, sort the
-    same entries): the sort is ~5 ms on 2 idle cores but ~110 ms when another process
-    competes for them (a 1-D parallel sort waits on both threads at every phase)."""
+    same entries): the sort is cheap on idle cores but many times slower when another
+    process competes for them (a 1-D parallel sort waits on both threads at every phase;
+    benchmarks/RESULTS.md, "Figures moved from docstrings")."""
     def compute():
-        _, order = cols.to(torch.int32).sort(stable=True)  # int32 sorts ~2x faster than int64 on CPU
+        _, order = cols.to(torch.int32).sort(stable=True)  # int32 sorts faster than int64 on CPU (RESULTS.md)
         return order, row_pointers(cols, n_rows)
 
     return _cached("by_target_row", (cols,), n_rows, compute)

@@ -204,7 +204,7 @@ class ModelActivations:
 
     ``token_batches`` must be deterministic; fills are requested in increasing order, and
     skipped fills only advance the token stream (no model forward). With several hooks one
-    forward feeds them all (``fills``); ``view(name)`` is the source of one hook. Under
+    forward feeds them all (``fills_part``); ``view(name)`` is the source of one hook. Under
     data-parallel training ``fill_part`` harvests only this rank's share of the sequences."""
 
     def __init__(self, model, hook: HookSpec | list[HookSpec], token_batches: Iterator[Tensor],
@@ -255,9 +255,6 @@ class ModelActivations:
                 acts = {h.name: torch.cat([p[h.name] for p in parts]) for h in self.hooks}
             self._last = (key, acts)
         return self._last[1]
-
-    def fills(self, i: int) -> dict[str, Tensor]:
-        return self.fills_part(i)
 
     def fill(self, i: int, batch_seqs: int = 32) -> Tensor:
         """Fill ``i`` of the first hook: ``[seqs_per_fill·(T−1), d_in]``."""

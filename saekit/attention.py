@@ -99,7 +99,7 @@ class DFA(NamedTuple):
     ``by_head.sum() == by_source.sum() == x·W_enc[:, i]`` (x: the flattened z at dest), and
     ``x·W_enc[:, i] + bias`` is the latent's pre-activation (before the sparsifier)."""
 
-    by_head: Float[Tensor, "n_heads"]
+    by_head: Float[Tensor, "n_heads"]  # noqa: F821 (a jaxtyping axis name, not a forward reference)
     """z_h[dest] · W_enc[h-block, i]."""
     by_source: Float[Tensor, "n_heads T"]
     """A_h[dest, src] · (v_h[src] · W_enc[h-block, i]); sums over src to ``by_head``."""

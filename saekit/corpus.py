@@ -104,10 +104,6 @@ HELDOUT_TEMPLATES = (
 )
 
 
-def template(i: int, split: Split) -> str:
-    return (TRAIN_TEMPLATES if split == "train" else HELDOUT_TEMPLATES)[i]
-
-
 def pair_is_heldout(a: str, b: str) -> bool:
     """One unordered name pair in eight is held out of training (stable across runs)."""
     key = "|".join(sorted((a, b))).encode()

@@ -1,10 +1,11 @@
 """SAE files: saekit's own layout, and SAELens' and EleutherAI sparsify's for interop.
 
-| layout   | files                                   | weights                                        |
-|----------|-----------------------------------------|------------------------------------------------|
-| saekit   | cfg.json (``"format": "saekit"``) + sae.safetensors | W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, sparsifier buffers |
-| SAELens  | cfg.json + sae_weights.safetensors      | same names and shapes as saekit; settings folded in (``saekit.saelens``) |
-| sparsify | cfg.json (d_in, k, num_latents / expansion_factor) + sae.safetensors | encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec |
+- saekit: cfg.json (``"format": "saekit"``) + sae.safetensors; weights W_enc [d_in, d_sae],
+  b_enc, W_dec [d_sae, d_in], b_dec and the sparsifier's buffers.
+- SAELens: cfg.json + sae_weights.safetensors; the same names and shapes as saekit, the
+  settings folded in (``saekit.saelens``).
+- sparsify: cfg.json (d_in, k, num_latents / expansion_factor) + sae.safetensors; weights
+  encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec.
 
 Every write goes to a temporary name in the same folder and is renamed into place, so a
 crash never leaves a half-written file.

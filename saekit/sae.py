@@ -51,7 +51,7 @@ class SAEConfig:
     hook_shape: tuple[int, ...] = ()
     """Per-token shape at the hook, e.g. (n_heads, d_head) for hook_z; () means (d_in,)."""
     impl: Literal["auto", "torch", "triton", "screen"] = "auto"
-    """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact selections (screen) where AMX makes them faster."""
+    """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact selections (screen) where AMX makes them faster."""  # noqa: E501 (one-line field docstring)
     variant: VariantOptions = field(default_factory=VariantOptions)
     """Settings of the gtopk, mutual_choice and feature_choice sparsifiers."""
 
@@ -138,7 +138,8 @@ class SAE(nn.Module):
         Stored transposed because the training step's work is per latent: the sparse backward
         builds W_enc's gradient one latent row at a time and fused Adam wants contiguous
         parameters, so ``[d_in, d_sae]`` storage would cost a 37 MB transposed copy of the
-        gradient a step at d_sae=12288 (~30 ms on CPU). Reads, in-place edits under
+        gradient a step at d_sae=12288 (its time on CPU: benchmarks/RESULTS.md, "CPU training
+        step"). Reads, in-place edits under
         ``no_grad`` and autograd all work through this view; the gradient lands in
         ``W_enc_T.grad``. State dicts and files use the key ``W_enc`` and the ``[d_in, d_sae]``
         shape, as SAELens does. To replace the weights, copy into the view
@@ -210,8 +211,8 @@ class SAE(nn.Module):
         if self.W_dec.grad is None:
             return
         g, W = self.W_dec.grad, self.W_dec
-        # In blocks of rows whose temporaries stay in cache: ~4 ms against ~13 ms for one bmm
-        # (or (g * W).sum(1)) at d_sae=12288, d_in=768 on CPU.
+        # In blocks of rows whose temporaries stay in cache: faster on CPU than one bmm (or
+        # (g * W).sum(1)) over all rows (benchmarks/RESULTS.md, "Figures moved from docstrings").
         for gb, Wb in zip(g.split(_ROW_BLOCK), W.split(_ROW_BLOCK)):
             gb.addcmul_((gb * Wb).sum(1, keepdim=True), Wb, value=-1)
 

@@ -186,8 +186,8 @@ def _fold(cfg: dict, w: dict, folder: Path) -> dict:
         if (n == 0).any():
             zero = (n == 0).nonzero().flatten().tolist()
             raise SAEFileError(f"{folder}: rescale_acts_by_decoder_norm divides by the decoder row norms, and latent "
-                               f"{zero[0]}'s row is zero ({len(zero)} such rows), where SAELens gives NaN; remove those "
-                               "latents")
+                               f"{zero[0]}'s row is zero ({len(zero)} such rows), where SAELens gives NaN; remove "
+                               "those latents")
         W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
     if phi is not None:  # (f ⊙ φ) W_dec = f (φ ⊙ W_dec)
         W_dec = W_dec * phi.double()[:, None]

@@ -2,7 +2,6 @@ import itertools
 import json
 
 import pytest
-import torch
 
 from saekit import corpus, data
 from saekit.errors import DataSourceError

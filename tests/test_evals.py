@@ -48,7 +48,8 @@ def test_ce_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_the_ablat
     from saekit import data
 
     shape = (model.cfg.n_heads, model.cfg.d_head)
-    tokens = torch.stack([s for s, _ in zip(data.pack(data.documents(None, 5, "heldout"), model.tokenizer, 32), range(4))])
+    packed = data.pack(data.documents(None, 5, "heldout"), model.tokenizer, 32)
+    tokens = torch.stack([s for s, _ in zip(packed, range(4))])
     perfect = ce_losses(model, _identity_sae(math.prod(shape), shape), tokens)
     assert perfect.recovered_zero_keep_bos == pytest.approx(1.0, abs=1e-4)
     assert perfect.recovered_zero_all == pytest.approx(1.0, abs=1e-4)
@@ -76,7 +77,8 @@ def _synthetic(d=16, seed=0):
     """Every combination of 3 io values × 3 s values × 2 pos values, twice: activations built
     additively as ``c + v_io + v_s + v_pos`` from known random vectors."""
     g = torch.Generator().manual_seed(seed)
-    vec = {"io": torch.randn(3, d, generator=g), "s": torch.randn(3, d, generator=g), "pos": torch.randn(2, d, generator=g)}
+    vec = {"io": torch.randn(3, d, generator=g), "s": torch.randn(3, d, generator=g),
+           "pos": torch.randn(2, d, generator=g)}
     c = torch.randn(d, generator=g)
     grid = torch.cartesian_prod(torch.arange(3), torch.arange(3), torch.arange(2)).repeat(2, 1)
     labels = {"io": grid[:, 0], "s": grid[:, 1], "pos": grid[:, 2]}

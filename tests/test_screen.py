@@ -101,7 +101,8 @@ def test_fallbacks_give_the_fp32_result(caplog, monkeypatch):
     x, W_enc, b_enc, b_dec = randn_sae(40, 32, 1024, seed=1)
     # Latents that differ by far less than bf16 can see: every latent is a candidate.
     near = (W_enc[:, :1] + 1e-6 * W_enc).contiguous()
-    cases = [(x, near, torch.zeros_like(b_enc)), (x.clone().index_fill_(0, torch.tensor([3]), float("nan")), W_enc, b_enc)]
+    cases = [(x, near, torch.zeros_like(b_enc)),
+             (x.clone().index_fill_(0, torch.tensor([3]), float("nan")), W_enc, b_enc)]
     with caplog.at_level(logging.INFO, logger="saekit.kernels"):
         for xs, W, b in cases:
             got = encode_topk(xs, W, b, b_dec, 4, impl="screen")
@@ -139,7 +140,8 @@ def test_hard_cases_from_review():
     """Each of these once gave a wrong top-k."""
     # bf16 buffers reused by a call whose d_in pads to the same width: stale padding columns
     g = torch.Generator().manual_seed(0)
-    big = [torch.randn(32, 24, generator=g) * 30, torch.randn(24, 512, generator=g) * 30, torch.zeros(512), torch.zeros(24)]
+    big = [torch.randn(32, 24, generator=g) * 30, torch.randn(24, 512, generator=g) * 30, torch.zeros(512),
+           torch.zeros(24)]
     small = [torch.randn(32, 20, generator=g), torch.randn(20, 512, generator=g), torch.zeros(512), torch.zeros(20)]
     encode_topk(*big, 4, impl="screen")
     assert torch.equal(encode_topk(*small, 4, impl="screen").indices, encode_topk(*small, 4, impl="torch").indices)

@@ -362,7 +362,8 @@ def test_with_model_gradients_equals_topk_at_beta_zero_and_differs_at_large_beta
     from saekit.evals.metrics import with_model_gradients
 
     model = saekit.load_model()
-    tokens = torch.stack([s for s, _ in zip(data.pack(data.documents(None, 3, "heldout"), model.tokenizer, 24), range(6))])
+    packed = data.pack(data.documents(None, 3, "heldout"), model.tokenizer, 24)
+    tokens = torch.stack([s for s, _ in zip(packed, range(6))])
     res = {}
     for beta in (0.0, 50.0):
         sae = SAE(SAEConfig(d_in=128, d_sae=256, k=4, sparsity="gtopk", hook_name="blocks.3.attn.hook_z",

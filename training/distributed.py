@@ -123,9 +123,6 @@ class Collective:
     def sum_grads_(self, params) -> None:
         pass
 
-    def max_(self, t: Tensor) -> Tensor:
-        return t
-
     def broadcast_(self, tensors) -> None:
         pass
 
@@ -152,12 +149,6 @@ class DataParallel(Collective):
         import torch.distributed as dist
 
         dist.all_reduce(t)
-        return t
-
-    def max_(self, t: Tensor) -> Tensor:
-        import torch.distributed as dist
-
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
     def sum_grads_(self, params) -> None:

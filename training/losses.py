@@ -26,7 +26,8 @@ def sum_sq(t: Tensor) -> Tensor:
 class _SquaredError(torch.autograd.Function):
     """``Σ (x̂ − x)²``, differentiable wrt ``x̂`` only, in two passes forward and one backward
     (``2(x̂ − x)·g``). The autograd chain of ``(x − x̂).pow(2).sum()`` makes about eight
-    passes over ``[B, d_in]``: ~20 ms against ~8 ms a step at B=4096, d_in=768 on CPU."""
+    passes over ``[B, d_in]``; the times on CPU: benchmarks/RESULTS.md, "Figures moved from
+    docstrings"."""
 
     @staticmethod
     def forward(ctx, x_hat: Tensor, x: Tensor) -> Tensor:

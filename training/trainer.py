@@ -90,8 +90,8 @@ class Trainer:
         self.comm = comm or Collective()
         o = cfg.optim
         self.base_lr = o.lr or default_lr(sae.cfg.d_sae)
-        # fused: one kernel per parameter instead of a dozen passes (~80 -> ~14 ms a step
-        # at d_in=768, d_sae=12288 on CPU; benchmarks/train_step.py)
+        # fused: one kernel per parameter instead of a dozen passes (the times a step:
+        # benchmarks/RESULTS.md, "Figures moved from docstrings")
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, eps=o.adam_eps, fused=True)
         self.k_aux = o.k_aux or max(1, sae.cfg.d_in // 2)
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_dec.device)
@@ -158,18 +158,12 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "sae": self.sae.state_dict(), "opt": self.opt.state_dict(),
                 "tokens_since_fired": self.tokens_since_fired, "freq": self.freq,
-                "torch_rng": torch.get_rng_state(), "W_enc_stored": "transposed"}
+                "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, s: dict) -> None:
         self.step = s["step"]
         self.sae.load_state_dict(s["sae"])
-        opt = s["opt"]
-        if s.get("W_enc_stored") != "transposed":  # saekit before W_enc_T: Adam's moments were [d_in, d_sae]
-            i = next(i for i, p in enumerate(self.sae.parameters()) if p is self.sae.W_enc_T)
-            moments = opt["state"].get(i, {})
-            opt = {**opt, "state": {**opt["state"], i: {name: t.t().contiguous() if t.dim() == 2 else t
-                                                         for name, t in moments.items()}}}
-        self.opt.load_state_dict(opt)
+        self.opt.load_state_dict(s["opt"])
         self.tokens_since_fired.copy_(s["tokens_since_fired"])
         self.freq.copy_(s["freq"])
         torch.set_rng_state(s["torch_rng"])
