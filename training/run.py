@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Iterable
 
@@ -20,7 +19,7 @@ from saekit.sae import SAE, SAEConfig
 from saekit.training import distributed, preflight
 from saekit.training.config import DataOptions, TrainConfig
 from saekit.training.summary import summarize
-from saekit.training.trainer import GEOMEDIAN_SAMPLES, FillReader, Job, Trainer, fit, fit_jobs, init_b_dec_
+from saekit.training.trainer import FillReader, Job, Trainer, fit, fit_jobs, init_b_dec_
 
 
 def _model_source(model, d: DataOptions, seed: int, with_grads: bool = False):
@@ -43,12 +42,6 @@ def _sae_config(cfg: TrainConfig, d_in: int, hook_name: str, hook_shape, model_n
     return SAEConfig(d_in=d_in, d_sae=s.d_sae or s.expansion * d_in, k=s.k, sparsity=s.sparsity,
                      hook_name=hook_name, model_name=model_name, hook_shape=tuple(hook_shape), impl=s.impl,
                      variant=cfg.variant)
-
-
-def _geomedian_batches(cfg: TrainConfig, per_fill: int) -> int:
-    """Batches for the geometric median's GEOMEDIAN_SAMPLES rows, within the first fill
-    (so that step 0 finds its fill still loaded)."""
-    return max(1, min(math.ceil(GEOMEDIAN_SAMPLES / cfg.data.batch_size), per_fill))
 
 
 def _truncate_metrics(out: Path, step: int) -> None:
@@ -172,7 +165,7 @@ def _job(cfg: TrainConfig, sae_cfg: SAEConfig, state: dict | None, reader, folde
         if writer:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "metrics.jsonl").unlink(missing_ok=True)
-        init_b_dec_(sae, reader.batch_at, cfg.optim.b_dec_init, _geomedian_batches(cfg, reader.per_fill), comm)
+        init_b_dec_(sae, reader.batch_at, cfg.optim.b_dec_init, reader.per_fill, comm)
     comm.broadcast_(sae.parameters())  # replicas start identical
     return Job(trainer, reader.batch_at, folder, sae_cfg.hook_name)
 
@@ -283,7 +276,7 @@ def train_sae(acts: Tensor | Iterable[Tensor], cfg: TrainConfig | None = None, *
     sae = SAE(_sae_config(cfg, d_in, hook_name, (), model_name), seed=cfg.run.seed).to(d.device)
     trainer = Trainer(sae, cfg, total_steps=d.total_tokens // d.batch_size)
     if isinstance(acts, Tensor):
-        init_b_dec_(sae, batch_at, cfg.optim.b_dec_init, _geomedian_batches(cfg, reader.per_fill))
+        init_b_dec_(sae, batch_at, cfg.optim.b_dec_init, reader.per_fill)
     else:  # an iterable's batches are read once: b_dec starts from the first alone
         init_b_dec_(sae, lambda step: first, cfg.optim.b_dec_init, 1)
     fit(trainer, batch_at, Path(out) if out else None)

@@ -190,18 +190,21 @@ def geometric_median(x: Tensor, comm: Collective | None = None, iters: int = 200
     return m.float()
 
 
-def init_b_dec_(sae: SAE, batch_at: Callable[[int], Tensor], how: str, n_batches: int,
+def init_b_dec_(sae: SAE, batch_at: Callable[[int], Tensor], how: str, max_batches: int,
                 comm: Collective | None = None) -> None:
     """Set ``b_dec`` before training: the mean of batch 0 (``how="mean"``), or the geometric
-    median of the first ``n_batches`` batches (``"geometric_median"``; the caller picks
-    enough for ``GEOMEDIAN_SAMPLES`` rows). Gradients packed beside x (g-SAE) are ignored."""
+    median of enough batches for ``GEOMEDIAN_SAMPLES`` rows, at most ``max_batches``
+    (``"geometric_median"``; callers pass the batches of the first fill, so that step 0
+    finds its fill still loaded). Gradients packed beside x (g-SAE) are ignored."""
     comm = comm or Collective()
     d_in = sae.cfg.d_in
     with torch.no_grad():
+        first = batch_at(0)[:, :d_in].float()
         if how == "mean":
-            sae.b_dec.copy_(comm.mean_rows(batch_at(0)[:, :d_in].float()))
+            sae.b_dec.copy_(comm.mean_rows(first))
         else:
-            x = torch.cat([batch_at(s)[:, :d_in].float() for s in range(n_batches)])
+            n_batches = max(1, min(math.ceil(GEOMEDIAN_SAMPLES / len(first)), max_batches))
+            x = torch.cat([first] + [batch_at(s)[:, :d_in].float() for s in range(1, n_batches)])
             sae.b_dec.copy_(geometric_median(x.to(sae.b_dec.device), comm))
 
 
