@@ -38,7 +38,7 @@ class NodeSAE:
         """Dense latent activations ``[n, d_sae]`` of layer activations ``x [n, d_in]``;
         ``grad`` (∂L/∂x, same shape) reaches the sparsifier, which only gtopk uses."""
         dev = self.sae.W_dec.device
-        return self.sae.encode(x.to(dev), None if grad is None else grad.to(dev)).float().cpu()
+        return self.sae.encode_dense(x.to(dev), None if grad is None else grad.to(dev)).float().cpu()
 
     @property
     def directions(self) -> Tensor:  # [d_sae, d_node]

@@ -225,7 +225,7 @@ def _codes(model, sae, tokens: Tensor, hook) -> Tensor:
 
     b, T = tokens.shape
     x = harvest(model, tokens, hook)  # [b·(T−1), d_in]
-    f = sae.encode(x.to(sae.W_dec.device)).float().cpu()  # [b·(T−1), d_sae]
+    f = sae.encode_dense(x.to(sae.W_dec.device)).float().cpu()  # [b·(T−1), d_sae]
     return torch.cat([f.new_zeros(b, 1, f.shape[1]), f.view(b, T - 1, -1)], dim=1)  # [b, T, d_sae]
 
 
@@ -255,7 +255,7 @@ def stats_path(sae_folder) -> Path:
 
 def save_stats(stats: FeatureStats, sae_folder) -> Path:
     """Write ``stats`` beside the SAE in ``sae_folder`` (atomically; the json last)."""
-    from saekit.formats import atomic_save_tensors, atomic_write_text
+    from saekit.files import atomic_save_tensors, atomic_write_text
 
     tensors = {name: getattr(stats, name) for name in _FIELDS} | stats.extra
     path = stats_path(sae_folder)

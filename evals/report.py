@@ -11,7 +11,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from saekit.formats import atomic_write_text
+from saekit.files import atomic_write_text
 
 PLOTLY_JS = "plotly.min.js"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from saekit.errors import MismatchError
 from saekit.evals.options import EvalOptions, IOIEvalOptions
-from saekit.formats import atomic_write_text
+from saekit.files import atomic_write_text
 
 
 def model_for(sae, name: str | None = None, device: str = "cpu"):

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from saekit.errors import SAEFileError
-from saekit.formats import atomic_save_tensors, read_tensors
+from saekit.files import atomic_save_tensors, read_tensors
 
 Method = Literal["mean", "lstsq"]
 

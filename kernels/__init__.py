@@ -1,28 +1,34 @@
-"""saekit.kernels: the SAE's TopK encoder and sparse decoder, in PyTorch and in Triton.
+"""saekit.kernels: the SAE's encoder selections, sparse backward and sparse decoder, in
+PyTorch and in Triton. Imports only torch (triton lazily, where it runs).
 
 Public API (each op takes impl="auto" | "torch" | "triton" | "screen"; see resolve_impl):
 
-    encode_topk(x, W_enc, b_enc, b_dec, k) -> TopK(values [B, k], indices [B, k])
+    PreActivations(x, W_enc, b_enc, b_dec, impl, k) -> a batch's pre-activations, made as far
+        as a selection asks: .topk(k), .global_topk(n), .column_topk(m), .columns(cols), .dense()
+    encode_selected(x, W_enc, b_enc, b_dec, values, indices) -> values with the encoder's sparse
+        backward, for selections made on PreActivations
+    encode_topk(x, W_enc, b_enc, b_dec, k) -> TopK(values [B, k], indices [B, k]), differentiable
     encode_topk_aux(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux) -> (TopK, TopK for AuxK)
-    encode_selected(x, W_enc, b_enc, b_dec, values, indices) -> values with the sparse backward,
-        for selections made elsewhere (Mutual/Feature Choice, g-TopK)
     decode_sparse(values, indices, W_dec, b_dec) -> x_hat [B, d_in]
+    topk_lower_index(scores, k) -> exact per-row top-k of any scores, ties to the lower index
     resolve_impl(impl, device) -> "torch" | "triton" | "screen"
     check_impl(impl, device, topk_k) -> None, or the ValueError a first call would raise
 
-Layout (SAELens): W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
-Every Triton kernel sits beside its PyTorch reference: encoder.py / encoder_triton.py,
-sparse_rows.py / sparse_rows_triton.py. screen.py is the CPU encoder's fast path: it ranks
-through a bf16 matmul and rescores in fp32 the latents its error bound cannot rule out, so
-it selects what encoder.py's reference selects (impl="screen"; "auto" takes it on CPUs with
-AMX at sizes where it pays); screen_batch.py does the same for Mutual and Feature Choice's
-selections (select.global_topk, select.column_topk). Importing this package imports neither triton nor
-anything that probes a device.
+reference.py is the specification of each in plain PyTorch (one screen of code); the fast
+paths sit behind these names and nothing outside this package names them: encoder.py /
+encoder_triton.py and sparse_rows.py / sparse_rows_triton.py (each Triton kernel beside its
+PyTorch form), select.py (exact top-k's faster than torch.topk on CPU), screen.py and
+screen_batch.py (the CPU selections that rank through a bf16 matmul and rescore in fp32 what
+their error bound cannot rule out, so they select what the fp32 path selects; "auto" takes
+them on CPUs with AMX at sizes where they pay). Layout (SAELens): W_enc [d_in, d_sae],
+b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]. Importing this package imports neither
+triton nor anything that probes a device.
 """
 
 from .decoder import decode_sparse
 from .dispatch import resolve_impl
-from .encoder import TopK, check_impl, encode_selected, encode_topk, encode_topk_aux
+from .encoder import PreActivations, TopK, check_impl, encode_selected, encode_topk, encode_topk_aux
+from .select import topk_lower_index
 
-__all__ = ["TopK", "check_impl", "decode_sparse", "encode_selected", "encode_topk", "encode_topk_aux",
-           "resolve_impl"]
+__all__ = ["PreActivations", "TopK", "check_impl", "decode_sparse", "encode_selected", "encode_topk",
+           "encode_topk_aux", "resolve_impl", "topk_lower_index"]

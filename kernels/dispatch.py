@@ -20,7 +20,7 @@ log = logging.getLogger("saekit.kernels")
 
 IMPLS = ("auto", "torch", "triton", "screen")
 # The fused TopK encoder keeps k keys a row in registers. AuxK's k_aux has no limit: it ranks
-# a product over the dead columns (encoder.aux_topk). "auto" runs the PyTorch encoder above it.
+# a product over the dead columns (encoder.PreActivations.columns). "auto" runs the PyTorch encoder above it.
 TRITON_MAX_K = 512
 _logged: set[tuple[str, str, str]] = set()
 

@@ -1,4 +1,6 @@
-"""TopK encoder: `encode_topk` / `encode_topk_aux`, their autograd, and the PyTorch reference.
+"""The encoder: `PreActivations` (a batch's selections), `encode_selected` (the sparse
+backward of selected activations), and `encode_topk` / `encode_topk_aux` built from the two.
+Their plain specification is reference.py.
 
     pre     = (x - b_dec) @ W_enc + b_enc                        # [B, d_sae]
     indices = the k largest pre per row (ties: lower index wins)  # [B, k] int64
@@ -10,7 +12,7 @@ indices differ from that only in rows with fewer than k positive pre-activations
 extra entries have value 0 either way. Not building ReLU(pre) saves a full pass over
 [B, d_sae] and a fresh tensor of that size (benchmarks/RESULTS.md, "Figures moved from docstrings").
 
-Backward touches only the selected latents (K = k, plus k_aux for AuxK), with g = dL/dvalues
+Backward touches only the selected latents (K a row), with g = dL/dvalues
 masked by values > 0 and xc = x - b_dec:
     grad b_enc[j]    = sum of g[b, s] over (b, s) with indices[b, s] = j
     grad W_enc[:, j] = sum of g[b, s] * xc[b] over the same (b, s)    (scatter_rows -> W_enc^T)
@@ -27,7 +29,8 @@ import torch
 from torch import Tensor
 
 from .dispatch import TRITON_MAX_K, log_decision, resolve_impl
-from .select import topk_lower_index
+from .reference import pre_columns
+from .select import column_topk, global_topk, topk_lower_index
 from .sparse_rows import check_lengths, gather_rows, scatter_rows
 
 
@@ -36,7 +39,7 @@ class TopK(NamedTuple):
     indices: Tensor  # [B, k] int64
 
 
-# ---- PyTorch reference forward ---------------------------------------------------------
+# ---- pre-activations and selections -----------------------------------------------------
 
 _tls = threading.local()
 
@@ -60,105 +63,110 @@ def _workspace(shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
     return buf
 
 
-def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
-    """``(x - b_dec) @ W_enc + b_enc`` [B, d_sae] without autograd, for sparsifiers that
-    select from the dense pre-activations (Mutual and Feature Choice, g-TopK).
-
-    On CPU the result is this thread's reused workspace (see `_workspace`): it is valid
-    until the next encoder call on the thread, so read what you need from it and keep
-    none of it."""
-    with torch.no_grad():
-        return _pre_from(x - b_dec, W_enc, b_enc)
-
-
-def pre_columns(xc: Tensor, W_enc: Tensor, b_enc: Tensor, cols: Tensor) -> Tensor:
-    """``xc @ W_enc[:, cols] + b_enc[cols]`` [B, len(cols)]: the pre-activations of some
-    latents only (dead or eligible latents for the auxiliary losses, wide latents), from
-    W_enc^T's rows, which saekit.SAE stores contiguously."""
-    return torch.addmm(b_enc[cols], xc, W_enc.t()[cols].t())
-
-
 def _pre_from(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     """``xc @ W_enc + b_enc`` [B, d_sae], into the thread's workspace on CPU."""
     out = _workspace((xc.shape[0], W_enc.shape[1]), xc.dtype) if xc.device.type == "cpu" else None
     return torch.addmm(b_enc, xc, W_enc, out=out)
 
 
-def encode_forward_torch(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
-    dead_mask: Tensor | None = None, k_aux: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Reference forward: (values, indices, aux values, aux indices), see the module docstring.
+class PreActivations:
+    """The pre-activations ``(x − b_dec) @ W_enc + b_enc`` of one batch x [B, d_in], for
+    selections: made without autograd, only as far as a selection needs them, at most once.
 
-    x [B, d_in], W_enc [d_in, d_sae], b_enc [d_sae], b_dec [d_in], one dtype; the matmul
-    accumulates in fp32 (BLAS) and returns the input dtype, which is what gets ranked.
-    Aux: top-k_aux among latents where dead_mask [d_sae] is True (k_aux <= their number).
-    """
-    return _select(x - b_dec, W_enc, b_enc, k, dead_mask, k_aux)
+    Every method returns plain tensors without gradients; ``encode_selected`` gives the
+    selected values their sparse backward. ``impl`` and ``k`` (the latents a row keeps, on
+    average) decide the path (``encoder_impl``): ``topk``, ``global_topk`` and
+    ``column_topk`` rank through the bf16 screen (screen.py, screen_batch.py) where it
+    pays and the dense matrix has not been made, else the dense matrix (``dense``);
+    ``columns`` reads the dense matrix when made, else a product over those columns.
 
+    On CPU the dense matrix lives in this thread's reused workspace (`_workspace`): it
+    holds until the next encoder call on the thread, which ``dense`` checks."""
 
-def _select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None, k_aux: int):
-    """encode_forward_torch given xc = x - b_dec [B, d_in]."""
-    pre = _pre_from(xc, W_enc, b_enc)  # [B, d_sae]
-    values, indices = topk_lower_index(pre, k)
-    return values.relu_(), indices, *aux_topk(xc, W_enc, b_enc, dead_mask, k_aux, pre)
+    def __init__(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, impl: str = "auto", k: int = 1):
+        _validate(x, W_enc, b_enc, b_dec, k)
+        self.x, self.W_enc, self.b_enc, self.b_dec, self.k = x, W_enc, b_enc, b_dec, k
+        self.requested = impl
+        self._impl = self._xc = self._dense = None
 
+    @property
+    def impl(self) -> str:
+        """The path this batch's selections take: "torch", "screen" or "triton"."""
+        if self._impl is None:
+            self._impl = encoder_impl(self.requested, self.x, self.W_enc, self.k)
+        return self._impl
 
-def aux_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, dead_mask: Tensor | None, k_aux: int,
-             pre: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """AuxK's selection (Gao et al. 2024, sec. A.2; methods.md sec. 1): per row the k_aux
-    largest pre-activations among the latents where dead_mask [d_sae] is True (k_aux <= their
-    number), as (ReLU'd values [B, k_aux] sorted descending, indices [B, k_aux] int64), ties
-    to the lower index.
+    @property
+    def xc(self) -> Tensor:
+        if self._xc is None:
+            with torch.no_grad():
+                self._xc = self.x - self.b_dec
+        return self._xc
 
-    Ranks the dead columns of ``pre`` [B, d_sae] when the dense pre-activations exist, else
-    of a product over the dead columns only (`pre_columns`): the fused Triton and the
-    screened encoders never build the dense matrix, and this has no width limit. Width 0
-    without a mask or with k_aux = 0."""
-    if dead_mask is None or k_aux == 0:
-        empty = xc.new_empty(xc.shape[0], 0)
-        return empty, empty.long()
-    dead_idx = dead_mask.nonzero().flatten()  # ascending, so the tie rule carries over
-    pre_dead = pre_columns(xc, W_enc, b_enc, dead_idx) if pre is None else pre.index_select(1, dead_idx)
-    values, pos = topk_lower_index(pre_dead, k_aux)
-    return values.relu_(), dead_idx[pos]
+    def dense(self) -> Tensor:
+        """The whole [B, d_sae] matrix (this thread's workspace on CPU: read, do not keep)."""
+        if self._dense is None:
+            with torch.no_grad():
+                self._dense = _pre_from(self.xc, self.W_enc, self.b_enc)
+            self._stamp = _tls.stamp = getattr(_tls, "stamp", 0) + 1
+        elif self._dense.device.type == "cpu" and _tls.stamp != self._stamp:
+            raise RuntimeError("these pre-activations were overwritten by a later encoder call on this thread; "
+                               "select from them before encoding another batch")
+        return self._dense
+
+    def columns(self, cols: Tensor) -> Tensor:
+        """The pre-activations of latents ``cols`` [B, len(cols)]."""
+        if self._dense is not None:
+            return self.dense().index_select(1, cols)
+        with torch.no_grad():
+            return pre_columns(self.xc, self.W_enc, self.b_enc, cols)
+
+    @torch.no_grad()
+    def topk(self, k: int) -> tuple[Tensor, Tensor]:
+        """Per row the ``k`` largest pre-activations, ties to the lower index, ReLU on the
+        values: (values [B, k] sorted descending, indices [B, k]); reference.encode_topk."""
+        impl = _topk_impl(self.requested, self.impl, k)
+        out = None
+        if impl == "triton" and self._dense is None:
+            from .encoder_triton import encoder_topk_triton
+
+            out = encoder_topk_triton(self.x, self.W_enc, self.b_enc, self.b_dec, k)
+        elif impl == "screen" and self._dense is None and self.x.dtype == torch.float32:
+            from .screen import screened_select
+
+            out = screened_select(self.xc, self.W_enc, self.b_enc, k)
+        if out is None:
+            out = topk_lower_index(self.dense(), k)
+        return out[0].relu_(), out[1]
+
+    @torch.no_grad()
+    def global_topk(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows, cols, values) of the batch's ``n`` largest pre-activations (reference.global_topk)."""
+        if self._screens():
+            from .screen_batch import screened_global_topk
+
+            picked = screened_global_topk(self.xc, self.W_enc, self.b_enc, n)
+            if picked is not None:
+                return picked
+        return global_topk(self.dense(), n)
+
+    @torch.no_grad()
+    def column_topk(self, m: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Each latent j's ``m[j]`` largest pre-activations over the batch: (rows, cols,
+        values) and each latent's m[j]-th value (reference.column_topk)."""
+        if self._screens():
+            from .screen_batch import screened_column_topk
+
+            picked = screened_column_topk(self.xc, self.W_enc, self.b_enc, m)
+            if picked is not None:
+                return picked
+        return column_topk(self.dense(), m)
+
+    def _screens(self) -> bool:
+        return self._dense is None and self.x.dtype == torch.float32 and self.impl == "screen"
 
 
 # ---- autograd ---------------------------------------------------------------------------
-
-
-class _EncodeTopK(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, dead_mask, k, k_aux, impl):
-        # xc = x - b_dec is kept for grad W_enc (B*d_in, small) instead of being recomputed.
-        xc = x - b_dec if impl != "triton" or ctx.needs_input_grad[1] or k_aux else None
-        out = None
-        if impl == "triton":
-            from .encoder_triton import encoder_topk_triton
-
-            # (xc is None only without aux, where aux_topk reads just B and the dtype from x)
-            aux = aux_topk(x if xc is None else xc, W_enc, b_enc, dead_mask, k_aux)
-            out = (*encoder_topk_triton(x, W_enc, b_enc, b_dec, k), *aux)
-        elif impl == "screen" and x.dtype == torch.float32:
-            from .screen import screened_select
-
-            out = screened_select(xc, W_enc, b_enc, k, dead_mask, k_aux)
-        if out is None:
-            out = _select(xc, W_enc, b_enc, k, dead_mask, k_aux)
-        values, indices, aux_values, aux_indices = out
-        ctx.mark_non_differentiable(indices, aux_indices)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(xc, W_enc, values, indices, aux_values, aux_indices)
-        ctx.dtypes = (x.dtype, b_dec.dtype)
-        ctx.impl = impl
-        return out
-
-    @staticmethod
-    def backward(ctx, g_values, _gi, g_aux, _gai):
-        xc, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
-        sel = [(g, v, i) for g, v, i in ((g_values, values, indices), (g_aux, aux_values, aux_indices))
-               if g is not None and i.shape[1] > 0]
-        return (*_sparse_backward(ctx, xc, W_enc, sel), None, None, None, None)
 
 
 def _sparse_backward(ctx, xc: Tensor, W_enc: Tensor, sel: list, lengths: Tensor | None = None) -> tuple:
@@ -238,15 +246,6 @@ def _validate(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) ->
         raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
 
 
-def _encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, impl):
-    _validate(x, W_enc, b_enc, b_dec, k)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])  # [B, d_in]
-    impl = _topk_impl(impl, x2, W_enc, k)
-    v, i, av, ai = _EncodeTopK.apply(x2, W_enc, b_enc, b_dec, dead_mask, k, k_aux, impl)
-    return TopK(v.unflatten(0, lead), i.unflatten(0, lead)), TopK(av.unflatten(0, lead), ai.unflatten(0, lead))
-
-
 def encoder_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
     """The impl a TopK-style selection of k latents a row runs for x [B, d_in]: resolve_impl,
     and "auto" on CPU takes the bf16 screen where it pays (screen.pays) and this platform's
@@ -277,15 +276,14 @@ def _require_sound_screen() -> None:
                          "(a probe product leaves the screen's error bound); use impl='auto' or 'torch'")
 
 
-def _topk_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
-    """encoder_impl for the TopK encoder, whose fused Triton kernel holds k <= TRITON_MAX_K
-    keys a row: "auto" runs the PyTorch encoder above that (logged), "triton" refuses."""
-    resolved = encoder_impl(impl, x, W_enc, k)
+def _topk_impl(requested: str, resolved: str, k: int) -> str:
+    """The TopK selection's impl: the fused Triton kernel holds k <= TRITON_MAX_K keys a
+    row, so "auto" runs the PyTorch selection above that (logged) and "triton" refuses."""
     if resolved == "triton" and k > TRITON_MAX_K:
-        if impl != "auto":
+        if requested != "auto":
             raise ValueError(_too_wide(k))
-        resolved = "torch"
-        log_decision("auto", resolved, f"{x.device.type} TopK encoder, k > {TRITON_MAX_K}")
+        log_decision("auto", "torch", f"TopK encoder, k > {TRITON_MAX_K}")
+        return "torch"
     return resolved
 
 
@@ -307,15 +305,20 @@ def check_impl(impl: str, device: torch.device | str, topk_k: int = 0) -> None:
 
 
 def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, *, impl: str = "auto") -> TopK:
-    """TopK encoder: the k largest of (x - b_dec) @ W_enc + b_enc per row, ReLU on the values.
+    """TopK encoder: the k largest of (x - b_dec) @ W_enc + b_enc per row, ReLU on the values
+    (reference.encode_topk).
 
     x [..., d_in]; W_enc [d_in, d_sae]; b_enc [d_sae]; b_dec [d_in]; fp32 or bf16 (one dtype).
     Returns TopK(values [..., k] sorted descending in x's dtype, indices [..., k] int64); among
     equal values the lower latent index wins. Differentiable wrt x, W_enc, b_enc, b_dec
     through `values`; the backward touches only the selected latents.
-    impl: "auto" | "torch" | "triton" (see resolve_impl).
+    impl: "auto" | "torch" | "triton" | "screen" (see resolve_impl).
     """
-    return _encode(x, W_enc, b_enc, b_dec, k, None, 0, impl)[0]
+    lead = x.shape[:-1]
+    pre = PreActivations(x.reshape(-1, x.shape[-1]), W_enc, b_enc, b_dec, impl, k)
+    values, indices = pre.topk(k)
+    values = _attach(pre, values, indices, k)
+    return TopK(values.unflatten(0, lead), indices.unflatten(0, lead))
 
 
 def encode_topk_aux(
@@ -323,17 +326,33 @@ def encode_topk_aux(
     dead_mask: Tensor, k_aux: int, *, impl: str = "auto",
 ) -> tuple[TopK, TopK]:
     """`encode_topk` plus the AuxK selection (Gao et al. 2024): per row the top-k_aux of
-    ReLU(pre) among latents where dead_mask [d_sae] (bool) is True (`aux_topk`: from the
-    dense pre-activations on the "torch" path, from the dead columns alone on "triton" and
-    "screen"; any k_aux on every impl).
+    ReLU(pre) among latents where dead_mask [d_sae] (bool) is True, ties to the lower index
+    (from the dense pre-activations where the TopK selection made them, else from a product
+    over the dead columns alone; any k_aux on every impl). x [B, d_in].
 
     k_aux is clipped to the number of dead latents (0 dead -> aux tensors of width 0). Both
-    results are differentiable the same way; their gradients add up in W_enc, b_enc, x, b_dec.
+    results are differentiable the same way, through one sparse backward over both
+    selections; their gradients add up in W_enc, b_enc, x, b_dec.
     """
     if dead_mask.shape != (W_enc.shape[1],) or dead_mask.dtype != torch.bool:
         raise ValueError(f"dead_mask must be a bool [d_sae={W_enc.shape[1]}] tensor, got {dead_mask.dtype} "
                          f"{tuple(dead_mask.shape)}")
     if k_aux < 0:
         raise ValueError(f"k_aux must be >= 0, got {k_aux}")
-    k_aux = min(k_aux, int(dead_mask.sum()))
-    return _encode(x, W_enc, b_enc, b_dec, k, dead_mask.contiguous(), k_aux, impl)
+    pre = PreActivations(x, W_enc, b_enc, b_dec, impl, k)
+    values, indices = pre.topk(k)
+    dead = dead_mask.nonzero().flatten()  # ascending, so the tie rule carries over
+    k_aux = min(k_aux, len(dead))
+    if k_aux:
+        aux_values, pos = topk_lower_index(pre.columns(dead), k_aux)
+        aux_values, aux_indices = aux_values.relu_(), dead[pos]
+    else:
+        aux_values, aux_indices = x.new_empty(x.shape[0], 0), dead.new_empty(x.shape[0], 0)
+    both = _attach(pre, torch.cat([values, aux_values], 1), torch.cat([indices, aux_indices], 1), k)
+    return TopK(both[:, :k], indices), TopK(both[:, k:], aux_indices)
+
+
+def _attach(pre: PreActivations, values: Tensor, indices: Tensor, k: int) -> Tensor:
+    """``values`` selected on ``pre``'s path with the encoder's sparse backward."""
+    impl = _topk_impl(pre.requested, pre.impl, k)
+    return _EncodeSelected.apply(pre.x, pre.W_enc, pre.b_enc, pre.b_dec, values, indices, impl, None)

@@ -1,4 +1,4 @@
-"""Fused encoder + top-k Triton kernel; the reference is `encode_forward_torch` in encoder.py.
+"""Fused encoder + top-k Triton kernel; the reference is `reference.encode_topk`.
 
 One pass computes pre = (x - b_dec) @ W_enc + b_enc tile by tile ([BLOCK_B, BLOCK_N], fp32
 accumulation in tl.dot) and folds each tile into a running per-row top-K_PAD, so the
@@ -18,7 +18,7 @@ bitonic (the half-cleaner step of a bitonic merge), so one bitonic merge re-sort
 
 AuxK's selection among dead latents is not made here: its width k_aux (d_in/2 by default)
 would have to fit in registers like k's, which limits both to TRITON_MAX_K. encoder.py ranks
-a product over the dead columns only (`encoder.aux_topk`), which has no such limit.
+a product over the dead columns only (`PreActivations.columns` in encoder.py), which has no such limit.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def _final_topk(keys: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tenso
 def encoder_topk_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Fused (x - b_dec) @ W_enc + b_enc -> per-row top-k, without the [B, d_sae] matrix.
 
-    Same as the (values, indices) of `encode_forward_torch(x, W_enc, b_enc, b_dec, k)`, i.e.
+    Same as the (values, indices) of `reference.encode_topk(x, W_enc, b_enc, b_dec, k)`, i.e.
     `topk_lower_index((x - b_dec) @ W_enc + b_enc, k)` with ReLU on the values.
     x [B, d_in]; W_enc [d_in, d_sae] (any strides); b_enc [d_sae]; b_dec [d_in]; one float
     dtype (fp32 or bf16); 1 <= k <= TRITON_MAX_K. Returns (values [B, k] in x's dtype, sorted

@@ -68,7 +68,6 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .encoder import aux_topk
 from .select import _strided_group_max, keyed_topk, topk_lower_index
 from .sparse_rows import row_pointers, sampled_addmm_csr
 
@@ -347,11 +346,11 @@ def bf16_accumulates_in_fp32() -> bool:
 
 
 @torch.no_grad()
-def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None,
-                    k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """`encoder._select` on the screen: (values, indices, aux values, aux indices), ReLU
-    applied, or None where the screen cannot certify its result (the caller then runs the
-    fp32 path). xc [B, d_in], W_enc [d_in, d_sae], b_enc [d_sae]: fp32 CPU tensors."""
+def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """`reference.topk` of the pre-activations ``xc @ W_enc + b_enc`` on the screen: (values,
+    indices) [B, k], ties to the lower index, ReLU not yet applied; or None where the screen
+    cannot certify its result (the caller then runs the fp32 path). xc [B, d_in], W_enc
+    [d_in, d_sae], b_enc [d_sae]: fp32 CPU tensors."""
     B = xc.shape[0]
     product = _screen_product(xc, W_enc, b_enc)
     if product is None:
@@ -367,10 +366,7 @@ def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask:
     if len(dense):  # rows the bound cannot narrow (e.g. x = b_dec with b_enc = 0): fp32
         _fallback(f"rows with more than {_ROW_CAP}·k candidates take the fp32 product")
         values[dense], indices[dense] = topk_lower_index(torch.addmm(b_enc, xc[dense], W_enc), k)
-    # AuxK: the dead latents' pre-activations in fp32, a matmul over just their columns.
-    # Screening them would rescore ~2 k_aux (k_aux = d_in/2 by default) candidates a row,
-    # which costs more than this product unless nearly every latent is dead.
-    return values.relu_(), indices, *aux_topk(xc, W_enc, b_enc, dead_mask, k_aux)
+    return values, indices
 
 
 _logged: set[str] = set()

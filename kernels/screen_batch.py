@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .screen import (_GROUP, _ROW_CAP, _fallback, _group_maxima, _members, _rescore, _screen_product,
                      _threshold)
-from .encoder import pre_columns
+from .reference import pre_columns
 from .select import _strided_group_max
 from .sparse_rows import row_pointers
 

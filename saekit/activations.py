@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from saekit.errors import ConfigError, HookError, SAEFileError
-from saekit.formats import atomic_save_tensors, atomic_write_text, read_json, read_tensors
+from saekit.files import atomic_save_tensors, atomic_write_text, read_json, read_tensors
 
 
 @dataclass(frozen=True)

@@ -354,7 +354,7 @@ def _groups(spec):
     if spec == "train":
         from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions
 
-        from saekit.options import VariantOptions
+        from saekit.types import VariantOptions
 
         return [(SAEOptions, "sae"), (VariantOptions, "variant"), (DataOptions, "data"),
                 (OptimOptions, "optim"), (RunOptions, "run")]

@@ -7,90 +7,20 @@
 - sparsify: cfg.json (d_in, k, num_latents / expansion_factor) + sae.safetensors; weights
   encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec.
 
-Every write goes to a temporary name in the same folder and is renamed into place, so a
-crash never leaves a half-written file.
+``SAE.save`` writes the first two (saekit/sae.py), ``load_sae`` here reads all three.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from saekit.errors import SAEFileError
-from saekit.saelens import from_saelens, to_saelens
-
-CFG = "cfg.json"
-SAEKIT_WEIGHTS = "sae.safetensors"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-
-
-# ---- atomic writes ---------------------------------------------------------------------------
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
-        raise SAEFileError(f"missing file {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SAEFileError(f"{path} is corrupt or not a safetensors file ({e}); re-save or retrain it") from None
-
-
-def read_json(path: Path) -> dict:
-    if not Path(path).is_file():
-        raise SAEFileError(f"missing file {path}")
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SAEFileError(f"{path} is not valid JSON ({e}); re-save it") from None
-
-
-# ---- save ------------------------------------------------------------------------------------
-
-def save_sae(sae, path, format: str = "saekit") -> None:
-    """Write ``sae`` into folder ``path`` in ``format`` ("saekit" or "saelens")."""
-    path = Path(path)
-    weights = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    cfg = sae.cfg.to_dict()
-    if format == "saekit":
-        atomic_save_tensors(path / SAEKIT_WEIGHTS, {**weights, **sae.extra_state()})
-        atomic_write_text(path / CFG, json.dumps({"format": "saekit", **cfg}, indent=1))
-    elif format == "saelens":
-        if sae.cfg.sparsity != "topk":
-            raise SAEFileError(f"SAELens has no {sae.cfg.sparsity!r} architecture; save with format='saekit'")
-        atomic_save_tensors(path / SAELENS_WEIGHTS, weights)
-        lens_cfg = to_saelens(cfg)
-        atomic_write_text(path / CFG, json.dumps(lens_cfg, indent=1))
-    else:
-        raise SAEFileError(f"unknown format {format!r}; use 'saekit' or 'saelens'")
+from saekit.files import CFG, SAEKIT_WEIGHTS, SAELENS_WEIGHTS, read_json, read_tensors
+from saekit.sae import SAE
+from saekit.saelens import from_saelens
+from saekit.types import SAEConfig
 
 
 # ---- load ------------------------------------------------------------------------------------
@@ -110,8 +40,6 @@ def _from_sparsify(cfg: dict, w: dict, folder: Path) -> tuple[dict, dict]:
 
 def load_sae(path, device: str | torch.device = "cpu"):
     """Load an SAE folder of saekit, SAELens or sparsify layout (detected from its files)."""
-    from saekit.sae import SAE, SAEConfig
-
     folder = Path(path)
     if not folder.is_dir():
         raise SAEFileError(f"no SAE folder at {folder}; pass a folder holding cfg.json and the weights")

@@ -8,96 +8,32 @@ Files and state dicts use the SAELens layout (``W_enc [d_in, d_sae]``, ``W_dec [
 so they interoperate; ``W_enc`` is stored as its transpose ``W_enc_T`` (see ``SAE.W_enc``).
 Activations at ``hook_z`` (``[.., n_heads, d_head]``) are flattened to ``d_in = n_heads·d_head``;
 ``cfg.hook_shape`` records how to unflatten them.
+
+``SAE.encode(x, grad=None) -> Codes`` and ``SAE.decode(codes)`` are the one way in, for the
+trainer as for analysis: the SAE makes the batch's pre-activations (``pre_activations``),
+its sparsifier selects from them, and ``attach`` gives the selected values the encoder's
+sparse backward. ``encode_dense`` / ``decode_dense`` are the dense forms.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+import json
+from pathlib import Path
+from typing import Literal
 
 import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from saekit.errors import ConfigError
-from saekit.options import VariantOptions
+from saekit import kernels
+from saekit.errors import SAEFileError
+from saekit.files import CFG, SAEKIT_WEIGHTS, SAELENS_WEIGHTS, atomic_save_tensors, atomic_write_text
+from saekit.saelens import to_saelens
+from saekit.sparsity import make_sparsifier
+from saekit.types import FIRING_THRESHOLD, Codes, SAEConfig, SAEOutput, SparsityName, VariantOptions
 
-# A latent counts as firing on a token only when its activation exceeds this (OpenAI's
-# sparse_autoencoder counts dead latents the same way): float noise is not firing.
-FIRING_THRESHOLD = 1e-3
-
-SparsityName = Literal["topk", "gtopk", "mutual_choice", "feature_choice"]
-
-
-@dataclass(frozen=True)
-class SAEConfig:
-    """What an SAE is; saved as ``cfg.json`` beside its weights."""
-
-    d_in: int
-    """Width of the activation vector (for hook_z: n_heads·d_head)."""
-    d_sae: int
-    """Number of latents."""
-    k: int = 32
-    """Latents kept per token (TopK)."""
-    sparsity: SparsityName = "topk"
-    """Sparsifier: topk, gtopk (g-SAE), mutual_choice, feature_choice."""
-    hook_name: str = ""
-    """Full TransformerLens hook name the SAE reads, e.g. blocks.5.attn.hook_z."""
-    model_name: str = ""
-    """Model the SAE was trained on."""
-    hook_shape: tuple[int, ...] = ()
-    """Per-token shape at the hook, e.g. (n_heads, d_head) for hook_z; () means (d_in,)."""
-    impl: Literal["auto", "torch", "triton", "screen"] = "auto"
-    """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact selections (screen) where AMX makes them faster."""  # noqa: E501 (one-line field docstring)
-    variant: VariantOptions = field(default_factory=VariantOptions)
-    """Settings of the gtopk, mutual_choice and feature_choice sparsifiers."""
-
-    def __post_init__(self):
-        if self.d_in < 1 or self.d_sae < 1:
-            raise ConfigError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if not 1 <= self.k <= self.d_sae:
-            raise ConfigError(f"k={self.k} must be between 1 and d_sae={self.d_sae}; lower k or raise d_sae")
-        if self.hook_shape and math.prod(self.hook_shape) != self.d_in:
-            raise ConfigError(f"hook_shape {self.hook_shape} does not flatten to d_in={self.d_in}")
-        object.__setattr__(self, "hook_shape", tuple(self.hook_shape))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown SAE config keys {sorted(unknown)}; is this a saekit cfg.json?")
-        if isinstance(d.get("variant"), dict):
-            d = {**d, "variant": VariantOptions(**d["variant"])}
-        return cls(**d)
-
-
-class Codes(NamedTuple):
-    """Sparse latent activations: ``values[b, j]`` of latent ``indices[b, j]``.
-    Padding entries (fewer active latents than columns) have value 0. Batch-level
-    sparsifiers also give ``lengths`` [batch]: row b's entries are its first ``lengths[b]``
-    columns, and decoding and the backward pass skip the padding after them. Three fields:
-    unpack as ``values, indices, lengths = codes``."""
-
-    values: Float[Tensor, "batch n"]
-    indices: Tensor  # [batch, n] int64
-    lengths: Tensor | None = None  # [batch] int64
-
-    def dense(self, d_sae: int) -> Float[Tensor, "batch d_sae"]:
-        out = self.values.new_zeros(self.values.shape[0], d_sae)
-        return out.scatter_add_(1, self.indices, self.values)
-
-
-class SAEOutput(NamedTuple):
-    x_hat: Float[Tensor, "batch d_in"]
-    codes: Codes
-
+__all__ = ["FIRING_THRESHOLD", "SAE", "Codes", "SAEConfig", "SAEOutput", "SparsityName", "VariantOptions"]
 
 _ROW_BLOCK = 512  # decoder rows per block in remove_parallel_grad_
 
@@ -117,8 +53,6 @@ class SAE(nn.Module):
 
     def __init__(self, cfg: SAEConfig, seed: int | None = None):
         super().__init__()
-        from saekit.sparsity import make_sparsifier
-
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
@@ -155,34 +89,60 @@ class SAE(nn.Module):
 
     # ---- the maths ------------------------------------------------------------------------
     def pre_acts(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:
+        """``(x − b_dec) @ W_enc + b_enc``, differentiable (for analysis; encoding selects
+        through ``pre_activations``)."""
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
 
-    def encode_codes(self, x: Float[Tensor, "batch d_in"], grad: Tensor | None = None) -> Codes:
-        """The sparse code of ``x`` (``grad`` = ∂L/∂x, used only by gtopk)."""
-        return self.sparsifier.encode(self, x, grad).codes
+    def pre_activations(self, x: Float[Tensor, "batch d_in"]) -> kernels.PreActivations:
+        """The pre-activations of the rows ``x`` as the sparsifiers select from them
+        (``saekit.kernels.PreActivations``: without autograd, made only as far as asked)."""
+        return kernels.PreActivations(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.impl, self.cfg.k)
 
-    def decode_codes(self, codes: Codes) -> Float[Tensor, "batch d_in"]:
-        from saekit.kernels import decode_sparse
+    def effect(self, grad: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:
+        """Each latent's first-order effect on the loss, ``|∂L/∂x · W_dec[j]|``, given
+        ``grad`` = ∂L/∂x (what g-SAE's selection weighs); no autograd."""
+        with torch.no_grad():
+            return torch.mm(grad.to(self.W_dec.dtype), self.W_dec.T).abs_()
 
-        return decode_sparse(codes.values, codes.indices, self.W_dec, self.b_dec, impl=self.cfg.impl,
-                             lengths=codes.lengths)
+    def encode(self, x: Float[Tensor, "... d_in"], grad: Tensor | None = None, *,
+               pre: kernels.PreActivations | None = None, update: bool = False) -> Codes:
+        """The sparse code of ``x``'s rows (``x.reshape(-1, d_in)``). ``grad`` = ∂L/∂x, used
+        only by sparsifiers that weigh it (gtopk). ``pre``: this batch's
+        ``pre_activations``, when the caller also selects from them (the auxiliary losses);
+        ``update=True`` (the trainer's step) lets the sparsifier update its training
+        statistics. The values carry the encoder's sparse backward."""
+        x = x.reshape(-1, self.cfg.d_in)
+        pre = self.pre_activations(x) if pre is None else pre
+        effect = None
+        if grad is not None and self.sparsifier.uses_grad:
+            effect = self.effect(grad.reshape(-1, self.cfg.d_in))
+        return self.attach(pre, self.sparsifier.select(pre, effect, update=update))
+
+    def attach(self, pre: kernels.PreActivations, codes: Codes) -> Codes:
+        """``codes`` selected from ``pre``, their values given the encoder's sparse backward
+        (``kernels.encode_selected``) when autograd is on."""
+        if not torch.is_grad_enabled():
+            return codes
+        values = kernels.encode_selected(pre.x, self.W_enc, self.b_enc, self.b_dec, codes.values, codes.indices,
+                                         impl=self.cfg.impl, lengths=codes.lengths)
+        return codes._replace(values=values)
+
+    def decode(self, codes: Codes) -> Float[Tensor, "batch d_in"]:
+        """The reconstruction ``Σ_j f_j·W_dec[j] + b_dec`` of sparse ``codes``."""
+        return kernels.decode_sparse(codes.values, codes.indices, self.W_dec, self.b_dec, impl=self.cfg.impl,
+                                     lengths=codes.lengths)
 
     def forward(self, x: Float[Tensor, "... d_in"], grad: Tensor | None = None) -> SAEOutput:
-        """Reconstruction and sparse code of ``x`` (any leading shape, flattened inside)."""
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.cfg.d_in)
-        codes = self.encode_codes(x2, None if grad is None else grad.reshape(-1, self.cfg.d_in))
-        x_hat = self.decode_codes(codes).reshape(*lead, self.cfg.d_in)
-        return SAEOutput(x_hat, codes)
+        """Reconstruction (``x``'s leading shape) and sparse code (one row per vector) of ``x``."""
+        codes = self.encode(x, grad)
+        return SAEOutput(self.decode(codes).reshape(x.shape), codes)
 
-    def encode(self, x: Float[Tensor, "... d_in"], grad: Tensor | None = None) -> Float[Tensor, "... d_sae"]:
-        """Dense feature activations ``f`` (zeros where a latent is off)."""
-        lead = x.shape[:-1]
-        g = None if grad is None else grad.reshape(-1, self.cfg.d_in)
-        codes = self.encode_codes(x.reshape(-1, self.cfg.d_in), g)
-        return codes.dense(self.cfg.d_sae).reshape(*lead, self.cfg.d_sae)
+    def encode_dense(self, x: Float[Tensor, "... d_in"], grad: Tensor | None = None) -> Float[Tensor, "... d_sae"]:
+        """Dense feature activations ``f`` (zeros where a latent is off), ``x``'s leading shape."""
+        return self.encode(x, grad).dense(self.cfg.d_sae).reshape(*x.shape[:-1], self.cfg.d_sae)
 
-    def decode(self, f: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+    def decode_dense(self, f: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        """``f @ W_dec + b_dec`` for dense activations ``f``."""
         return f @ self.W_dec + self.b_dec
 
     # ---- hook shapes ----------------------------------------------------------------------
@@ -218,10 +178,21 @@ class SAE(nn.Module):
 
     # ---- files --------------------------------------------------------------------------
     def save(self, path, format: Literal["saekit", "saelens"] = "saekit") -> None:
-        """Write the SAE to folder ``path`` atomically (temporary folder, then rename)."""
-        from saekit.formats import save_sae
-
-        save_sae(self, path, format)
+        """Write the SAE into folder ``path``: ``"saekit"`` (cfg.json + sae.safetensors with the
+        sparsifier's buffers) or ``"saelens"`` (cfg.json + sae_weights.safetensors, TopK only),
+        each file to a temporary name first, then renamed into place."""
+        path = Path(path)
+        weights = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if format == "saekit":
+            atomic_save_tensors(path / SAEKIT_WEIGHTS, {**weights, **self.extra_state()})
+            atomic_write_text(path / CFG, json.dumps({"format": "saekit", **self.cfg.to_dict()}, indent=1))
+        elif format == "saelens":
+            if self.cfg.sparsity != "topk":
+                raise SAEFileError(f"SAELens has no {self.cfg.sparsity!r} architecture; save with format='saekit'")
+            atomic_save_tensors(path / SAELENS_WEIGHTS, weights)
+            atomic_write_text(path / CFG, json.dumps(to_saelens(self.cfg.to_dict()), indent=1))
+        else:
+            raise SAEFileError(f"unknown format {format!r}; use 'saekit' or 'saelens'")
 
     def extra_state(self) -> dict[str, Tensor]:
         """Sparsifier buffers (inference thresholds etc.) saved beside the weights."""

@@ -52,6 +52,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from saekit.errors import SAEFileError
+from saekit.files import read_json
 
 SCALER_V6 = "activation_scaler.json"
 STORE_V5 = "activations_store_state.safetensors"
@@ -143,8 +144,6 @@ def _input_scale(cfg: dict, folder: Path) -> float | None:
 
 def _stored_scale(folder: Path) -> tuple[object, Path | None]:
     """(factor, file) from a SAELens 6 or 5 trainer checkpoint beside the weights, or (None, None)."""
-    from saekit.formats import read_json
-
     if (folder / SCALER_V6).is_file():
         s = read_json(folder / SCALER_V6).get("scaling_factor")
         if s is not None:

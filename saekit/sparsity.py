@@ -1,13 +1,18 @@
-"""Sparsifiers: the one part in which SAE variants differ.
+"""Sparsifiers: the one part in which the TopK-family SAE variants differ.
 
-A sparsifier turns an input batch into a sparse code. It is a small ``nn.Module`` (so it can
-hold buffers such as inference thresholds, saved with the SAE) chosen by name from
-``SAEConfig.sparsity``: ``topk``, ``gtopk``, ``mutual_choice``, ``feature_choice``.
+A sparsifier turns a batch's pre-activations into a sparse code, and does nothing else: it
+never sees the SAE, runs no autograd and does no auxiliary work. It is a small ``nn.Module``
+(so it can hold buffers such as inference thresholds, saved with the SAE) chosen by name
+from ``SAEConfig.sparsity``: ``topk``, ``gtopk``, ``mutual_choice``, ``feature_choice``.
 
-``encode(sae, x, grad, aux_weights, k_aux)`` returns the code and, when asked, the auxiliary
-selection: per token the top ``k_aux`` of ``aux_weights ⊙ ReLU(pre)`` among latents with a
-positive weight (AuxK passes the dead mask as weights; aux_zipf graded weights), whose
-values are the plain ``ReLU(pre)``.
+    codes = sparsifier.select(pre, effect=None, update=False)
+
+``pre`` is a ``saekit.kernels.PreActivations``, the batch's pre-activations, which make
+themselves only as far as a selection asks (``pre.topk(k)``, ``pre.global_topk(n)``,
+``pre.column_topk(m)``, or the dense ``pre.dense()``); ``effect`` [B, d_sae] is each latent's
+first-order effect on the loss, ``|∂L/∂x · W_dec[j]|``, which the SAE computes for
+sparsifiers with ``uses_grad`` (g-SAE) when a gradient is given. The returned ``Codes`` hold
+plain values; ``SAE.encode`` gives them the encoder's sparse backward.
 
 Training-time statistics (Mutual and Feature Choice's inference thresholds, Feature Choice's
 firing frequencies) change only when the caller passes ``update=True``, which the trainer's
@@ -20,17 +25,11 @@ tells the kernels where each row's padding starts.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
-
 import torch
 from torch import Tensor, nn
 
-from saekit.sae import FIRING_THRESHOLD, Codes, SAEConfig
-
-
-class Encoded(NamedTuple):
-    codes: Codes
-    aux: Codes | None  # the auxiliary-loss selection, when asked for
+from saekit.kernels import PreActivations, topk_lower_index
+from saekit.types import FIRING_THRESHOLD, Codes, SAEConfig
 
 
 def mask_to_codes(a: Tensor, mask: Tensor) -> Codes:
@@ -53,80 +52,19 @@ def pairs_to_codes(values: Tensor, rows: Tensor, cols: Tensor, n_rows: int) -> C
     return Codes(values.new_zeros(n_rows, n).index_put((rows, pos), values), indices, counts)
 
 
-def aux_select(pre: Tensor | Callable[[Tensor], Tensor], weights: Tensor | None, k_aux: int) -> Codes | None:
-    """Top ``k_aux`` of ``weights ⊙ ReLU(pre)`` among latents with weight > 0; values
-    ``ReLU(pre)`` (ranking ``weights ⊙ pre`` keeps the same positive entries). ``pre``: the
-    dense pre-activations [B, d_sae], or a function giving their columns ``eligible``
-    (`_columns`)."""
-    if weights is None or k_aux <= 0:
-        return None
-    eligible = (weights > 0).nonzero().flatten()
-    if len(eligible) == 0:
-        return None
-    pre_e = pre(eligible) if callable(pre) else pre.index_select(1, eligible)  # [B, n_eligible]
-    pos = (pre_e * weights[eligible]).topk(min(k_aux, len(eligible)), dim=1).indices
-    return Codes(pre_e.gather(1, pos).relu_(), eligible[pos])
-
-
-def _columns(sae, x: Tensor) -> Callable[[Tensor], Tensor]:
-    """Pre-activations of the latents ``cols`` only, ``(x - b_dec) @ W_enc[:, cols] + b_enc[cols]``
-    (for the auxiliary selection where no dense pre-activations were made)."""
-    from saekit.kernels.encoder import pre_columns
-
-    return lambda cols: pre_columns(x - sae.b_dec, sae.W_enc, sae.b_enc, cols)
-
-
-def _pre(sae, x: Tensor) -> Tensor:
-    """Dense pre-activations without autograd, in the encoder's reused workspace on CPU:
-    read what is needed before the next encoder call (kernels.encoder.pre_activations)."""
-    from saekit.kernels.encoder import pre_activations
-
-    return pre_activations(x, sae.W_enc, sae.b_enc, sae.b_dec)
-
-
-def differentiable(sae, x: Tensor, codes: Codes | None) -> Codes | None:
-    """``codes`` selected from pre-activations computed without autograd, given values that
-    carry the encoder's sparse backward (``kernels.encode_selected``): batch-level and
-    gradient-aware selections then train as cheaply as TopK's, with no dense backward."""
-    if codes is None or not torch.is_grad_enabled():
-        return codes
-    from saekit import kernels
-
-    v = kernels.encode_selected(x, sae.W_enc, sae.b_enc, sae.b_dec, codes.values, codes.indices,
-                                impl=sae.cfg.impl, lengths=codes.lengths)
-    return codes._replace(values=v)
-
-
-def _is_mask(weights: Tensor) -> bool:
-    return bool(((weights == 0) | (weights == 1)).all())
-
-
 class TopK(nn.Module):
-    """Each token keeps its ``k`` largest ReLU pre-activations (Gao et al. 2024).
+    """Each token keeps its ``k`` largest ReLU pre-activations (Gao et al. 2024), through
+    ``PreActivations.topk``: the fused Triton kernel on CUDA, the bf16 screen on CPUs where
+    it pays, else the dense product and an exact top-k."""
 
-    Uses ``saekit.kernels.encode_topk``: one dense matrix product and a top-k forward, and a
-    backward that touches only the selected latents (the fused Triton kernel on CUDA)."""
+    uses_grad = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
-        self.k, self.impl = cfg.k, cfg.impl
+        self.k = cfg.k
 
-    def encode(self, sae, x: Tensor, grad: Tensor | None = None,
-               aux_weights: Tensor | None = None, k_aux: int = 0, update: bool = False) -> Encoded:
-        from saekit import kernels
-
-        if aux_weights is None or k_aux <= 0 or not bool((aux_weights > 0).any()):
-            top = kernels.encode_topk(x, sae.W_enc, sae.b_enc, sae.b_dec, self.k, impl=self.impl)
-            return Encoded(Codes(*top), None)
-        if _is_mask(aux_weights):  # AuxK: one fused pass selects both
-            top, aux = kernels.encode_topk_aux(x, sae.W_enc, sae.b_enc, sae.b_dec, self.k,
-                                               aux_weights > 0, k_aux, impl=self.impl)
-            return Encoded(Codes(*top), Codes(*aux))
-        with torch.no_grad():  # graded weights (aux_zipf): select from the dense pre-activations
-            pre = _pre(sae, x)
-            v, i = pre.topk(self.k, dim=1)
-            aux = aux_select(pre, aux_weights, k_aux)
-        return Encoded(differentiable(sae, x, Codes(v.relu_(), i)), differentiable(sae, x, aux))
+    def select(self, pre: PreActivations, effect: Tensor | None = None, update: bool = False) -> Codes:
+        return Codes(*pre.topk(self.k))
 
 
 class GradientTopK(nn.Module):
@@ -136,34 +74,31 @@ class GradientTopK(nn.Module):
         s = a ⊙ (1 + β·|g @ W_decᵀ| / rms),   a = ReLU(pre),   g = ∂L/∂x
 
     saekit's formulation (methods.md §5): L is the next-token loss summed over positions;
-    ``grad_norm="rms"`` divides ``|g @ W_decᵀ|`` by its root-mean-square over latents per
-    token (β becomes scale-free), ``"none"`` keeps raw values. Without ``grad`` (inference
-    without labels) it is exactly TopK."""
+    ``grad_norm="rms"`` divides ``|g @ W_decᵀ|`` (``effect``) by its root-mean-square over
+    latents per token (β becomes scale-free), ``"none"`` keeps raw values. Without a gradient
+    (inference without labels) it is exactly TopK."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
-        self.k, self.beta, self.grad_norm, self.impl = cfg.k, cfg.variant.beta, cfg.variant.grad_norm, cfg.impl
-        self._topk = TopK(cfg)
+        self.k, self.beta, self.grad_norm = cfg.k, cfg.variant.beta, cfg.variant.grad_norm
+        self.uses_grad = self.beta != 0
 
-    def scores(self, sae, pre: Tensor, grad: Tensor) -> Tensor:
-        """The selection scores ``s`` [B, d_sae] from the pre-activations: one dense product
-        and in-place passes (``a·(1 + β·e) = max(pre·(1 + β·e), 0)`` since ``1 + β·e > 0``)."""
+    def scores(self, pre: Tensor, effect: Tensor) -> Tensor:
+        """The selection scores ``s`` [B, d_sae] from the dense pre-activations, in place in
+        ``effect`` (``a·(1 + β·e) = max(pre·(1 + β·e), 0)`` since ``1 + β·e > 0``)."""
         with torch.no_grad():
-            s = torch.mm(grad.to(sae.W_dec.dtype), sae.W_dec.T).abs_()  # the effect e, [B, d_sae]
+            s = effect
             if self.grad_norm == "rms":
                 s.div_(torch.linalg.vector_norm(s, dim=1, keepdim=True).div_(s.shape[1] ** 0.5).clamp_min_(1e-12))
             return s.mul_(self.beta).add_(1).mul_(pre).clamp_min_(0)
 
-    def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0, update=False) -> Encoded:
-        if grad is None or self.beta == 0:
-            return self._topk.encode(sae, x, None, aux_weights, k_aux)
-        from saekit.kernels.select import topk_lower_index
-
+    def select(self, pre: PreActivations, effect: Tensor | None = None, update: bool = False) -> Codes:
+        if effect is None or self.beta == 0:
+            return Codes(*pre.topk(self.k))
         with torch.no_grad():
-            pre = _pre(sae, x)
-            idx = topk_lower_index(self.scores(sae, pre, grad), self.k)[1]
-            codes, aux = Codes(pre.gather(1, idx).relu_(), idx), aux_select(pre, aux_weights, k_aux)
-        return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
+            dense = pre.dense()
+            idx = topk_lower_index(self.scores(dense, effect), self.k)[1]
+            return Codes(dense.gather(1, idx).relu_(), idx)
 
 
 def _ema_(buf: Tensor, value: Tensor, decay: float, started: Tensor) -> None:
@@ -183,10 +118,12 @@ class MutualChoice(nn.Module):
     kept per training batch and ``f = pre·1[pre > θ]`` (``mc_mode="threshold"``);
     ``mc_mode="batch"`` keeps the batch rule at inference too.
 
-    The global selection is not a full sort (``kernels.select.global_topk``; on CPUs with
-    AMX it ranks through a bf16 product, ``kernels.screen_batch``); the codes carry
+    The batch-wide selection is ``PreActivations.global_topk`` (not a full sort; on CPUs
+    with AMX through a bf16 product); the codes carry
     ``lengths``, so decoding and the backward pass work on the k·B entries only (the
     PyTorch kernels; the Triton ones run the zero-padded form)."""
+
+    uses_grad = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -194,39 +131,16 @@ class MutualChoice(nn.Module):
         self.register_buffer("theta", torch.zeros(()))
         self.register_buffer("theta_set", torch.zeros((), dtype=torch.bool))
 
-    def batch_select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(rows, cols, values) of the ``k·B`` largest entries of ``pre`` [B, d_sae]."""
-        from saekit.kernels.select import global_topk
-
-        B, d_sae = pre.shape
-        return global_topk(pre, min(self.k * B, B * d_sae))
-
-    def screened_select(self, sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """``batch_select`` of x's pre-activations through the bf16 screen
-        (``kernels.screen_batch.screened_global_topk``) where the SAE's impl takes it, else None."""
-        from saekit.kernels import screen_batch
-        from saekit.kernels.encoder import encoder_impl
-
-        if x.dtype != torch.float32 or encoder_impl(sae.cfg.impl, x, sae.W_enc, self.k) != "screen":
-            return None
-        B, d_sae = x.shape[0], sae.cfg.d_sae
-        return screen_batch.screened_global_topk(x - sae.b_dec, sae.W_enc, sae.b_enc, min(self.k * B, B * d_sae))
-
-    def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0, update=False) -> Encoded:
-        with torch.no_grad():
-            batch = self.training or self.mode == "batch"
-            picked = self.screened_select(sae, x) if batch else None
-            pre = _pre(sae, x) if picked is None else None
-            if batch:
-                rows, cols, values = picked if picked is not None else self.batch_select(pre)
-                values = values.relu_()  # ranking pre keeps the same positive entries as ReLU(pre)
-                codes = pairs_to_codes(values, rows, cols, len(x))
-                if self.training and update:
-                    _ema_(self.theta, values.min(), self.decay, self.theta_set)
-            else:
-                codes = mask_to_codes(pre, pre > self.theta)  # theta >= 0: the same as ReLU(pre) > theta
-            aux = aux_select(_columns(sae, x) if pre is None else pre, aux_weights, k_aux)
-        return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
+    def select(self, pre: PreActivations, effect: Tensor | None = None, update: bool = False) -> Codes:
+        B, d_sae = pre.x.shape[0], pre.W_enc.shape[1]
+        if self.training or self.mode == "batch":
+            rows, cols, values = pre.global_topk(min(self.k * B, B * d_sae))
+            values = values.relu_()  # ranking pre keeps the same positive entries as ReLU(pre)
+            if self.training and update:
+                _ema_(self.theta, values.min(), self.decay, self.theta_set)
+            return pairs_to_codes(values, rows, cols, B)
+        dense = pre.dense()
+        return mask_to_codes(dense, dense > self.theta)  # theta >= 0: the same as ReLU(pre) > theta
 
 
 class FeatureChoice(nn.Module):
@@ -240,8 +154,10 @@ class FeatureChoice(nn.Module):
     ``rerank_every`` training steps.
     Inference: per-latent thresholds ``θ_j`` (EMA of the smallest value latent j kept per
     batch) and ``f_j = pre_j·1[pre_j > θ_j]``. The column-wise selection is
-    ``kernels.select.column_topk`` (on CPUs with AMX through a bf16 product,
-    ``kernels.screen_batch``); the codes carry ``lengths``."""
+    ``PreActivations.column_topk`` (on CPUs with AMX through a bf16 product); the codes
+    carry ``lengths``."""
+
+    uses_grad = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -269,44 +185,21 @@ class FeatureChoice(nn.Module):
             m[frac.topk(min(short, d_sae)).indices] += 1
         return m.clamp(1, B)
 
-    def batch_select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(rows, cols, values) of each latent's ``m_j`` largest entries of ``pre`` [B, d_sae],
-        ``m`` and each latent's smallest kept value (``kernels.select.column_topk``)."""
-        from saekit.kernels.select import column_topk
-
-        m = self.capacities(pre.shape[0])  # [d_sae]
-        rows, cols, values, smallest = column_topk(pre, m)
-        return rows, cols, values, m, smallest
-
-    def screened_select(self, sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
-        """``batch_select`` of x's pre-activations through the bf16 screen
-        (``kernels.screen_batch.screened_column_topk``) where the SAE's impl takes it, else None."""
-        from saekit.kernels import screen_batch
-        from saekit.kernels.encoder import encoder_impl
-
-        if x.dtype != torch.float32 or encoder_impl(sae.cfg.impl, x, sae.W_enc, self.k) != "screen":
-            return None
-        m = self.capacities(x.shape[0])
-        picked = screen_batch.screened_column_topk(x - sae.b_dec, sae.W_enc, sae.b_enc, m)
-        return None if picked is None else (*picked[:3], m, picked[3])
-
-    def encode(self, sae, x, grad=None, aux_weights=None, k_aux=0, update=False) -> Encoded:
-        with torch.no_grad():
-            # zipf capacities rank latents by how often ReLU(pre) fires, which needs the dense
-            # pre-activations; the screen does not make them
-            screen = self.training and not (update and self.capacity == "zipf")
-            picked = self.screened_select(sae, x) if screen else None
-            pre = _pre(sae, x) if picked is None else None
-            if self.training:
-                rows, cols, values, m, smallest = picked if picked is not None else self.batch_select(pre)
-                # ranking pre keeps the same positive entries as ReLU(pre)
-                codes = pairs_to_codes(values.relu_(), rows, cols, len(x))
-                if update:
-                    self._update(smallest.relu_(), pre)
-            else:
-                codes = mask_to_codes(pre, pre > self.theta)  # theta >= 0: the same as ReLU(pre) > theta
-            aux = aux_select(_columns(sae, x) if pre is None else pre, aux_weights, k_aux)
-        return Encoded(differentiable(sae, x, codes), differentiable(sae, x, aux))
+    def select(self, pre: PreActivations, effect: Tensor | None = None, update: bool = False) -> Codes:
+        B = pre.x.shape[0]
+        if not self.training:
+            dense = pre.dense()
+            return mask_to_codes(dense, dense > self.theta)  # theta >= 0: the same as ReLU(pre) > theta
+        # zipf capacities rank latents by how often ReLU(pre) fires, which needs the dense
+        # pre-activations; once they are made, the selection ranks them too (no screen)
+        counting = update and self.capacity == "zipf"
+        if counting:
+            pre.dense()
+        rows, cols, values, smallest = pre.column_topk(self.capacities(B))
+        codes = pairs_to_codes(values.relu_(), rows, cols, B)  # ranking pre keeps ReLU(pre)'s positive entries
+        if update:
+            self._update(smallest.relu_(), pre.dense() if counting else None)
+        return codes
 
     def _update(self, smallest: Tensor, pre: Tensor | None) -> None:
         """One training batch's statistics: the thresholds' EMA and, for zipf capacities,

@@ -113,7 +113,7 @@ class Intervention:
 
 def _set_latents(sae, x: Tensor, set_fn: Callable[[Tensor], None]) -> Tensor:
     """Re-encode, let ``set_fn`` edit the dense code in place, decode, keep the error term."""
-    f = sae.encode(x)  # [n, d_sae]
+    f = sae.encode_dense(x)  # [n, d_sae]
     f_new = f.clone()
     set_fn(f_new)
     return x + (f_new - f) @ sae.W_dec  # = decode(f_new) + (x − decode(f))

@@ -28,7 +28,7 @@ def test_statistics_match_a_direct_recount(model, stats):
     # recount over the sequences the top contexts use: every peak value is the latent's
     # activation at that position, and no other position of that sequence beats it
     hook = resolve_hook(model, sae.cfg.hook_name)
-    f = sae.encode(harvest(model, seqs.long(), hook)).view(len(seqs), seqs.shape[1] - 1, -1)  # [n, T-1, d_sae]
+    f = sae.encode_dense(harvest(model, seqs.long(), hook)).view(len(seqs), seqs.shape[1] - 1, -1)  # [n, T-1, d_sae]
     for latent in (0, 17, 255):
         for j, c in enumerate(stats.contexts(latent)):
             s, p = int(stats.top_seq[latent, j]), int(stats.top_pos[latent, j])

@@ -62,10 +62,11 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from saekit.cli import main
 from saekit.kernels import encode_topk, encode_topk_aux
-from saekit.options import VariantOptions
-from saekit.sae import SAE, SAEConfig
+from saekit.sae import SAE
 from saekit.training import TrainConfig, train_sae
 from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions
+from saekit.training.losses import encode_with_aux
+from saekit.types import SAEConfig, VariantOptions
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("SAEKIT_REGEN_GOLDEN") == "1"
@@ -412,13 +413,13 @@ def test_sparsifier_codes_match_the_golden(case, data):
     for step in range(3):  # three updates: the thresholds' EMA past its first value; zipf re-ranks
         x = data_for(data, (48, d_in), 10 + step)
         grad = data_for("float", (48, d_in), 20 + step)
-        enc = sae.sparsifier.encode(sae, x, grad, weights, k_aux if weights is not None else 0, update=True)
+        enc = encode_with_aux(sae, x, grad, weights, k_aux if weights is not None else 0, update=True)
         got |= codes_tensors(f"train{step}.codes", enc.codes)
         if enc.aux is not None:
             got |= codes_tensors(f"train{step}.aux", enc.aux)
         assert (enc.aux is None) == (weights is None)
         # the sparse backward of both selections (a reconstruction loss and an AuxK-like term)
-        loss = ((sae.decode_codes(enc.codes) - x) ** 2).sum()
+        loss = ((sae.decode(enc.codes) - x) ** 2).sum()
         if enc.aux is not None:
             loss = loss + (enc.aux.values * torch.arange(1, k_aux + 1)).sum()
         loss.backward()  # accumulates: the gradients below hold all three backward passes
@@ -430,9 +431,9 @@ def test_sparsifier_codes_match_the_golden(case, data):
     grad = data_for("float", (16, d_in), 31)
     with torch.no_grad():
         out = sae(x)
-        got |= {"eval.x_hat": out.x_hat, **codes_tensors("eval.codes", out.codes), "eval.dense": sae.encode(x)}
+        got |= {"eval.x_hat": out.x_hat, **codes_tensors("eval.codes", out.codes), "eval.dense": sae.encode_dense(x)}
         if sparsity == "gtopk":
-            got["eval.dense_with_grad"] = sae.encode(x, grad)
+            got["eval.dense_with_grad"] = sae.encode_dense(x, grad)
     check_golden(f"sparsifier_{case}_{data}", got)
 
 
@@ -499,7 +500,7 @@ def test_screened_batch_selections_match_the_golden(case):
     for impl in ("screen", "torch"):
         sae = screen_sae(sparsity, impl, 8, **variant).train()
         with torch.no_grad():
-            enc = sae.sparsifier.encode(sae, x, None, None, 0, update=update)
+            enc = encode_with_aux(sae, x, None, None, 0, update=update)
         got |= codes_tensors(f"{impl}.codes", enc.codes)
         if update:  # the thresholds (Feature Choice's freq and rank move with zipf capacities only)
             got |= {f"{impl}.buffer.{n}": b for n, b in sae.sparsifier.named_buffers()

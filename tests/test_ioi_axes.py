@@ -154,7 +154,7 @@ def test_model_target_gradients_ignore_padding_and_the_answer(model, prepared):
 def test_gtopk_sae_is_scored_both_without_and_with_model_target_gradients(model, prepared):
     from saekit.evals.ioi_eval import GRAD_SUFFIX, eval_node
     from saekit.evals.nodes import Node
-    from saekit.options import VariantOptions
+    from saekit.types import VariantOptions
 
     d_in = model.cfg.n_heads * model.cfg.d_head
     cfg = dict(d_in=d_in, d_sae=128, k=4, hook_name=HOOK, hook_shape=(model.cfg.n_heads, model.cfg.d_head))

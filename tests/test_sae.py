@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from saekit import SAE, SAEConfig, load_sae
 from saekit.errors import ConfigError, SAEFileError
-from saekit.training.losses import auxk_loss, squared_error, total_variance
+from saekit.training.losses import auxk_loss, encode_with_aux, squared_error, total_variance
 
 
 def make_sae(d_in=24, d_sae=96, k=5, seed=0, **kw):
@@ -18,11 +18,11 @@ def test_shapes_and_exactly_k_nonzeros_per_row():
     x = torch.randn(7, 3, 24)
     out = sae(x)
     assert out.x_hat.shape == (7, 3, 24)
-    f = sae.encode(x)
+    f = sae.encode_dense(x)
     assert f.shape == (7, 3, 96)
     # pre-activations of a fresh SAE on centred data have plenty of positives: exactly k
     assert ((f > 0).sum(-1) == 5).all()
-    torch.testing.assert_close(sae.decode(f), out.x_hat, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae.decode_dense(f), out.x_hat, atol=1e-5, rtol=1e-5)
     # the kept latents are the k largest pre-activations
     pre = sae.pre_acts(x.reshape(-1, 24))
     top = pre.topk(5, dim=-1).indices.sort(-1).values
@@ -57,13 +57,13 @@ def test_decoder_norm_and_parallel_grad_removal():
 def test_auxk_zero_without_dead_and_positive_with_dead():
     sae = make_sae()
     x = torch.randn(64, 24)
-    enc = sae.sparsifier.encode(sae, x, None, None, 0)
-    x_hat = sae.decode_codes(enc.codes)
+    enc = encode_with_aux(sae, x, None, None, 0)
+    x_hat = sae.decode(enc.codes)
     denom = total_variance(x)
     assert auxk_loss(sae, x, x_hat, enc.aux, 0, 12, 1 / 32, denom)["aux"].item() == 0
     dead = torch.zeros(96, dtype=torch.bool)
     dead[:40] = True
-    enc = sae.sparsifier.encode(sae, x, None, dead, 12)
+    enc = encode_with_aux(sae, x, None, dead, 12)
     assert enc.aux is not None and (enc.aux.indices < 40).all()
     aux = auxk_loss(sae, x, x_hat, enc.aux, 40, 12, 1 / 32, denom)["aux"]
     assert aux.item() > 0

@@ -11,6 +11,7 @@ import torch
 
 from saekit.kernels import encode_topk, encode_topk_aux, resolve_impl
 from saekit.kernels import screen, screen_batch
+from saekit.training.losses import encode_with_aux
 
 
 def randn_sae(B, d_in, d_sae, seed=0, w_scale=None):
@@ -220,7 +221,7 @@ def test_mutual_choice_on_the_screen_keeps_the_fp32_selection(negative, outlier,
             sae.b_dec.copy_(b_dec)
         dead = torch.zeros(2048)
         dead[::5] = 1
-        enc = sae.sparsifier.encode(sae, x, None, dead, 16)
+        enc = encode_with_aux(sae, x, None, dead, 16)
         out[impl] = enc, sae.sparsifier.theta.clone()
     (a, theta_a), (b, theta_b) = out["screen"], out["torch"]
     assert len(made) == 1 and made[0] is not None  # the screen ran (impl="torch" never calls it)
@@ -244,7 +245,8 @@ def test_feature_choice_on_the_screen_keeps_the_fp32_selection(capacity, B, outl
     the same values and per-latent smallest kept values. zipf gives the first latents
     capacities above a quarter of the token groups (their fp32 columns); B=325 leaves 5
     tokens in no group; ``outlier`` one token of 30x the norm (computed exactly)."""
-    from saekit.sae import SAE, SAEConfig, VariantOptions
+    from saekit.sae import SAE
+    from saekit.types import SAEConfig, VariantOptions
 
     made = []
     real = screen_batch.screened_column_topk
@@ -261,7 +263,7 @@ def test_feature_choice_on_the_screen_keeps_the_fp32_selection(capacity, B, outl
             sae.W_enc_T.copy_(W_enc.t())
             sae.b_enc.copy_(b_enc)
             sae.b_dec.copy_(b_dec)
-        out[impl] = sae.sparsifier.encode(sae, x).codes, sae.sparsifier.theta.clone(), sae.sparsifier.capacities(B)
+        out[impl] = encode_with_aux(sae, x).codes, sae.sparsifier.theta.clone(), sae.sparsifier.capacities(B)
     (a, theta_a, m), (b, theta_b, _) = out["screen"], out["torch"]
     assert len(made) == 1 and made[0] is not None
     if capacity == "zipf":

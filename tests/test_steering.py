@@ -62,7 +62,7 @@ def test_clamping_a_latent_to_its_own_value_changes_nothing(model, tokens, hook,
     sae = make_sae(hook, sparsity)
     _, x = captured(model, tokens, hook, [])
     pos = tokens.shape[1] - 1
-    f = sae.encode(sae.flatten_hook(x[:, pos]))[0]  # [d_sae]
+    f = sae.encode_dense(sae.flatten_hook(x[:, pos]))[0]  # [d_sae]
     latent = int(f.argmax())
     assert f[latent] > 0
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_ablating_every_active_latent_leaves_the_error_term(model, tokens, hook,
     sae = make_sae(hook, sparsity)
     _, x = captured(model, tokens, hook, [])
     flat = sae.flatten_hook(x[0, 1:])  # [T-1, d_in], BOS excluded as "all" does
-    active = sae.encode(flat).abs().sum(0).nonzero().flatten().tolist()
+    active = sae.encode_dense(flat).abs().sum(0).nonzero().flatten().tolist()
     assert active
     out, clean = captured(model, tokens, hook, [Ablate(sae, active)])
     x_hat = sae(flat).x_hat

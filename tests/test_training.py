@@ -217,14 +217,14 @@ def test_auxk_default_is_gao_et_al_residual_normalisation():
     """By default L_aux = α‖e − ê‖² / Σ‖e − mean e‖² with no dead-count scale (Gao et al.'s
     code); aux_norm="input" keeps saekit's earlier α·min(n_dead/k_aux, 1)‖e − ê‖²/Σ‖x − x̄‖²."""
     from saekit import SAE, SAEConfig
-    from saekit.training.losses import auxk_loss, total_variance
+    from saekit.training.losses import auxk_loss, encode_with_aux, total_variance
 
     sae = SAE(SAEConfig(d_in=24, d_sae=96, k=4), seed=0)
     x = torch.randn(64, 24, generator=torch.Generator().manual_seed(0))
     dead = torch.zeros(96, dtype=torch.bool)
     dead[:6] = True  # fewer dead latents than k_aux = 12: the old scale would be 0.5
-    enc = sae.sparsifier.encode(sae, x, None, dead.float(), 6)
-    x_hat = sae.decode_codes(enc.codes).detach()
+    enc = encode_with_aux(sae, x, None, dead.float(), 6)
+    x_hat = sae.decode(enc.codes).detach()
     e = x - x_hat
     e_hat = enc.aux.dense(96) @ sae.W_dec
     num = (e - e_hat).pow(2).sum()

@@ -5,16 +5,23 @@ import torch
 
 from saekit import SAE, SAEConfig
 from saekit.cli import main
-from saekit.options import VariantOptions
+from saekit.types import VariantOptions
 from saekit.sparsity import mask_to_codes
 from saekit.training import TrainConfig, train_sae
 from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions
-from saekit.training.losses import auxk_loss, total_variance, zipf_weights
+from saekit.training.losses import auxk_loss, encode_with_aux, total_variance, zipf_weights
 from tests.test_training import TINY, synthetic
 
 
 def sae_of(sparsity, d_in=32, d_sae=128, k=4, **variant):
     return SAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, sparsity=sparsity, variant=VariantOptions(**variant)), seed=0)
+
+
+def _entries(codes):
+    """(rows, cols, values) of padded codes' entries."""
+    inside = torch.arange(codes.indices.shape[1]) < codes.lengths[:, None]
+    rows = torch.arange(len(codes.indices))[:, None].expand_as(codes.indices)
+    return rows[inside], codes.indices[inside], codes.values[inside]
 
 
 def _mask(a, rows, cols):
@@ -34,19 +41,23 @@ def test_mask_to_codes_round_trips():
 def test_mutual_choice_keeps_exactly_k_times_batch():
     sae = sae_of("mutual_choice").train()
     x = torch.randn(64, 32)
-    codes = sae.encode_codes(x)
+    codes = sae.encode(x)
     assert int((codes.values > 0).sum()) == 4 * 64
     a = sae.pre_acts(x).relu()
-    mc = sae.sparsifier
-    rows, cols, values = mc.batch_select(a)
+    rows, cols, values = _entries(codes)
     mask = _mask(a, rows, cols)
     top = a.flatten().topk(4 * 64)
     assert torch.equal(mask.flatten().nonzero().flatten().sort().values, top.indices.sort().values)
     assert torch.equal(values, a[rows, cols]) and values.min() == top.values.min()
     # one token holding the batch's 128 largest values
-    a2 = a.clone()
-    a2[0] += 100
-    mask2 = _mask(a2, *mc.batch_select(a2)[:2])
+    with torch.no_grad():
+        sae.b_dec[:] = 0
+        sae.W_enc_T.copy_(1 / 32 + 0.01 * torch.randn(128, 32))  # every latent reads about the mean input
+        sae.b_enc.zero_()
+    x2 = torch.rand(64, 32)
+    x2[0] += 100
+    a2 = sae.pre_acts(x2).relu()
+    mask2 = _mask(a2, *_entries(sae.encode(x2))[:2])
     assert int(mask2[0].sum()) == 128 and int(mask2.sum()) == 4 * 64
 
 
@@ -84,9 +95,9 @@ def test_feature_choice_keeps_exactly_m_j_per_latent():
         m = fc.capacities(256)
         assert int(m.sum()) == 4 * 256 and (m >= 1).all()
         a = sae.pre_acts(x).relu()
-        rows, cols, values, m2, _ = fc.batch_select(a)
-        assert torch.equal(_mask(a, rows, cols).sum(0), m) and torch.equal(m2, m)
-        assert torch.equal(values, a[rows, cols])
+        rows, cols, values = _entries(sae.encode(x))
+        assert torch.equal(_mask(a, rows, cols).sum(0), m)
+        torch.testing.assert_close(values, a[rows, cols], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["uniform", "zipf", "ties", "tail_rows"])
@@ -117,7 +128,7 @@ def test_feature_choice_leaves_no_dead_latents_after_training():
                       data=DataOptions(batch_size=512, fill_tokens=4096, total_tokens=512 * 120),
                       optim=OptimOptions(lr=3e-3, warmup_steps=10, dead_tokens=2048), run=RunOptions(progress=False))
     sae = train_sae(x, cfg).eval()
-    counts = (sae.encode(x) > 0).sum(0)
+    counts = (sae.encode_dense(x) > 0).sum(0)
     assert (counts > 0).all(), f"{int((counts == 0).sum())} latents never fire"
 
 
@@ -134,9 +145,9 @@ def test_threshold_inference_matches_the_batch_rule(sparsity):
     sae.train()
     with torch.no_grad():
         a = sae.pre_acts(fresh).relu()
-        batch_mask = _mask(a, *sae.sparsifier.batch_select(a)[:2])
+        batch_mask = _mask(a, *_entries(sae.encode(fresh))[:2])
         sae.eval()
-        thr_mask = sae.encode(fresh) > 0
+        thr_mask = sae.encode_dense(fresh) > 0
     overlap = (batch_mask & thr_mask).sum() / batch_mask.sum()
     assert overlap >= 0.85, overlap
     assert abs(thr_mask.sum(1).float().mean() - 4) <= 0.8
@@ -149,13 +160,13 @@ def test_sparse_backward_of_selected_latents_matches_dense_autograd(sparsity):
     sae = sae_of(sparsity, beta=2.0).train()
     x, g = torch.randn(48, 32, requires_grad=True), torch.randn(48, 32)
     w = torch.randn(48, 32)
-    enc = sae.sparsifier.encode(sae, x, g)
-    (sae.decode_codes(enc.codes) * w).sum().backward()
+    codes = sae.encode(x, g)
+    (sae.decode(codes) * w).sum().backward()
     sparse = [t.grad.clone() for t in (x, sae.W_enc_T, sae.b_enc, sae.b_dec)]
     for t in (x, sae.W_enc_T, sae.b_enc, sae.b_dec, sae.W_dec):
         t.grad = None
-    dense = sae.pre_acts(x).relu().gather(1, enc.codes.indices) * (enc.codes.values > 0)
-    (sae.decode_codes(enc.codes._replace(values=dense)) * w).sum().backward()
+    dense = sae.pre_acts(x).relu().gather(1, codes.indices) * (codes.values > 0)
+    (sae.decode(codes._replace(values=dense)) * w).sum().backward()
     for got, want in zip(sparse, (x.grad, sae.W_enc_T.grad, sae.b_enc.grad, sae.b_dec.grad)):
         assert torch.allclose(got, want, atol=1e-5)
 
@@ -163,16 +174,16 @@ def test_sparse_backward_of_selected_latents_matches_dense_autograd(sparsity):
 def test_gtopk_with_beta_zero_is_topk_and_gradient_changes_selection():
     topk, g0 = sae_of("topk"), sae_of("gtopk", beta=0.0)
     x, grad = torch.randn(16, 32), torch.randn(16, 32)
-    assert torch.equal(topk.encode(x), g0.encode(x, grad))
+    assert torch.equal(topk.encode_dense(x), g0.encode_dense(x, grad))
     g = sae_of("gtopk", beta=4.0)
-    assert torch.equal(g.encode(x), topk.encode(x))  # no gradient: plain TopK
+    assert torch.equal(g.encode_dense(x), topk.encode_dense(x))  # no gradient: plain TopK
     a = g.pre_acts(x).relu()
     j = int(a[0].topk(5).indices[4])  # ranked 5th: just outside the top 4
     grad = torch.zeros(16, 32)
     grad[0] = 50 * g.W_dec[j]  # the loss is very sensitive along latent j's direction
-    assert (g.encode(x) > 0)[0, j] == False  # noqa: E712
-    assert (g.encode(x, grad) > 0)[0, j] == True  # noqa: E712
-    torch.testing.assert_close(g.encode(x, grad)[0, j], a[0, j])  # the value is the activation
+    assert (g.encode_dense(x) > 0)[0, j] == False  # noqa: E712
+    assert (g.encode_dense(x, grad) > 0)[0, j] == True  # noqa: E712
+    torch.testing.assert_close(g.encode_dense(x, grad)[0, j], a[0, j])  # the value is the activation
 
 
 @pytest.mark.parametrize("grad_norm", ["rms", "none"])
@@ -185,7 +196,7 @@ def test_gtopk_scores_follow_the_formula(grad_norm):
     if grad_norm == "rms":
         effect = effect / effect.pow(2).mean(1, keepdim=True).sqrt()
     want = pre.relu() * (1 + 1.5 * effect)
-    torch.testing.assert_close(g.sparsifier.scores(g, pre.detach().clone(), grad), want.detach())
+    torch.testing.assert_close(g.sparsifier.scores(pre.detach().clone(), g.effect(grad)), want.detach())
 
 
 def test_aux_zipf_equals_auxk_when_only_dead_latents_qualify():
@@ -199,9 +210,9 @@ def test_aux_zipf_equals_auxk_when_only_dead_latents_qualify():
     assert torch.equal(w, dead.float())
     sae = sae_of("topk", d_sae=d_sae)
     x = torch.randn(64, 32)
-    enc_auxk = sae.sparsifier.encode(sae, x, None, dead.float(), 8)
-    enc_zipf = sae.sparsifier.encode(sae, x, None, w, 8)
-    x_hat = sae.decode_codes(enc_auxk.codes)
+    enc_auxk = encode_with_aux(sae, x, None, dead.float(), 8)
+    enc_zipf = encode_with_aux(sae, x, None, w, 8)
+    x_hat = sae.decode(enc_auxk.codes)
     denom = total_variance(x)
     la = auxk_loss(sae, x, x_hat, enc_auxk.aux, 20, 16, 1 / 32, denom)["aux"]
     lz = auxk_loss(sae, x, x_hat, enc_zipf.aux, int((w > 0).sum()), 16, 1 / 32, denom)["aux"]
@@ -325,7 +336,7 @@ def test_zipf_capacities_follow_measured_firing_frequencies():
         sae.b_enc[always] = 1e3  # fires on every token
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
-        sae.sparsifier.encode(sae, torch.randn(256, 32, generator=g), update=True)
+        sae.encode(torch.randn(256, 32, generator=g), update=True)
     fc = sae.sparsifier
     m = fc.capacities(256)
     others = m[4:127]

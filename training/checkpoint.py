@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from saekit.errors import ConfigError, SAEFileError, SaekitError
-from saekit.formats import atomic_write_bytes, atomic_write_text
+from saekit.files import atomic_write_bytes, atomic_write_text
 
 KEEP = 2
 log = logging.getLogger("saekit.training")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from saekit.errors import ConfigError
-from saekit.options import VariantOptions
+from saekit.types import VariantOptions
 
 
 @dataclass

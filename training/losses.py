@@ -6,13 +6,15 @@ as in Gao et al. 2024 and methods.md §1.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from saekit.sae import Codes
+from saekit import kernels
+from saekit.sae import SAE
+from saekit.types import Codes
 
 
 def sum_sq(t: Tensor) -> Tensor:
@@ -56,7 +58,39 @@ def fvu_loss(x: Tensor, x_hat: Tensor, denom: Tensor) -> dict[str, Tensor]:
     return {"fvu": squared_error(x_hat, x) / denom}
 
 
-def auxk_loss(sae, x: Tensor, x_hat: Tensor, aux: Codes | None, n_dead: int, k_aux: int,
+class Encoded(NamedTuple):
+    codes: Codes
+    aux: Codes | None  # the auxiliary losses' selection, when asked for
+
+
+def encode_with_aux(sae: SAE, x: Tensor, grad: Tensor | None = None, weights: Tensor | None = None,
+                    k_aux: int = 0, update: bool = False) -> Encoded:
+    """``sae.encode(x, grad, update=update)`` and, with ``weights``, the auxiliary selection
+    (``aux_select``) from the same pre-activations: the trainer's encoding step."""
+    pre = sae.pre_activations(x)
+    codes = sae.encode(x, grad, pre=pre, update=update)
+    return Encoded(codes, None if weights is None else aux_select(sae, pre, weights, k_aux))
+
+
+def aux_select(sae: SAE, pre: kernels.PreActivations, weights: Tensor, k_aux: int) -> Codes | None:
+    """The auxiliary losses' selection: per token the top ``k_aux`` of ``weights ⊙ ReLU(pre)``
+    among the latents with a positive weight, ties to the lower index, valued at the plain
+    ``ReLU(pre)`` with the encoder's sparse backward (ranking ``weights ⊙ pre`` keeps the same
+    positive entries). AuxK passes the dead mask as ``weights``, aux_zipf graded weights.
+    ``pre``: the batch's pre-activations that ``sae.encode`` selected from (their dense
+    matrix, where it was made, or a product over the eligible columns alone); call it before
+    encoding another batch. None when no latent is eligible or ``k_aux`` is 0."""
+    eligible = (weights > 0).nonzero().flatten()  # ascending, so the tie rule carries over
+    if len(eligible) == 0 or k_aux <= 0:
+        return None
+    with torch.no_grad():
+        pre_e = pre.columns(eligible)  # [B, n_eligible]
+        pos = kernels.topk_lower_index(pre_e * weights[eligible], min(k_aux, len(eligible)))[1]
+        codes = Codes(pre_e.gather(1, pos).relu_(), eligible[pos])
+    return sae.attach(pre, codes)
+
+
+def auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, aux: Codes | None, n_dead: int, k_aux: int,
               coef: float, denom: Tensor, norm: str = "residual",
               variance: Callable[[Tensor], Tensor] = total_variance) -> dict[str, Tensor]:
     """AuxK (Gao et al. 2024 §A.2): reconstruct the residual ``e = x − x̂`` (a constant
@@ -75,10 +109,8 @@ def auxk_loss(sae, x: Tensor, x_hat: Tensor, aux: Codes | None, n_dead: int, k_a
     its own selection (``n_dead`` = latents eligible)."""
     if aux is None or n_dead == 0:
         return {"aux": x.new_zeros(())}
-    from saekit.kernels import decode_sparse
-
     e = (x - x_hat).detach()
-    e_hat = decode_sparse(aux.values, aux.indices, sae.W_dec, torch.zeros_like(sae.b_dec), impl=sae.cfg.impl)
+    e_hat = kernels.decode_sparse(aux.values, aux.indices, sae.W_dec, torch.zeros_like(sae.b_dec), impl=sae.cfg.impl)
     if norm == "residual":
         return {"aux": coef * squared_error(e_hat, e) / variance(e).clamp_min(1e-30)}
     scale = min(n_dead / k_aux, 1.0)

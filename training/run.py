@@ -14,7 +14,7 @@ from torch import Tensor
 from saekit.activations import (CachedActivations, HookSpec, ModelActivations, TensorActivations,
                                 hook_folder, resolve_hook, resolve_hooks, write_cache)
 from saekit.errors import ConfigError, SaekitError
-from saekit.formats import atomic_write_text
+from saekit.files import atomic_write_text
 from saekit.sae import SAE, SAEConfig
 from saekit.training import distributed, preflight
 from saekit.training.config import DataOptions, TrainConfig

@@ -22,11 +22,12 @@ from torch import Tensor
 
 from saekit.activations import fill_permutation
 from saekit.errors import ConfigError, SaekitError
-from saekit.sae import FIRING_THRESHOLD, SAE
+from saekit.sae import SAE
+from saekit.types import FIRING_THRESHOLD
 from saekit.training import checkpoint as ckpt
 from saekit.training.config import TrainConfig
 from saekit.training.distributed import Collective
-from saekit.training.losses import auxk_loss, fvu_loss, zipf_weights
+from saekit.training.losses import auxk_loss, encode_with_aux, fvu_loss, zipf_weights
 
 log = logging.getLogger("saekit.training")
 
@@ -119,18 +120,18 @@ class Trainer:
         sae.train()
         weights = self.aux_weights()
         n_aux = int((weights > 0).sum()) if weights is not None else 0
-        enc = sae.sparsifier.encode(sae, x, grad, weights if n_aux else None, min(self.k_aux, n_aux), update=True)
-        x_hat = sae.decode_codes(enc.codes)
+        codes, aux = encode_with_aux(sae, x, grad, weights if n_aux else None, min(self.k_aux, n_aux), update=True)
+        x_hat = sae.decode(codes)
         denom = self.comm.total_variance(x)  # of the global batch: each rank's terms are partial sums
         terms = fvu_loss(x, x_hat, denom)
         if weights is not None:
-            terms |= auxk_loss(sae, x, x_hat, enc.aux, n_aux, self.k_aux, o.aux_coef, denom, o.aux_norm,
+            terms |= auxk_loss(sae, x, x_hat, aux, n_aux, self.k_aux, o.aux_coef, denom, o.aux_norm,
                                 self.comm.total_variance)
         loss = sum(terms.values())
         with torch.no_grad():  # one reduction for the logged terms and the firing counts
-            on = enc.codes.values > 0  # for L0
-            fired = enc.codes.values > FIRING_THRESHOLD  # for the dead counters and frequencies
-            counts = torch.bincount(enc.codes.indices[fired], minlength=sae.cfg.d_sae)
+            on = codes.values > 0  # for L0
+            fired = codes.values > FIRING_THRESHOLD  # for the dead counters and frequencies
+            counts = torch.bincount(codes.indices[fired], minlength=sae.cfg.d_sae)
             aux = terms.get("aux", loss * 0)
             packed = self.comm.sum_(torch.cat([torch.stack([loss, terms["fvu"], aux, on.sum().float()]).detach(),
                                                counts.float()]))

@@ -1,0 +1,124 @@
+"""The types every part of saekit shares: what an SAE is (``SAEConfig``, with its variant's
+options nested in it), what it computes (``Codes``, ``SAEOutput``) and what it reads
+(``Batch``). A leaf: it imports nothing of saekit but its exceptions, so any module may import
+it, and the CLI can build its parser from these dataclasses without importing torch's
+heavier parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+from jaxtyping import Float
+from torch import Tensor
+
+from saekit.errors import ConfigError
+
+# A latent counts as firing on a token only when its activation exceeds this (OpenAI's
+# sparse_autoencoder counts dead latents the same way): float noise is not firing.
+FIRING_THRESHOLD = 1e-3
+
+SparsityName = Literal["topk", "gtopk", "mutual_choice", "feature_choice"]
+ImplName = Literal["auto", "torch", "triton", "screen"]
+
+
+@dataclass
+class VariantOptions:
+    """Settings of the gtopk, mutual_choice and feature_choice sparsifiers."""
+
+    beta: float = 1.0
+    """gtopk: weight of the gradient term in the selection score."""
+    grad_norm: Literal["rms", "none"] = "rms"
+    """gtopk: divide |g @ W_dec^T| by its RMS over latents per token (rms) or not (none)."""
+    mc_mode: Literal["threshold", "batch"] = "threshold"
+    """mutual_choice inference: the saved threshold, or the batch rule."""
+    capacity: Literal["uniform", "zipf"] = "uniform"
+    """feature_choice: latent capacities m_j, uniform or Zipf by firing-frequency rank."""
+    zipf_s: float = 1.0
+    """feature_choice with zipf capacity: the exponent s in m_j ∝ rank^-s."""
+    rerank_every: int = 100
+    """feature_choice with zipf capacity: steps between re-rankings by frequency."""
+    threshold_decay: float = 0.9
+    """mutual/feature_choice: decay of the moving averages behind the inference thresholds."""
+
+    def __post_init__(self):
+        if self.beta < 0 or not 0 <= self.threshold_decay < 1 or self.rerank_every < 1:
+            raise ConfigError("need beta >= 0, 0 <= threshold_decay < 1, rerank_every >= 1")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """What an SAE is; saved as ``cfg.json`` beside its weights."""
+
+    d_in: int
+    """Width of the activation vector (for hook_z: n_heads·d_head)."""
+    d_sae: int
+    """Number of latents."""
+    k: int = 32
+    """Latents kept per token (TopK)."""
+    sparsity: SparsityName = "topk"
+    """Sparsifier: topk, gtopk (g-SAE), mutual_choice, feature_choice."""
+    hook_name: str = ""
+    """Full TransformerLens hook name the SAE reads, e.g. blocks.5.attn.hook_z."""
+    model_name: str = ""
+    """Model the SAE was trained on."""
+    hook_shape: tuple[int, ...] = ()
+    """Per-token shape at the hook, e.g. (n_heads, d_head) for hook_z; () means (d_in,)."""
+    impl: ImplName = "auto"
+    """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact selections (screen) where AMX makes them faster."""  # noqa: E501 (one-line field docstring)
+    variant: VariantOptions = field(default_factory=VariantOptions)
+    """Settings of the gtopk, mutual_choice and feature_choice sparsifiers."""
+
+    def __post_init__(self):
+        if self.d_in < 1 or self.d_sae < 1:
+            raise ConfigError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if not 1 <= self.k <= self.d_sae:
+            raise ConfigError(f"k={self.k} must be between 1 and d_sae={self.d_sae}; lower k or raise d_sae")
+        if self.hook_shape and math.prod(self.hook_shape) != self.d_in:
+            raise ConfigError(f"hook_shape {self.hook_shape} does not flatten to d_in={self.d_in}")
+        object.__setattr__(self, "hook_shape", tuple(self.hook_shape))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown SAE config keys {sorted(unknown)}; is this a saekit cfg.json?")
+        if isinstance(d.get("variant"), dict):
+            d = {**d, "variant": VariantOptions(**d["variant"])}
+        return cls(**d)
+
+
+class Codes(NamedTuple):
+    """Sparse latent activations: ``values[b, j]`` of latent ``indices[b, j]``.
+    Padding entries (fewer active latents than columns) have value 0. Batch-level
+    sparsifiers also give ``lengths`` [batch]: row b's entries are its first ``lengths[b]``
+    columns, and decoding and the backward pass skip the padding after them. Three fields:
+    unpack as ``values, indices, lengths = codes``."""
+
+    values: Float[Tensor, "batch n"]
+    indices: Tensor  # [batch, n] int64
+    lengths: Tensor | None = None  # [batch] int64
+
+    def dense(self, d_sae: int) -> Float[Tensor, "batch d_sae"]:
+        out = self.values.new_zeros(self.values.shape[0], d_sae)
+        return out.scatter_add_(1, self.indices, self.values)
+
+
+class SAEOutput(NamedTuple):
+    x_hat: Float[Tensor, "batch d_in"]
+    codes: Codes
+
+
+class Batch(NamedTuple):
+    """One training batch: activations ``x`` [batch, d_in] and, for g-SAEs, the next-token
+    loss's gradient with respect to them, ``grad`` [batch, d_in] (None otherwise)."""
+
+    x: Float[Tensor, "batch d_in"]
+    grad: Float[Tensor, "batch d_in"] | None = None
