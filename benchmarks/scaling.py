@@ -25,10 +25,10 @@ from bench_timing import run_times
 
 def make_trainer(d_in: int, d_sae: int, k: int, batch: int, comm=None):
     from saekit.sae import SAE, SAEConfig
-    from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions, TrainConfig
+    from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
     from saekit.training.trainer import Trainer
 
-    cfg = TrainConfig(sae=SAEOptions(d_sae=d_sae, k=k),
+    cfg = TrainConfig(sae=SAEConfig(d_sae=d_sae, k=k),
                       data=DataOptions(batch_size=batch, total_tokens=batch * 10**6, fill_tokens=batch),
                       optim=OptimOptions(lr=1e-4, warmup_steps=0), run=RunOptions(progress=False))
     return Trainer(SAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k), seed=0), cfg, 10**6, comm)

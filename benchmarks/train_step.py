@@ -51,7 +51,7 @@ def main(argv=None):
     from saekit.kernels import screen
     from saekit.kernels.encoder import encoder_impl
     from saekit.sae import SAE, SAEConfig
-    from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions, TrainConfig
+    from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
     from saekit.training.trainer import Trainer
 
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def main(argv=None):
 
     def make(sparsity, impl=args.impl):
         sae = SAE(SAEConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k, sparsity=sparsity, impl=impl), seed=0)
-        cfg = TrainConfig(sae=SAEOptions(d_sae=args.d_sae, k=args.k, sparsity=sparsity, impl=impl),
+        cfg = TrainConfig(sae=SAEConfig(d_sae=args.d_sae, k=args.k, sparsity=sparsity, impl=impl),
                           data=DataOptions(batch_size=args.batch, total_tokens=args.batch * 10**6,
                                            fill_tokens=args.batch),
                           optim=OptimOptions(lr=1e-4, warmup_steps=0), run=RunOptions(progress=False))

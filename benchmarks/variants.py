@@ -29,7 +29,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     args = ap.parse_args(argv)
 
-    from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions, TrainConfig
+    from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
+    from saekit.types import SAEConfig
     from saekit.training.run import cache_activations, run_training
 
     work = Path(args.out or tempfile.mkdtemp(prefix="saekit-variants-"))
@@ -43,7 +44,7 @@ def main(argv=None):
     rows = []
     for sparsity in ("topk", "gtopk", "mutual_choice", "feature_choice"):
         for aux in ("auxk", "zipf"):
-            cfg = TrainConfig(sae=SAEOptions(d_sae=args.d_sae, k=args.k, sparsity=sparsity),
+            cfg = TrainConfig(sae=SAEConfig(d_sae=args.d_sae, k=args.k, sparsity=sparsity),
                               data=DataOptions(hook=args.hook, from_cache=str(cache), total_tokens=args.tokens),
                               optim=OptimOptions(aux=aux, dead_tokens=200_000),
                               run=RunOptions(out=str(work / f"{sparsity}-{aux}"), progress=False, log_every=10**9))

@@ -105,13 +105,14 @@ def bench(o: SyntheticOptions, variants=("topk", "mutual_choice", "feature_choic
           k: int = 8, n_train: int = 262_144, steps: int = 2000, batch: int = 4096, lr: float = 2e-3) -> list[dict]:
     """Train each variant at the same mean L0 (k) on the same data; one row of scores each."""
     from saekit.training import train_sae
-    from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions, TrainConfig
+    from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
+    from saekit.types import SAEConfig
 
     truth = ground_truth(o)
     x = sample(o, truth, n_train)
     rows = []
     for v in variants:
-        cfg = TrainConfig(sae=SAEOptions(d_sae=d_sae, k=k, sparsity=v),
+        cfg = TrainConfig(sae=SAEConfig(d_sae=d_sae, k=k, sparsity=v),
                           data=DataOptions(batch_size=batch, fill_tokens=min(n_train, 65536),
                                            total_tokens=steps * batch),
                           optim=OptimOptions(lr=lr, warmup_steps=min(100, steps // 10), dead_tokens=batch * 50),

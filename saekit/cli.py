@@ -131,17 +131,11 @@ class CacheOptions:
     """Also store the loss gradient at the hook (for --sparsity gtopk)."""
 
 
-def _train_config(args):
-    from saekit.training.config import TrainConfig
-
-    return TrainConfig(sae=args.sae, variant=args.variant, data=args.data, optim=args.optim, run=args.run)
-
-
 def cmd_train(args) -> None:
     """Train an SAE at a hook point (default: the embedded model and corpus)."""
     from saekit.training.run import run_training
 
-    cfg = _train_config(args)
+    cfg = args.train
     summary = run_training(cfg)
     if summary and "hook" not in summary:  # several hooks: {hook: summary}
         for name, s in summary.items():
@@ -352,12 +346,9 @@ def _groups(spec):
     """Option groups of a command; training's come from saekit.training.config, imported
     only when a parser is built (it imports no torch)."""
     if spec == "train":
-        from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions
+        from saekit.training.config import TrainConfig
 
-        from saekit.types import VariantOptions
-
-        return [(SAEOptions, "sae"), (VariantOptions, "variant"), (DataOptions, "data"),
-                (OptimOptions, "optim"), (RunOptions, "run")]
+        return [(TrainConfig, "train")]
     if spec == "bench":
         from saekit.evals.synthetic import SyntheticOptions
 
@@ -410,25 +401,8 @@ def _setup_logging() -> None:
         log.propagate = False
 
 
-def join_repeated(argv: list[str], option: str = "--hook") -> list[str]:
-    """``--hook A --hook B`` → ``--hook A,B`` (argparse would keep only the last)."""
-    values, rest, i = [], [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a == option and i + 1 < len(argv):
-            values.append(argv[i + 1])
-            i += 2
-            continue
-        if a.startswith(option + "="):
-            values.append(a.split("=", 1)[1])
-        else:
-            rest.append(a)
-        i += 1
-    return rest + [option, ",".join(values)] if len(values) > 1 else argv
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = join_repeated(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
     _setup_logging()
     command = next((a for a in argv if not a.startswith("-")), None)
     prog = f"saekit {command}" if command in COMMANDS else "saekit"

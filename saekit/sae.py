@@ -53,6 +53,7 @@ class SAE(nn.Module):
 
     def __init__(self, cfg: SAEConfig, seed: int | None = None):
         super().__init__()
+        cfg.check_complete()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)

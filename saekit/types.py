@@ -49,23 +49,28 @@ class VariantOptions:
             raise ConfigError("need beta >= 0, 0 <= threshold_decay < 1, rerank_every >= 1")
 
 
+# A field the command line does not offer (training reads it from the hook).
+_NOT_AN_OPTION = {"cmd": False}
+
+
 @dataclass(frozen=True)
 class SAEConfig:
-    """What an SAE is; saved as ``cfg.json`` beside its weights."""
+    """What an SAE is; saved as ``cfg.json`` beside its weights. A training config holds one
+    with ``d_in`` (and possibly ``d_sae``) left 0: training fills them in from the hook."""
 
-    d_in: int
-    """Width of the activation vector (for hook_z: n_heads·d_head)."""
-    d_sae: int
-    """Number of latents."""
+    d_in: int = field(default=0, metadata=_NOT_AN_OPTION)
+    """Width of the activation vector (for hook_z: n_heads·d_head); 0 until the hook is known."""
+    d_sae: int = 0
+    """Number of latents; 0 means expansion × d_in."""
     k: int = 32
     """Latents kept per token (TopK)."""
     sparsity: SparsityName = "topk"
     """Sparsifier: topk, gtopk (g-SAE), mutual_choice, feature_choice."""
-    hook_name: str = ""
+    hook_name: str = field(default="", metadata=_NOT_AN_OPTION)
     """Full TransformerLens hook name the SAE reads, e.g. blocks.5.attn.hook_z."""
-    model_name: str = ""
+    model_name: str = field(default="", metadata=_NOT_AN_OPTION)
     """Model the SAE was trained on."""
-    hook_shape: tuple[int, ...] = ()
+    hook_shape: tuple[int, ...] = field(default=(), metadata=_NOT_AN_OPTION)
     """Per-token shape at the hook, e.g. (n_heads, d_head) for hook_z; () means (d_in,)."""
     impl: ImplName = "auto"
     """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact selections (screen) where AMX makes them faster."""  # noqa: E501 (one-line field docstring)
@@ -73,13 +78,21 @@ class SAEConfig:
     """Settings of the gtopk, mutual_choice and feature_choice sparsifiers."""
 
     def __post_init__(self):
-        if self.d_in < 1 or self.d_sae < 1:
-            raise ConfigError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if not 1 <= self.k <= self.d_sae:
+        for name in ("d_in", "d_sae"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be at least 0, not {getattr(self, name)}")
+        if self.k < 1:
+            raise ConfigError(f"k must be at least 1, not {self.k}")
+        if self.d_sae and self.k > self.d_sae:
             raise ConfigError(f"k={self.k} must be between 1 and d_sae={self.d_sae}; lower k or raise d_sae")
         if self.hook_shape and math.prod(self.hook_shape) != self.d_in:
             raise ConfigError(f"hook_shape {self.hook_shape} does not flatten to d_in={self.d_in}")
         object.__setattr__(self, "hook_shape", tuple(self.hook_shape))
+
+    def check_complete(self) -> None:
+        """Raise unless the shape is known (``d_in`` and ``d_sae`` positive), as building an SAE needs."""
+        if self.d_in < 1 or self.d_sae < 1:
+            raise ConfigError(f"an SAE needs positive d_in and d_sae, got d_in={self.d_in}, d_sae={self.d_sae}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -64,7 +64,7 @@ from saekit.cli import main
 from saekit.kernels import encode_topk, encode_topk_aux
 from saekit.sae import SAE
 from saekit.training import TrainConfig, train_sae
-from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions
+from saekit.training.config import DataOptions, OptimOptions, RunOptions
 from saekit.training.losses import encode_with_aux
 from saekit.types import SAEConfig, VariantOptions
 
@@ -258,7 +258,7 @@ def golden_cfg(sparsity: str, **variant) -> TrainConfig:
     the default learning rate, Adam, AuxK (k_aux = d_in / 2 = 8) and schedule, with a warm-up
     and a decay that both fit in 20 steps; a latent is dead after one batch without firing,
     so AuxK trains, on more dead latents than k_aux at some steps (its selection matters)."""
-    return TrainConfig(sae=SAEOptions(d_sae=256, k=4, sparsity=sparsity), variant=VariantOptions(**variant),
+    return TrainConfig(sae=SAEConfig(d_sae=256, k=4, sparsity=sparsity, variant=VariantOptions(**variant)),
                        optim=OptimOptions(warmup_steps=5, dead_tokens=256),
                        data=DataOptions(batch_size=256, fill_tokens=2048, total_tokens=256 * 20),
                        run=RunOptions(progress=False, log_every=1, checkpoint_every=1000))

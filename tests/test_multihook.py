@@ -3,7 +3,7 @@
 import torch
 
 from saekit import load_sae
-from saekit.cli import join_repeated, main
+from saekit.cli import build_parser, main
 
 ARGS = ["--d-sae", "128", "-k", "4", "--batch-size", "512", "--fill-tokens", "4064", "--seq-len", "128",
         "--total-tokens", "6144", "--warmup-steps", "3", "--eval-tokens", "0", "--progress", "false"]
@@ -42,5 +42,10 @@ def test_harvest_many_equals_one_hook_at_a_time(model):
 
 
 def test_repeated_hook_options_are_joined():
-    assert join_repeated(["train", "--hook", "a", "--k", "4", "--hook=b"]) == ["train", "--k", "4", "--hook", "a,b"]
-    assert join_repeated(["train", "--hook", "a"]) == ["train", "--hook", "a"]
+    def hook(*argv):
+        return build_parser().parse_args(["train", *argv]).train.data.hook
+
+    assert hook("--hook", "a", "-k", "4", "--hook=b") == "a,b"
+    assert hook("--hook", "blocks.5.attn.hook_z", "--hook", "c") == "blocks.5.attn.hook_z,c"  # the default, given
+    assert hook("--hook", "a") == "a" and type(hook("--hook", "a")) is str
+    assert hook() == "blocks.5.attn.hook_z"

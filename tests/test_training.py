@@ -12,9 +12,10 @@ import torch
 
 from saekit import load_sae
 from saekit.cli import main
-from saekit.errors import HookError, MismatchError, SAEFileError
+from saekit.errors import ConfigError, HookError, MismatchError, SAEFileError
 from saekit.training import TrainConfig, train_sae
-from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions
+from saekit.training.config import DataOptions, OptimOptions, RunOptions
+from saekit.types import SAEConfig
 from saekit.training.trainer import TrainingDiverged
 
 
@@ -28,7 +29,7 @@ def synthetic(n=8192, d=32, n_feat=128, k=4, seed=0):
 
 
 def small_cfg(**data):
-    return TrainConfig(sae=SAEOptions(d_sae=256, k=4), optim=OptimOptions(lr=3e-3, warmup_steps=10),
+    return TrainConfig(sae=SAEConfig(d_sae=256, k=4), optim=OptimOptions(lr=3e-3, warmup_steps=10),
                        data=DataOptions(batch_size=256, fill_tokens=2048, total_tokens=256 * 200, **data),
                        run=RunOptions(progress=False, log_every=50))
 
@@ -131,7 +132,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--hook", "blocks.5.attn.hook_zz"], "closest: blocks.5.attn.hook_z"),
-    (["train", "--k", "500", "--d-sae", "256"], "k=500 exceeds d_sae=256"),
+    (["train", "--k", "500", "--d-sae", "256"], "k=500 must be between 1 and d_sae=256"),
     (["train", "--from-cache", "/no/such/cache"], "no activation cache at /no/such/cache"),
     (["train", "--total-tokens", "10", "--batch-size", "512"], "less than one batch"),
     (["train", "--dataset", "./missing.jsonl"], "no such file or folder: ./missing.jsonl"),
@@ -265,7 +266,7 @@ def test_geometric_median_init_of_b_dec():
     assert (x.mean(0) - m).abs().max() > 10
     data = synthetic(n=8192, d=16)
     data[:200] += 50
-    base = dict(sae=SAEOptions(d_sae=64, k=4), data=DataOptions(batch_size=1024, fill_tokens=8192, total_tokens=1024),
+    base = dict(sae=SAEConfig(d_sae=64, k=4), data=DataOptions(batch_size=1024, fill_tokens=8192, total_tokens=1024),
                 optim=OptimOptions(lr=1e-12, warmup_steps=0), run=RunOptions(progress=False))
     sae_gm = train_sae(data, _with_init(base, "geometric_median"))
     sae_mean = train_sae(data, _with_init(base, "mean"))
@@ -275,3 +276,26 @@ def test_geometric_median_init_of_b_dec():
 
 def _with_init(base: dict, how: str) -> TrainConfig:
     return TrainConfig(**{**base, "optim": replace(base["optim"], b_dec_init=how)})
+
+
+def test_train_configs_of_the_earlier_layout_load_and_resume():
+    """Run folders written before SAEConfig was nested in TrainConfig (``sae`` held d_sae,
+    expansion, k, sparsity, impl; ``variant`` sat beside it) still load, and their
+    checkpoints' identity still matches the same options, and only those."""
+    from saekit.training.checkpoint import check_same_config
+    from saekit.types import VariantOptions
+
+    cfg = TrainConfig(sae=SAEConfig(d_sae=64, k=4, sparsity="gtopk", variant=VariantOptions(beta=2.0)), expansion=8)
+    new = cfg.to_dict()
+    sae = {k: new["sae"][k] for k in ("d_sae", "k", "sparsity", "impl")}
+    old = {**{k: v for k, v in new.items() if k != "expansion"}, "sae": {**sae, "expansion": 8},
+           "variant": new["sae"]["variant"]}
+    assert TrainConfig.from_dict(old) == cfg
+    old_identity = copy.deepcopy(old)
+    for k in ("out", "resume", "progress", "wandb", "log_every", "checkpoint_every", "distribute_hooks"):
+        old_identity["run"].pop(k)
+    old_identity["data"].pop("device")
+    check_same_config(old_identity, cfg)
+    old_identity["variant"]["beta"] = 3.0
+    with pytest.raises(ConfigError, match="sae.variant.beta"):
+        check_same_config(old_identity, cfg)

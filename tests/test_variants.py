@@ -8,7 +8,7 @@ from saekit.cli import main
 from saekit.types import VariantOptions
 from saekit.sparsity import mask_to_codes
 from saekit.training import TrainConfig, train_sae
-from saekit.training.config import DataOptions, OptimOptions, RunOptions, SAEOptions
+from saekit.training.config import DataOptions, OptimOptions, RunOptions
 from saekit.training.losses import auxk_loss, encode_with_aux, total_variance, zipf_weights
 from tests.test_training import TINY, synthetic
 
@@ -124,7 +124,7 @@ def test_column_topk_keeps_each_columns_largest(case):
 
 def test_feature_choice_leaves_no_dead_latents_after_training():
     x = synthetic(n=8192, d=32)
-    cfg = TrainConfig(sae=SAEOptions(d_sae=128, k=4, sparsity="feature_choice"),
+    cfg = TrainConfig(sae=SAEConfig(d_sae=128, k=4, sparsity="feature_choice"),
                       data=DataOptions(batch_size=512, fill_tokens=4096, total_tokens=512 * 120),
                       optim=OptimOptions(lr=3e-3, warmup_steps=10, dead_tokens=2048), run=RunOptions(progress=False))
     sae = train_sae(x, cfg).eval()
@@ -137,7 +137,7 @@ def test_threshold_inference_matches_the_batch_rule(sparsity):
     """Tolerance: on fresh data from the training distribution the thresholded code agrees
     with the batch rule on ≥ 85% of its active entries, and its mean L0 is within 20% of k."""
     x = synthetic(n=16384, d=32)
-    cfg = TrainConfig(sae=SAEOptions(d_sae=128, k=4, sparsity=sparsity),
+    cfg = TrainConfig(sae=SAEConfig(d_sae=128, k=4, sparsity=sparsity),
                       data=DataOptions(batch_size=512, fill_tokens=8192, total_tokens=512 * 150),
                       optim=OptimOptions(lr=3e-3, warmup_steps=10), run=RunOptions(progress=False))
     sae = train_sae(x[:8192], cfg)
@@ -350,7 +350,7 @@ def test_train_sae_returns_eval_mode_and_encode_never_moves_thresholds(sparsity)
     """train_sae hands the SAE back in eval mode, and no encode outside the trainer's step
     (not even in train mode) changes the saved inference thresholds."""
     x = synthetic(n=4096, d=32)
-    cfg = TrainConfig(sae=SAEOptions(d_sae=128, k=4, sparsity=sparsity),
+    cfg = TrainConfig(sae=SAEConfig(d_sae=128, k=4, sparsity=sparsity),
                       data=DataOptions(batch_size=512, fill_tokens=4096, total_tokens=512 * 20),
                       optim=OptimOptions(lr=3e-3, warmup_steps=5), run=RunOptions(progress=False))
     sae = train_sae(x, cfg)

@@ -6,7 +6,7 @@ def __getattr__(name):
         from saekit.training import run
 
         return getattr(run, name)
-    if name in ("TrainConfig", "SAEOptions", "DataOptions", "OptimOptions", "RunOptions"):
+    if name in ("TrainConfig", "DataOptions", "OptimOptions", "RunOptions"):
         from saekit.training import config
 
         return getattr(config, name)

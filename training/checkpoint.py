@@ -68,10 +68,20 @@ def latest(out: Path) -> dict | None:
     return None
 
 
+def _leaves(d: dict, prefix: str = "") -> dict:
+    """``{"sae.variant.beta": 1.0, ...}``: a nested dict's values by dotted name."""
+    out = {}
+    for k, v in d.items():
+        out |= _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
 def check_same_config(saved: dict, cfg) -> None:
-    now = cfg.identity()
-    diffs = [f"{part}.{k}" for part in now for k in now[part]
-             if saved.get(part, {}).get(k) != now[part][k]]
+    """Refuse ``--resume`` when the checkpoint's config identity (``saved``, of any saekit
+    layout) differs from ``cfg``'s."""
+    now = _leaves(cfg.identity())
+    then = _leaves(type(cfg).from_dict(saved).identity())
+    diffs = [k for k in now if then.get(k) != now[k]]
     if diffs:
         raise ConfigError(f"--resume with a different config ({', '.join(diffs[:4])} changed); "
                           "use the original options or a new --out")

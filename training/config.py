@@ -3,42 +3,32 @@ after the run starts. The ``saekit train`` options are generated from these clas
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 from saekit.errors import ConfigError
-from saekit.types import VariantOptions
+from saekit.types import SAEConfig
 
 
-@dataclass
-class SAEOptions:
-    """The SAE to train."""
+class _Joined(str):
+    """A value the command line has already set (see ``JoinRepeated``)."""
 
-    d_sae: int = 0
-    """Number of latents; 0 means expansion × d_in."""
-    expansion: int = 16
-    """Latents per input dimension, used when d_sae is 0."""
-    k: int = 32
-    """Latents kept per token."""
-    sparsity: Literal["topk", "gtopk", "mutual_choice", "feature_choice"] = "topk"
-    """Sparsifier: topk, gtopk (g-SAE), mutual_choice, feature_choice."""
-    impl: Literal["auto", "torch", "triton", "screen"] = "auto"
-    """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact selections (screen) where AMX makes them faster."""
 
-    def __post_init__(self):
-        for name, low in (("d_sae", 0), ("expansion", 1), ("k", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(self, name)}")
-        if self.d_sae and self.k > self.d_sae:
-            raise ConfigError(f"k={self.k} exceeds d_sae={self.d_sae}; lower --k or raise --d-sae")
+class JoinRepeated(argparse.Action):
+    """``--hook A --hook B`` gives ``"A,B"`` (plain argparse would keep only the last)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, _Joined(f"{current},{values}" if isinstance(current, _Joined) else values))
 
 
 @dataclass
 class DataOptions:
     """Where activations come from."""
 
-    hook: str = "blocks.5.attn.hook_z"
+    hook: str = field(default="blocks.5.attn.hook_z", metadata={"custom_args": {"action": JoinRepeated}})
     """Hook to train on: a full TransformerLens name, a pattern (blocks.*.attn.hook_z) or several, comma-separated; repeat --hook for more. One SAE per hook, fed by one forward."""
     model: str | None = None
     """A hub name (gpt2), a local Hugging Face folder, or omitted for the embedded model."""
@@ -61,6 +51,7 @@ class DataOptions:
     """Local files and hub datasets without a validation/test split: share of documents (by a stable hash) held out of training for the summary and saekit eval."""
 
     def __post_init__(self):
+        self.hook = str(self.hook)
         for name in ("seq_len", "total_tokens", "batch_size", "fill_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
@@ -145,23 +136,36 @@ class RunOptions:
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; saved as ``train_config.json`` in the run folder."""
+    """Everything a training run needs; saved as ``train_config.json`` in the run folder.
+    The SAE's width at the hook, d_in, is read from the model."""
 
-    sae: SAEOptions = field(default_factory=SAEOptions)
-    variant: VariantOptions = field(default_factory=VariantOptions)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    expansion: int = 16
+    """Latents per input dimension, used when --d-sae is 0."""
     data: DataOptions = field(default_factory=DataOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
     run: RunOptions = field(default_factory=RunOptions)
+
+    def __post_init__(self):
+        if self.expansion < 1:
+            raise ConfigError(f"--expansion must be at least 1, not {self.expansion}")
+
+    def sae_for(self, d_in: int, hook_name: str, hook_shape: tuple[int, ...], model_name: str) -> SAEConfig:
+        """The config of the SAE this run trains at one hook: ``sae`` with its open shape
+        (``d_in`` 0; ``d_sae`` 0 for ``expansion × d_in``) and its hook filled in."""
+        return dataclasses.replace(self.sae, d_in=d_in, d_sae=self.sae.d_sae or self.expansion * d_in,
+                                   hook_name=hook_name, model_name=model_name, hook_shape=tuple(hook_shape))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        parts = {"sae": SAEOptions, "variant": VariantOptions, "data": DataOptions,
-                 "optim": OptimOptions, "run": RunOptions}
+        d = upgrade_layout(d)
+        parts = {"sae": SAEConfig.from_dict, "data": lambda v: DataOptions(**v),
+                 "optim": lambda v: OptimOptions(**v), "run": lambda v: RunOptions(**v)}
         try:
-            return cls(**{k: parts[k](**v) for k, v in d.items()})
+            return cls(**{k: parts[k](v) if k in parts else v for k, v in d.items()})
         except (KeyError, TypeError) as e:
             raise ConfigError(f"not a saekit training config ({e})") from None
 
@@ -173,3 +177,18 @@ class TrainConfig:
             d["run"].pop(k)
         d["data"].pop("device")
         return d
+
+
+def upgrade_layout(d: dict) -> dict:
+    """A ``train_config.json`` (or checkpoint identity) of saekit before SAEConfig was nested
+    here, in today's layout: ``sae`` held d_sae, expansion, k, sparsity and impl, and
+    ``variant`` sat beside it."""
+    if "variant" not in d:
+        return d
+    d = dict(d)
+    variant = d.pop("variant")
+    sae = dict(d.get("sae", {}))
+    if "expansion" in sae:
+        d["expansion"] = sae.pop("expansion")
+    d["sae"] = {**sae, "variant": variant}
+    return d

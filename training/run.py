@@ -15,7 +15,8 @@ from saekit.activations import (CachedActivations, HookSpec, ModelActivations, T
                                 hook_folder, resolve_hook, resolve_hooks, write_cache)
 from saekit.errors import ConfigError, SaekitError
 from saekit.files import atomic_write_text
-from saekit.sae import SAE, SAEConfig
+from saekit.sae import SAE
+from saekit.types import SAEConfig
 from saekit.training import distributed, preflight
 from saekit.training.config import DataOptions, TrainConfig
 from saekit.training.summary import summarize
@@ -35,13 +36,6 @@ def _model_activations(model, hooks: list[HookSpec], d: DataOptions, seed: int, 
     tokens = data.token_batches(model.tokenizer, d.dataset, d.seq_len, batch_size=32, seed=seed,
                                heldout_frac=d.heldout_frac)  # never a held-out document
     return ModelActivations(model, hooks, tokens, max(1, d.fill_tokens // (d.seq_len - 1)), with_grads)
-
-
-def _sae_config(cfg: TrainConfig, d_in: int, hook_name: str, hook_shape, model_name: str) -> SAEConfig:
-    s = cfg.sae
-    return SAEConfig(d_in=d_in, d_sae=s.d_sae or s.expansion * d_in, k=s.k, sparsity=s.sparsity,
-                     hook_name=hook_name, model_name=model_name, hook_shape=tuple(hook_shape), impl=s.impl,
-                     variant=cfg.variant)
 
 
 def _truncate_metrics(out: Path, step: int) -> None:
@@ -91,7 +85,7 @@ def _run(cfg: TrainConfig, ctx) -> dict:
     multi = len(hooks) > 1
     mine = hooks[ctx.rank::ctx.world] if spread else hooks
     folders = [out / hook_folder(h.name) if multi else out for h in mine]
-    sae_cfgs = [_sae_config(cfg, h.d_in, h.name, h.shape, model_name) for h in mine]
+    sae_cfgs = [cfg.sae_for(h.d_in, h.name, h.shape, model_name) for h in mine]
     _on_writers(ctx, writer, lambda: preflight.check_space(
         out, [2 * c.d_in * c.d_sae + c.d_sae + c.d_in for c in sae_cfgs]))
     states = _on_writers(ctx, writer, lambda: [preflight.find_resume_state(f, cfg.run.resume, cfg) for f in folders])
@@ -273,7 +267,7 @@ def train_sae(acts: Tensor | Iterable[Tensor], cfg: TrainConfig | None = None, *
             return batch
 
         d_in = first.shape[1] // 2 if cfg.sae.sparsity == "gtopk" else first.shape[1]  # gtopk: [x | g]
-    sae = SAE(_sae_config(cfg, d_in, hook_name, (), model_name), seed=cfg.run.seed).to(d.device)
+    sae = SAE(cfg.sae_for(d_in, hook_name, (), model_name), seed=cfg.run.seed).to(d.device)
     trainer = Trainer(sae, cfg, total_steps=d.total_tokens // d.batch_size)
     if isinstance(acts, Tensor):
         init_b_dec_(sae, batch_at, cfg.optim.b_dec_init, reader.per_fill)
