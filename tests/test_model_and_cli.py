@@ -35,7 +35,7 @@ def test_ioi_command_prints_accuracy(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["hooks", "--model", "./no/such/folder"], "no such model folder"),
     (["hooks", "--model", "surely-not-a-model-xyz"], "could not load model"),
-    (["ioi", "--split", "dev"], "--split must be"),
+    (["ioi", "--split", "dev"], "argument --split: invalid choice"),
     (["ioi", "--n", "0"], "--n must be at least 1"),
     (["hooks", "--bogus"], "unrecognized arguments: --bogus"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),

@@ -1,0 +1,37 @@
+"""Option groups several commands share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from saekit.errors import SaekitError
+
+
+@dataclass
+class ModelOptions:
+    """Which model to run, and where."""
+
+    model: str | None = None
+    """A hub name (gpt2) or a local Hugging Face folder; omitted: the SAE's own model (cfg.json model_name) where the command reads an SAE, else the embedded model."""  # noqa: E501
+    device: str = "cpu"
+    """Torch device for the model (and the SAE)."""
+
+
+@dataclass
+class SAEOption:
+    """Which SAE."""
+
+    sae: str = ""
+    """SAE folder (saekit, SAELens or sparsify layout); results are written beside it."""
+
+    def __post_init__(self):
+        if not self.sae:
+            raise SaekitError("--sae PATH is required (an SAE folder, e.g. runs/demo)")
+
+
+@dataclass
+class DatasetOption:
+    """Held-out text to run on."""
+
+    dataset: str | None = None
+    """A Hugging Face dataset name, a .txt/.jsonl file or folder, ioi, or omitted for saekit's held-out corpus."""

@@ -1,0 +1,71 @@
+"""`saekit bench` and `saekit app`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import simple_parsing as sp
+
+from saekit.errors import SaekitError
+
+
+@dataclass
+class BenchOptions:
+    """Which benchmark, and its training budget."""
+
+    suite: Literal["synthetic"] = sp.field(default="synthetic", positional=True)
+    """The benchmark: synthetic (SAE variants on data with known features)."""
+    variants: str = "topk,mutual_choice,feature_choice"
+    """Comma-separated sparsifiers to train."""
+    d_sae: int = 1024
+    """Latents per SAE."""
+    k: int = 8
+    """Mean L0 every variant trains at."""
+    steps: int = 2000
+    """Training steps per variant."""
+
+
+def cmd_bench(args) -> None:
+    """Benchmarks of training itself: `saekit bench synthetic` scores each variant on ground truth."""
+    from saekit.evals.synthetic import bench, format_table
+
+    o, b = args.synthetic, args.bench
+    variants = [v.strip() for v in b.variants.split(",") if v.strip()]
+    from saekit.sparsity import SPARSIFIERS
+
+    unknown = [v for v in variants if v not in SPARSIFIERS]
+    if unknown:
+        raise SaekitError(f"unknown variants {unknown}; choose from {sorted(SPARSIFIERS)}")
+    print(format_table(bench(o, variants, d_sae=b.d_sae, k=b.k, steps=b.steps), o))
+
+
+@dataclass
+class AppOptions:
+    """Where the explorer listens and what it opens first."""
+
+    sae: str | None = None
+    """The SAE folder to open; omitted: the first SAE shipped in pretrained/saes/."""
+    model: str | None = None
+    """The model to run; omitted: the SAE's own (cfg.json model_name)."""
+    port: int = 8501
+    """Local port of the web page."""
+    address: str = "127.0.0.1"
+    """Interface to listen on; 127.0.0.1 keeps the app on this machine."""
+
+
+def cmd_app(args) -> None:
+    """The Streamlit explorer: browse features, read prompts through the SAE, steer the model."""
+    from saekit.app.launch import launch
+
+    o = args.app
+    launch(o.sae, o.model, o.port, o.address)  # replaces this process with the server
+
+
+def _bench_groups():
+    from saekit.evals.synthetic import SyntheticOptions
+
+    return [(BenchOptions, "bench"), (SyntheticOptions, "synthetic")]
+
+
+COMMANDS = {"bench": (cmd_bench, _bench_groups), "app": (cmd_app, lambda: [(AppOptions, "app")])}
