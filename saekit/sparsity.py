@@ -57,7 +57,9 @@ class TopK(nn.Module):
     ``PreActivations.topk``: the fused Triton kernel on CUDA, the bf16 screen on CPUs where
     it pays, else the dense product and an exact top-k."""
 
-    uses_grad = False
+    uses_grad = False  # weighs the loss gradient ∂L/∂x in its selection (the data must carry it)
+    batch_level = False  # selects across the batch (data parallelism could not reproduce it)
+    row_topk = True  # ranks ``k`` latents a row through PreActivations.topk (the fused kernel's limit applies)
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -78,10 +80,12 @@ class GradientTopK(nn.Module):
     latents per token (β becomes scale-free), ``"none"`` keeps raw values. Without a gradient
     (inference without labels) it is exactly TopK."""
 
+    uses_grad, batch_level, row_topk = True, False, True
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.k, self.beta, self.grad_norm = cfg.k, cfg.variant.beta, cfg.variant.grad_norm
-        self.uses_grad = self.beta != 0
+        self.uses_grad = self.beta != 0  # at β = 0 it is TopK: the SAE need not compute the effect
 
     def scores(self, pre: Tensor, effect: Tensor) -> Tensor:
         """The selection scores ``s`` [B, d_sae] from the dense pre-activations, in place in
@@ -123,7 +127,7 @@ class MutualChoice(nn.Module):
     ``lengths``, so decoding and the backward pass work on the k·B entries only (the
     PyTorch kernels; the Triton ones run the zero-padded form)."""
 
-    uses_grad = False
+    uses_grad, batch_level, row_topk = False, True, False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -157,7 +161,7 @@ class FeatureChoice(nn.Module):
     ``PreActivations.column_topk`` (on CPUs with AMX through a bf16 product); the codes
     carry ``lengths``."""
 
-    uses_grad = False
+    uses_grad, batch_level, row_topk = False, True, False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -223,6 +227,9 @@ class FeatureChoice(nn.Module):
             self.rank[order] = torch.arange(1, len(order) + 1, dtype=torch.float, device=pre.device)
 
 
+# Each sparsifier by the name ``SAEConfig.sparsity`` gives it (types.SparsityName lists the
+# same names for the command line's choices). A class states what the rest of saekit must know
+# about it in three class attributes, ``uses_grad``, ``batch_level`` and ``row_topk`` (TopK's).
 SPARSIFIERS: dict[str, type[nn.Module]] = {
     "topk": TopK, "gtopk": GradientTopK, "mutual_choice": MutualChoice, "feature_choice": FeatureChoice,
 }

@@ -169,3 +169,18 @@ def test_squared_error_refuses_a_second_derivative():
     (g,) = torch.autograd.grad(squared_error(x_hat, x), x_hat, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+def test_every_sparsifier_is_registered_once_and_states_its_needs():
+    """The registry (saekit.sparsity.SPARSIFIERS) and the names the command line offers
+    (saekit.types.SparsityName) agree, and each class declares what the trainer, the data
+    path and data parallelism ask of it."""
+    import typing
+
+    from saekit.sparsity import SPARSIFIERS
+    from saekit.types import SparsityName
+
+    assert set(typing.get_args(SparsityName)) == set(SPARSIFIERS)
+    for cls in SPARSIFIERS.values():
+        assert all(isinstance(getattr(cls, a), bool) for a in ("uses_grad", "batch_level", "row_topk")), cls
+        assert callable(cls.select)

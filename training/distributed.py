@@ -38,6 +38,7 @@ from torch import Tensor
 
 from saekit.activations import fill_permutation
 from saekit.errors import ConfigError
+from saekit.sparsity import SPARSIFIERS
 
 
 # ---- the process group ------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def broadcast_object(ctx: DistContext, obj=None):
 
 def check_supported(sparsity: str, batch_size: int, world: int) -> None:
     """Refuse what data parallelism cannot reproduce exactly."""
-    if sparsity in ("mutual_choice", "feature_choice"):
+    if SPARSIFIERS[sparsity].batch_level:
         raise ConfigError(f"--sparsity {sparsity} selects across the whole batch and is not supported "
                           "with data-parallel torchrun; run it in one process or add --distribute-hooks")
     if batch_size % world:

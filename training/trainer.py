@@ -71,7 +71,7 @@ def _check_kernels(sae: SAE) -> None:
 
     c = sae.cfg
     try:
-        check_impl(c.impl, sae.W_dec.device, c.k if c.sparsity in ("topk", "gtopk") else 0)
+        check_impl(c.impl, sae.W_dec.device, c.k if sae.sparsifier.row_topk else 0)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
