@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import screen, screen_batch
 from .dispatch import TRITON_MAX_K, log_decision, resolve_impl
 from .reference import pre_columns
 from .select import column_topk, global_topk, topk_lower_index
@@ -132,9 +133,7 @@ class PreActivations:
 
             out = encoder_topk_triton(self.x, self.W_enc, self.b_enc, self.b_dec, k)
         elif impl == "screen" and self._dense is None and self.x.dtype == torch.float32:
-            from .screen import screened_select
-
-            out = screened_select(self.xc, self.W_enc, self.b_enc, k)
+            out = screen.screened_select(self.xc, self.W_enc, self.b_enc, k)
         if out is None:
             out = topk_lower_index(self.dense(), k)
         return out[0].relu_(), out[1]
@@ -143,9 +142,7 @@ class PreActivations:
     def global_topk(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
         """(rows, cols, values) of the batch's ``n`` largest pre-activations (reference.global_topk)."""
         if self._screens():
-            from .screen_batch import screened_global_topk
-
-            picked = screened_global_topk(self.xc, self.W_enc, self.b_enc, n)
+            picked = screen_batch.screened_global_topk(self.xc, self.W_enc, self.b_enc, n)
             if picked is not None:
                 return picked
         return global_topk(self.dense(), n)
@@ -155,9 +152,7 @@ class PreActivations:
         """Each latent j's ``m[j]`` largest pre-activations over the batch: (rows, cols,
         values) and each latent's m[j]-th value (reference.column_topk)."""
         if self._screens():
-            from .screen_batch import screened_column_topk
-
-            picked = screened_column_topk(self.xc, self.W_enc, self.b_enc, m)
+            picked = screen_batch.screened_column_topk(self.xc, self.W_enc, self.b_enc, m)
             if picked is not None:
                 return picked
         return column_topk(self.dense(), m)
@@ -256,10 +251,8 @@ def encoder_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
     if resolved == "screen":
         _require_sound_screen()
     elif impl == "auto" and resolved == "torch":
-        from .screen import bf16_accumulates_in_fp32, pays
-
-        if pays(x, W_enc, k):
-            if bf16_accumulates_in_fp32():
+        if screen.pays(x, W_enc, k):
+            if screen.bf16_accumulates_in_fp32():
                 resolved = "screen"
                 log_decision("auto", resolved, "cpu encoder, AMX")
             else:
@@ -269,9 +262,7 @@ def encoder_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
 
 
 def _require_sound_screen() -> None:
-    from .screen import bf16_accumulates_in_fp32
-
-    if not bf16_accumulates_in_fp32():
+    if not screen.bf16_accumulates_in_fp32():
         raise ValueError("impl='screen' needs a bf16 matmul that accumulates in fp32, and this platform's does not "
                          "(a probe product leaves the screen's error bound); use impl='auto' or 'torch'")
 

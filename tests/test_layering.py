@@ -206,7 +206,8 @@ def test_cycle_finders_on_a_known_graph():
 def test_the_graph_reads_every_kind_of_import():
     graph = import_graph()
     assert "saekit.sparsity" in graph["saekit.sae"]  # module level, absolute
-    assert "saekit.kernels.screen" in graph["saekit.kernels.encoder"]  # relative, inside a function
+    assert "saekit.kernels.screen" in graph["saekit.kernels.encoder"]  # `from . import screen`: relative
+    assert "saekit.kernels.encoder_triton" in graph["saekit.kernels.encoder"]  # inside a function
     assert "saekit.training.run" in graph["saekit.training"]  # `from saekit.training import run`
     assert "saekit.kernels" in graph["saekit.sae"]  # `from saekit.kernels import <a name>`: the package
 
