@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
-
-from jaxtyping import Float
-from torch import Tensor
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from saekit.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the command line builds its parser without importing torch
+    from jaxtyping import Float
+    from torch import Tensor
 
 # A latent counts as firing on a token only when its activation exceeds this (OpenAI's
 # sparse_autoencoder counts dead latents the same way): float noise is not firing.
