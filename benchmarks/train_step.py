@@ -29,12 +29,21 @@ import statistics
 import torch
 from bench_timing import interleaved_times
 
+from saekit.kernels import screen
+from saekit.kernels.encoder import encoder_impl
+from saekit.sae import SAE, SAEConfig
+from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
+from saekit.training.trainer import Trainer
+
 
 def peak_rss_mib() -> float:
+    """The process's peak resident set size so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line's options: the SAE's and the batch's shape, the sparsifier, the rounds,
+    the share of dead latents and the step's kernels."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d-in", type=int, default=768)
     ap.add_argument("--d-sae", type=int, default=12288)
@@ -46,77 +55,87 @@ def main(argv=None):
                     help="mark this share of latents dead so the AuxK path runs too")
     ap.add_argument("--impl", default="auto", choices=["auto", "torch", "screen"],
                     help="the step's kernels (auto: the screened encoder on CPUs with AMX)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    from saekit.kernels import screen
-    from saekit.kernels.encoder import encoder_impl
-    from saekit.sae import SAE, SAEConfig
-    from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
-    from saekit.training.trainer import Trainer
 
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, args.d_in)
-    grad = torch.randn(args.batch, args.d_in) if args.sparsity == "gtopk" else None  # g-SAE selects with it
+def make_trainer(args: argparse.Namespace, sparsity: str, impl: str | None = None
+                 ) -> tuple[SAE, TrainConfig, Trainer]:
+    """A seeded SAE of ``args``' shape with ``sparsity`` and ``impl`` (default ``args.impl``),
+    its training config (one batch a fill, no warm-up) and its Trainer."""
+    impl = args.impl if impl is None else impl
+    sae = SAE(SAEConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k, sparsity=sparsity, impl=impl), seed=0)
+    cfg = TrainConfig(sae=SAEConfig(d_sae=args.d_sae, k=args.k, sparsity=sparsity, impl=impl),
+                      data=DataOptions(batch_size=args.batch, total_tokens=args.batch * 10**6,
+                                       fill_tokens=args.batch),
+                      optim=OptimOptions(lr=1e-4, warmup_steps=0), run=RunOptions(progress=False))
+    return sae, cfg, Trainer(sae, cfg, total_steps=10**6)
 
-    def make(sparsity, impl=args.impl):
-        sae = SAE(SAEConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k, sparsity=sparsity, impl=impl), seed=0)
-        cfg = TrainConfig(sae=SAEConfig(d_sae=args.d_sae, k=args.k, sparsity=sparsity, impl=impl),
-                          data=DataOptions(batch_size=args.batch, total_tokens=args.batch * 10**6,
-                                           fill_tokens=args.batch),
-                          optim=OptimOptions(lr=1e-4, warmup_steps=0), run=RunOptions(progress=False))
-        return sae, cfg, Trainer(sae, cfg, total_steps=10**6)
 
-    sae, cfg, trainer = make(args.sparsity)
+def step_trainers(args: argparse.Namespace, x: torch.Tensor) -> tuple[SAE, TrainConfig, dict, bool]:
+    """The step's SAE and config, the trainers the rounds time and whether the step's
+    selection screens. The trainers: "step" (``args.sparsity`` with ``args.impl``); "topk",
+    a TopK step of the same shape, for another sparsifier; "plain", the same step on the fp32
+    product (impl="torch"), where the step screens; "topk_plain", the TopK step on the fp32
+    product, for another sparsifier where TopK screens. Those that do not apply are None."""
+    sae, cfg, trainer = make_trainer(args, args.sparsity)
     # Another sparsifier's step is compared with a TopK step timed in the same rounds.
-    topk = make("topk")[2] if args.sparsity != "topk" else None
+    topk = make_trainer(args, "topk")[2] if args.sparsity != "topk" else None
     topk_screens = encoder_impl(args.impl, x, sae.W_enc, args.k) == "screen"
     screened = topk_screens and args.sparsity != "gtopk"  # the selections that screen
-    encoder = "screen" if screened else "fp32 pre-activations"
-    plain = make(args.sparsity, "torch")[2] if screened else None  # the same step on the fp32 product
+    plain = make_trainer(args, args.sparsity, "torch")[2] if screened else None  # the step on the fp32 product
     # ... and another sparsifier is compared with the TopK step on the fp32 product as well
-    topk_plain = make("topk", "torch")[2] if topk is not None and topk_screens else None
+    topk_plain = make_trainer(args, "topk", "torch")[2] if topk is not None and topk_screens else None
+    return sae, cfg, {"step": trainer, "topk": topk, "plain": plain, "topk_plain": topk_plain}, screened
 
-    pre = torch.empty(args.batch, args.d_sae)
-    # The SAE stores W_enc transposed ([d_sae, d_in] rows); the floor is timed with both
-    # storage orders and the faster one counts, so the layout cannot flatter the ratio.
-    layouts = {"W_enc as [d_sae, d_in] rows": sae.W_enc.detach(),
-               "W_enc as [d_in, d_sae] rows": sae.W_enc.detach().contiguous()}
 
-    def floor_with(W):  # into a reused buffer: the fastest way to compute the product here
-        def floor():
-            with torch.no_grad():
-                torch.addmm(sae.b_enc, x - sae.b_dec, W, out=pre)
-        return floor
+def floor_with(sae: SAE, x: torch.Tensor, W: torch.Tensor, pre: torch.Tensor):
+    """The floor with encoder matrix ``W``: ``(x - b_dec) @ W + b_enc`` into the reused
+    buffer ``pre`` (the fastest way to compute the product here)."""
+    def floor():
+        with torch.no_grad():
+            torch.addmm(sae.b_enc, x - sae.b_dec, W, out=pre)
+    return floor
 
-    def stepper(t: Trainer):
-        def step():
-            if args.dead_frac:  # the same latents dead at every step
-                t.tokens_since_fired[: int(args.dead_frac * args.d_sae)] = cfg.optim.dead_tokens
-            t.train_step(x, grad)
-        return step
 
-    step = stepper(trainer)
+def stepper(t: Trainer, x: torch.Tensor, grad: torch.Tensor | None, dead: int, dead_tokens: int):
+    """One training step of ``t`` on ``x`` (and ``grad``), with the first ``dead`` latents
+    marked dead (``dead_tokens`` tokens since they fired) before it, if any."""
+    def step():
+        if dead:  # the same latents dead at every step
+            t.tokens_since_fired[:dead] = dead_tokens
+        t.train_step(x, grad)
+    return step
 
-    rss0 = peak_rss_mib()
-    fns = {**{name: floor_with(W) for name, W in layouts.items()}, "step": step}
+
+def timed_functions(args: argparse.Namespace, x: torch.Tensor, grad: torch.Tensor | None, sae: SAE,
+                    cfg: TrainConfig, trainers: dict, screened: bool, layouts: dict, pre: torch.Tensor) -> dict:
+    """What the rounds time, in the order they run: the floor with each of ``layouts``'
+    matrices, "step", then where they apply "topk", "topk_plain", "plain" and, for a
+    screened TopK step, "bf16" (the screen's bf16 product alone)."""
+    dead = int(args.dead_frac * args.d_sae)
+    fns = {**{name: floor_with(sae, x, W, pre) for name, W in layouts.items()},
+           "step": stepper(trainers["step"], x, grad, dead, cfg.optim.dead_tokens)}
+    topk, topk_plain = trainers["topk"], trainers["topk_plain"]
     if topk is not None:
         fns["topk"] = lambda: topk.train_step(x)
     if topk_plain is not None:
         fns["topk_plain"] = lambda: topk_plain.train_step(x)
     if screened:
-        fns["plain"] = stepper(plain)
+        fns["plain"] = stepper(trainers["plain"], x, grad, dead, cfg.optim.dead_tokens)
         if args.sparsity == "topk":
             fns["bf16"] = bf16_product(screen, x - sae.b_dec, sae)
-    times = {name: statistics.median(t) for name, t in interleaved_times(fns, args.reps, warmup=2).items()}
-    t_step = times.pop("step")
-    t_topk = times.pop("topk", None)
-    t_topk_plain = times.pop("topk_plain", None)
-    t_plain, t_bf16 = times.pop("plain", None), times.pop("bf16", None)
-    t_layouts = times
+    return fns
+
+def result_rows(args: argparse.Namespace, sae: SAE, encoder: str, screened: bool, times: dict,
+                t_layouts: dict, rss0: float, rss1: float) -> list[tuple[str, object]]:
+    """The table's (measure, value) rows from the median seconds ``times`` ("step" and where
+    timed "topk", "topk_plain", "plain", "bf16"), the floor's per layout ``t_layouts`` and the
+    peak RSS before (``rss0``) and after (``rss1``) the timing."""
+    t_step, t_topk, t_topk_plain = times["step"], times.get("topk"), times.get("topk_plain")
+    t_plain, t_bf16 = times.get("plain"), times.get("bf16")
     t_floor = min(t_layouts.values())
-    rss1 = peak_rss_mib()
     params_mib = sum(p.numel() for p in sae.parameters()) * 4 / 2**20
-    rows = [
+    return [
         ("threads", torch.get_num_threads()),
         ("shape", f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} {args.sparsity}"),
         *((f"dense encoder matmul, {name} (s)", f"{t:.4f}") for name, t in t_layouts.items()),
@@ -137,10 +156,37 @@ def main(argv=None):
         ("peak RSS growth during timing (MiB)", f"{rss1 - rss0:.0f}"),
         ("peak RSS of the process (MiB)", f"{rss1:.0f}"),
     ]
+
+
+def print_table(rows: list[tuple[str, object]]) -> None:
+    """Print ``rows`` as a two-column markdown table, the measures padded to one width."""
     w = max(len(r[0]) for r in rows)
     print("| measure | value |\n|---|---|")
     for name, v in rows:
         print(f"| {name:<{w}} | {v} |")
+
+
+def main(argv=None):
+    """Time the training step against the floor in interleaved rounds (module docstring);
+    print the table, then the tokens-per-second line."""
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.d_in)
+    grad = torch.randn(args.batch, args.d_in) if args.sparsity == "gtopk" else None  # g-SAE selects with it
+    sae, cfg, trainers, screened = step_trainers(args, x)
+    encoder = "screen" if screened else "fp32 pre-activations"
+    pre = torch.empty(args.batch, args.d_sae)
+    # The SAE stores W_enc transposed ([d_sae, d_in] rows); the floor is timed with both
+    # storage orders and the faster one counts, so the layout cannot flatter the ratio.
+    layouts = {"W_enc as [d_sae, d_in] rows": sae.W_enc.detach(),
+               "W_enc as [d_in, d_sae] rows": sae.W_enc.detach().contiguous()}
+    rss0 = peak_rss_mib()
+    fns = timed_functions(args, x, grad, sae, cfg, trainers, screened, layouts, pre)
+    times = {name: statistics.median(t) for name, t in interleaved_times(fns, args.reps, warmup=2).items()}
+    t_layouts = {name: times.pop(name) for name in layouts}
+    rss1 = peak_rss_mib()
+    print_table(result_rows(args, sae, encoder, screened, times, t_layouts, rss0, rss1))
+    t_step, t_topk, t_floor = times["step"], times.get("topk"), min(t_layouts.values())
     extra = f" topk_tokens_per_s={args.batch / t_topk:.0f}" if t_topk is not None else ""
     print(f"tokens_per_s={args.batch / t_step:.0f} floor_tokens_per_s={args.batch / t_floor:.0f}{extra}")
 

@@ -92,6 +92,58 @@ def screened_global_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, n: int) -> tu
     return rows[top.indices], cols[top.indices], top.values
 
 
+def _column_thresholds(a: Tensor, out: Tensor, E_in: Tensor, m: Tensor, narrow: Tensor, B1: int
+                       ) -> tuple[Tensor, Tensor] | None:
+    """Feature Choice's per-latent thresholds on the screen: (H, tau), H [d_sae, B1] the value
+    maxima of ``a`` over the B1 groups of 8 consecutive tokens, tau [d_sae] latent j's
+    candidate threshold ``f^-1(G_j - u'|G_j| - 2 E_in)`` (G_j: the m[j]-th largest of H[j]
+    over the groups with no outlier token of ``out``), inf for the latents not ``narrow``;
+    None where a narrow latent's threshold is not finite."""
+    H = a[: B1 * _GROUP].unflatten(0, (B1, _GROUP)).amax(1).t().contiguous()  # [d_sae, B1] value maxima
+    out_groups = out[out < B1 * _GROUP] // _GROUP
+    M = int(m[narrow].max())
+    H_G = H.index_fill(1, out_groups, -math.inf) if len(out) else H
+    G = H_G.topk(M, dim=1).values.gather(1, (m.clamp(max=M) - 1)[:, None])[:, 0]  # [d_sae]
+    tau = _threshold(G, E_in, E_in.expand(H.shape[0]))
+    if not bool(torch.isfinite(tau[narrow]).all()):
+        return _fallback("a pre-activation beyond bf16's range")
+    return H, torch.where(narrow, tau, math.inf)  # the wide latents are ranked apart, in fp32
+
+
+def _column_candidates(a: Tensor, H: Tensor, tau: Tensor, B1: int, cap: int) -> tuple[Tensor, Tensor] | None:
+    """(rows, cols), latents ascending, of the entries of ``a`` (among the first B1 groups of
+    8 tokens) with ``a >= tau[col]``, looked for in the groups whose maximum ``H`` reaches
+    tau; None where more than ``cap`` groups do (each such group holds a candidate)."""
+    hit = H >= tau[:, None]
+    if int(torch.count_nonzero(hit)) > cap:
+        return _fallback(f"more than {_ROW_CAP}·m candidates")
+    j, g = hit.nonzero(as_tuple=True)                                # candidate (latent, group), j ascending
+    vals = a[: B1 * _GROUP].view(B1, _GROUP, H.shape[0])[g, :, j]    # [P, GROUP]
+    hit = (vals >= tau[j, None]).view(-1).nonzero().flatten()
+    p, t = hit // _GROUP, hit % _GROUP
+    return g[p] * _GROUP + t, j[p]
+
+
+def _column_tops(rows: Tensor, cols: Tensor, r: Tensor, m: Tensor, d_sae: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Of the candidates (rows, cols) with fp32 values ``r``, each latent j's ``m[j]`` largest:
+    (rows, cols, values) by latent ascending, then value descending, and ``smallest``
+    [d_sae], each latent's m[j]-th value where it has that many candidates (the other
+    entries left unset)."""
+    # Per latent, its candidates by value descending (one sort of int64 keys: the latent,
+    # then the value's bits flipped into descending order); keep the first m[j].
+    bits = r.view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 order = value order
+    order = ((cols << 32) - bits.long()).argsort()
+    rows, cols, r = rows[order], cols[order], r[order]
+    pos = torch.arange(len(cols)) - row_pointers(cols, d_sae)[cols]
+    keep = pos < m[cols]
+    smallest = torch.empty(d_sae)
+    last = keep & (pos == m[cols] - 1)
+    smallest[cols[last]] = r[last]
+    return rows[keep], cols[keep], r[keep], smallest
+
+
 @torch.no_grad()
 def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
@@ -117,47 +169,27 @@ def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
     product = _product(xc, W_enc, b_enc)
     if product is None:
         return None
-    a, E, out, E_in = product
-    H = a[: B1 * _GROUP].unflatten(0, (B1, _GROUP)).amax(1).t().contiguous()  # [d_sae, B1] value maxima
-    out_groups = out[out < B1 * _GROUP] // _GROUP
-    M = int(m[narrow].max())
-    H_G = H.index_fill(1, out_groups, -math.inf) if len(out) else H
-    G = H_G.topk(M, dim=1).values.gather(1, (m.clamp(max=M) - 1)[:, None])[:, 0]  # [d_sae]
-    tau = _threshold(G, E_in, E_in.expand(d_sae))
-    if not bool(torch.isfinite(tau[narrow]).all()):
-        return _fallback("a pre-activation beyond bf16's range")
-    tau = torch.where(narrow, tau, math.inf)  # the wide latents are ranked below, in fp32
-    hit = H >= tau[:, None]
-    if int(torch.count_nonzero(hit)) > _ROW_CAP * int(m[narrow].sum()):  # each hit group holds a candidate
-        return _fallback(f"more than {_ROW_CAP}·m candidates")
-    j, g = hit.nonzero(as_tuple=True)                                # candidate (latent, group), j ascending
-    vals = a[: B1 * _GROUP].view(B1, _GROUP, d_sae)[g, :, j]         # [P, GROUP]
-    hit = (vals >= tau[j, None]).view(-1).nonzero().flatten()
-    p, t = hit // _GROUP, hit % _GROUP
-    cols, rows = j[p], g[p] * _GROUP + t
+    a, _, out, E_in = product
+    thresholds = _column_thresholds(a, out, E_in, m, narrow, B1)
+    if thresholds is None:
+        return None
+    cap = _ROW_CAP * int(m[narrow].sum())
+    found = _column_candidates(a, *thresholds, B1, cap)
+    if found is None:
+        return None
+    rows, cols = found
     tail = torch.arange(B1 * _GROUP, B)  # tokens in no group, computed exactly with the outliers
     exact = torch.cat([out[out < B1 * _GROUP], tail])
     if len(exact):
         keep = torch.ones(B, dtype=torch.bool).index_fill_(0, exact, False)[rows]
         rows, cols = rows[keep], cols[keep]
-    if len(rows) > _ROW_CAP * int(m[narrow].sum()):
+    if len(rows) > cap:
         return _fallback(f"more than {_ROW_CAP}·m candidates")
     r = _rescore(W_enc.t(), xc.t(), b_enc[cols], cols, rows)[0]  # by latent: W_enc^T rows . xc
     if len(exact):
         erows, ecols, e = _exact_rows(xc, W_enc, b_enc, exact, narrow.nonzero().flatten())
         rows, cols, r = torch.cat([rows, erows]), torch.cat([cols, ecols]), torch.cat([r, e])
-    # Per latent, its candidates by value descending (one sort of int64 keys: the latent,
-    # then the value's bits flipped into descending order); keep the first m[j].
-    bits = r.view(torch.int32)
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 order = value order
-    order = ((cols << 32) - bits.long()).argsort()
-    rows, cols, r = rows[order], cols[order], r[order]
-    pos = torch.arange(len(cols)) - row_pointers(cols, d_sae)[cols]
-    keep = pos < m[cols]
-    smallest = torch.empty(d_sae)
-    last = keep & (pos == m[cols] - 1)
-    smallest[cols[last]] = r[last]
-    rows, cols, values = rows[keep], cols[keep], r[keep]
+    rows, cols, values, smallest = _column_tops(rows, cols, r, m, d_sae)
     wide = (~narrow).nonzero().flatten()
     if len(wide):  # fp32 columns for the latents that keep many tokens
         wr, wc, wv, ws = column_topk(pre_columns(xc, W_enc, b_enc, wide), m[wide])

@@ -1,6 +1,7 @@
 """The bf16-screened TopK encoder (kernels/screen.py): its bound, its exactness, its fallbacks
 and when impl="auto" takes it. tests/test_kernels.py also runs every encoder test with
-impl="screen" on integer data, where it must match the dense reference exactly."""
+impl="screen" on integer data, where it must match the dense reference exactly; Mutual and
+Feature Choice's batch screens (kernels/screen_batch.py) are tests/test_screen_batch.py's."""
 
 from __future__ import annotations
 
@@ -10,19 +11,8 @@ import pytest
 import torch
 
 from saekit.kernels import encode_topk, encode_topk_aux, resolve_impl
-from saekit.kernels import screen, screen_batch
-from saekit.training.losses import encode_with_aux
-
-
-def randn_sae(B, d_in, d_sae, seed=0, w_scale=None):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d_in, generator=g) * 3
-    W_T = torch.randn(d_sae, d_in, generator=g) / d_in**0.5
-    if w_scale is not None:  # latents of very different norms
-        W_T *= w_scale[:, None]
-    b_enc = torch.randn(d_sae, generator=g) * 0.3
-    b_dec = torch.randn(d_in, generator=g) * 0.1
-    return x, W_T.t(), b_enc, b_dec  # W_enc [d_in, d_sae], stored as rows like saekit.SAE
+from saekit.kernels import screen
+from tests.screen_helpers import EDGE, REAL, assert_errs_by_the_bound, flip_sae, randn_sae
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e-12, 1e12, 1e-30])
@@ -114,15 +104,6 @@ def test_fallbacks_give_the_fp32_result(caplog, monkeypatch):
     assert "every row has more than 16·k candidates" in said and "non-finite" in said
 
 
-def test_batch_selections_give_up_early_where_nothing_can_be_ruled_out():
-    """Equal pre-activations everywhere: Mutual and Feature Choice's screens return None (the
-    fp32 path runs) without building every (token, latent) pair."""
-    x, W_enc, _, b_dec = randn_sae(256, 32, 2048, seed=8)
-    x, b_enc = b_dec.expand(256, -1).clone(), torch.full((2048,), 0.5)
-    assert screen_batch.screened_global_topk(x - b_dec, W_enc, b_enc, 8 * 256) is None
-    assert screen_batch.screened_column_topk(x - b_dec, W_enc, b_enc, torch.ones(2048, dtype=torch.long)) is None
-
-
 def test_rows_the_bound_cannot_narrow_take_the_fp32_product(caplog, monkeypatch):
     """A row with x = b_dec and b_enc = 0 (a common start) ties every latent at 0."""
     monkeypatch.setattr(screen, "_logged", set())
@@ -188,143 +169,7 @@ def test_auto_takes_the_screen_only_where_it_pays(monkeypatch):
         resolve_impl("screen", "cuda")
 
 
-def pairs(codes):
-    """The (token, latent) pairs of ragged codes, sorted."""
-    real = torch.arange(codes.indices.shape[1]) < codes.lengths[:, None]
-    rows = torch.arange(len(codes.indices))[:, None].expand_as(codes.indices)[real]
-    return sorted(zip(rows.tolist(), codes.indices[real].tolist()))
-
-
-@pytest.mark.parametrize("negative,outlier", [(False, False), (True, False), (False, True)])
-def test_mutual_choice_on_the_screen_keeps_the_fp32_selection(negative, outlier, monkeypatch):
-    """Mutual Choice's batch-wide top k·B through the screen: the same (token, latent) pairs
-    as the fp32 path wherever the n-th and (n+1)-th pre-activations of the batch are apart,
-    the same values, and the same AuxK selection (made from the eligible columns only)."""
-    from saekit.sae import SAE, SAEConfig
-
-    made, rescored = [], []
-    real = screen_batch.screened_global_topk
-    monkeypatch.setattr(screen_batch, "screened_global_topk", lambda *a: made.append(real(*a)) or made[-1])
-    real_rescore = screen_batch._rescore
-    monkeypatch.setattr(screen_batch, "_rescore", lambda *a: rescored.append(len(a[3])) or real_rescore(*a))
-    x, W_enc, b_enc, b_dec = randn_sae(300, 64, 2048, seed=6)
-    if negative:  # the batch's top k·B below zero: rows with tau <= 0
-        b_enc = b_enc - 12
-    if outlier:  # one token of 30x the norm: computed exactly, the others keep a tight bound
-        x[5] *= 30
-    out = {}
-    for impl in ("screen", "torch"):
-        sae = SAE(SAEConfig(d_in=64, d_sae=2048, k=8, sparsity="mutual_choice", impl=impl), seed=0)
-        with torch.no_grad():
-            sae.W_enc_T.copy_(W_enc.t())
-            sae.b_enc.copy_(b_enc)
-            sae.b_dec.copy_(b_dec)
-        dead = torch.zeros(2048)
-        dead[::5] = 1
-        enc = encode_with_aux(sae, x, None, dead, 16)
-        out[impl] = enc, sae.sparsifier.theta.clone()
-    (a, theta_a), (b, theta_b) = out["screen"], out["torch"]
-    assert len(made) == 1 and made[0] is not None  # the screen ran (impl="torch" never calls it)
-    if outlier:  # its row joins whole; the others' candidates stay ~1.5 n (~18 n with its bound)
-        assert (made[0][0] == 5).sum() > 8 and rescored[0] < 3 * 8 * 300
-    s = ((x - b_dec).double() @ W_enc.double() + b_enc.double()).flatten().sort(descending=True).values
-    n = 8 * 300
-    assert (s[n - 1] - s[n]) > 1e-5 * s[n - 1].abs()  # this seed's cut is clear of rounding
-    assert pairs(a.codes) == pairs(b.codes) and torch.equal(a.codes.lengths, b.codes.lengths)
-    torch.testing.assert_close(a.codes.values.sort(1).values, b.codes.values.sort(1).values, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(theta_a, theta_b, rtol=1e-5, atol=1e-6)
-    assert torch.equal(a.aux.indices, b.aux.indices)
-    torch.testing.assert_close(a.aux.values, b.aux.values, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("capacity,B,outlier", [("uniform", 320, False), ("zipf", 320, False),
-                                                ("uniform", 325, False), ("uniform", 320, True)])
-def test_feature_choice_on_the_screen_keeps_the_fp32_selection(capacity, B, outlier, monkeypatch):
-    """Feature Choice's per-latent top m_j through the screen: the same (token, latent) pairs
-    as the fp32 path on every latent whose m_j-th and (m_j+1)-th pre-activations are apart,
-    the same values and per-latent smallest kept values. zipf gives the first latents
-    capacities above a quarter of the token groups (their fp32 columns); B=325 leaves 5
-    tokens in no group; ``outlier`` one token of 30x the norm (computed exactly)."""
-    from saekit.sae import SAE
-    from saekit.types import SAEConfig, VariantOptions
-
-    made = []
-    real = screen_batch.screened_column_topk
-    monkeypatch.setattr(screen_batch, "screened_column_topk", lambda *a: made.append(real(*a)) or made[-1])
-    x, W_enc, b_enc, b_dec = randn_sae(B, 64, 2048, seed=7)
-    if outlier:
-        x[9] *= 30
-    out = {}
-    for impl in ("screen", "torch"):
-        cfg = SAEConfig(d_in=64, d_sae=2048, k=8, sparsity="feature_choice", impl=impl,
-                        variant=VariantOptions(capacity=capacity, zipf_s=1.0))
-        sae = SAE(cfg, seed=0)
-        with torch.no_grad():
-            sae.W_enc_T.copy_(W_enc.t())
-            sae.b_enc.copy_(b_enc)
-            sae.b_dec.copy_(b_dec)
-        out[impl] = encode_with_aux(sae, x).codes, sae.sparsifier.theta.clone(), sae.sparsifier.capacities(B)
-    (a, theta_a, m), (b, theta_b, _) = out["screen"], out["torch"]
-    assert len(made) == 1 and made[0] is not None
-    if capacity == "zipf":
-        assert int(m.max()) > (B // 8) // 4
-    s = ((x - b_dec).double() @ W_enc.double() + b_enc.double()).sort(0, descending=True).values  # [B, d_sae]
-    cut, nxt = s.gather(0, (m - 1)[None])[0], s.gather(0, m.clamp(max=B - 1)[None])[0]
-    clear = ((cut - nxt) > 1e-5 * cut.abs()) | (m == B)
-    assert clear.float().mean() > 0.99
-    keep = lambda c: [p for p in pairs(c) if clear[p[1]]]  # noqa: E731
-    assert keep(a) == keep(b)
-    torch.testing.assert_close(theta_a, theta_b, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a.values.sum(), b.values.sum(), rtol=1e-5, atol=1e-3)
-
-
 # ---- adversarial data: bf16 rounding errs by the whole bound ------------------------------
-
-_DELTA = 15 * 2.0**-13  # below half a bf16 ulp of every entry flip_sae rounds (2^-9 for 0.5..2)
-_M = 64                 # coordinates per block
-_REAL = _M * _DELTA     # |x.(w - bf16(w))| for a unit-sign row of its block: 0.1171875
-
-
-def flip_sae(latents, rows, n_blocks, seed=0):
-    """x [len(rows), 64 n_blocks], W_enc [d_in, len(latents)]: bf16 rounding errs on chosen
-    (token, latent) pairs by the whole of the bound's |x| Dw term, in a chosen direction.
-
-    Block b holds a sign pattern s_b in {-1, 1}^64. A row ``(b, t)`` is ``t s_b`` on block b and 0
-    elsewhere (bf16-exact). A latent ``(b, sigma, A)`` is ``s_b * c + sigma DELTA s_b`` on block
-    b, with c = (1 + A, -1, 1, -1, ...), which bf16 rounds to ``s_b * c`` exactly, and ``-s/8``
-    on the other blocks; b = -1: ``-s/8`` everywhere. For a row and a latent of one block the
-    bf16 product is ``a = t A`` exactly while the fp32 one is ``r = t (A + sigma 64 DELTA)``:
-    the error x.(w - bf16(w)) equals |x| |w - bf16(w)| = |x| Dw (Cauchy-Schwarz with equality;
-    every latent has |w - bf16(w)| = Dw or 0). Across blocks a = r = -8t. Every sum is exact
-    in fp32 and every a exact in bf16, so only the bound's own slack (~1%) is left."""
-    g = torch.Generator().manual_seed(seed)
-    S = torch.randint(0, 2, (n_blocks, _M), generator=g).float() * 2 - 1
-    c = torch.ones(_M)
-    c[1::2] = -1
-    W_T = (-S / 8).flatten().repeat(len(latents), 1)  # [d_sae, d_in]
-    for j, (b, sigma, A) in enumerate(latents):
-        if b >= 0:
-            cj = c.clone()
-            cj[0] += A
-            W_T[j, b * _M:(b + 1) * _M] = S[b] * cj + sigma * _DELTA * S[b]
-    x = torch.zeros(len(rows), n_blocks * _M)
-    for i, (b, t) in enumerate(rows):
-        x[i, b * _M:(b + 1) * _M] = t * S[b]
-    return x, W_T.t()
-
-
-def assert_errs_by_the_bound(x, W_enc, pairs, sign):
-    """The construction's premise: on each (row, latent) pair the bf16 product errs (r - a)
-    by more than 0.98 of the bound E of its row, with the given sign."""
-    zero = torch.zeros(W_enc.shape[1])
-    a, E = screen._screen_product(x, W_enc, zero)
-    r = x.double() @ W_enc.double()
-    for (i, j), s in zip(pairs, sign):
-        err = float(r[i, j] - a[i, j].double())
-        assert s * err > 0.98 * float(E[i]), (i, j, err, float(E[i]))
-
-
-EDGE = {"inside": -2.0**-7, "tie": 0.0, "outside": 2.0**-7}  # how far the flipped latent is behind
 
 
 @pytest.mark.parametrize("case", list(EDGE))
@@ -338,7 +183,7 @@ def test_topk_screen_at_the_edge_of_its_bound(case, d_sae, k, A_G):
     d_sae=256 ranks strided groups, 40 whole rows. A negative k-th value (A_G < 0) only on
     whole rows: over groups its threshold comes from the bit maxima of negative groups,
     sound but loose (the most negative member), which no bound error could show."""
-    lead = 2 * _REAL + EDGE[case]
+    lead = 2 * REAL + EDGE[case]
     latents = [(0, +1, A_G - lead), (0, -1, A_G)] + [(0, 0, 0.875)] * (k - 1)
     latents += [(-1, 0, 0)] * (d_sae - len(latents))
     x, W_enc = flip_sae(latents, [(0, 1.0), (0, 2.0**40), (0, 2.0**-40)], 1)
@@ -348,52 +193,6 @@ def test_topk_screen_at_the_edge_of_its_bound(case, d_sae, k, A_G):
     want = encode_topk(x, W_enc, b_enc, b_dec, k, impl="torch")
     assert want.indices[:, -1].tolist() == [1 if case == "outside" else 0] * 3
     assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
-
-
-@pytest.mark.parametrize("case", ["inside", "outside"])
-def test_mutual_choice_screen_at_the_edge_of_its_bound(case):
-    """The batch's top 1: token 0 (norm 16) leads token 1 (norm 8) in the bf16 product by
-    E_0 + E_1 - ``EDGE[case]``, with errors -E_0 and +E_1: the window must hold the bound of
-    the row behind the threshold plus that of the candidate's row. Six more tokens of norm
-    16 keep token 0 from being an outlier."""
-    A_G = 0.125
-    latents = [(0, -1, A_G), (1, +1, 2 * A_G - 3 * _REAL - EDGE[case])] + [(-1, 0, 0)] * 254
-    rows = [(0, 2.0), (1, 1.0)] + [(2, 2.0)] * 6
-    x, W_enc = flip_sae(latents, rows, 3)
-    assert_errs_by_the_bound(x, W_enc, [(0, 0), (1, 1)], [-1, +1])
-    b_enc = torch.zeros(256)
-    got = screen_batch.screened_global_topk(x, W_enc, b_enc, 1)
-    assert got is not None
-    want = (1, 1) if case == "inside" else (0, 0)
-    assert (int(got[0][0]), int(got[1][0])) == want
-    from saekit.kernels.select import global_topk
-
-    ref = global_topk(x @ W_enc, 1)
-    assert (int(ref[0][0]), int(ref[1][0])) == want and torch.equal(got[2], ref[2])
-
-
-@pytest.mark.parametrize("case", ["inside", "outside"])
-def test_feature_choice_screen_at_the_edge_of_its_bound(case):
-    """Latent 0 keeps its top token (m = 1) of 32: token 8 leads token 0 in the bf16 product
-    by 2 E - ``EDGE[case]``, with errors -E and +E (tokens 0 and 8 are +s and -s on block 0;
-    the others sit on block 1, far below): the per-latent window must be 2 E."""
-    A = -_REAL - EDGE[case] / 2
-    latents = [(0, +1, A)] + [(-1, 0, 0)] * 255
-    rows = [(1, 1.0)] * 32
-    rows[0], rows[8] = (0, 1.0), (0, -1.0)
-    x, W_enc = flip_sae(latents, rows, 2)
-    assert_errs_by_the_bound(x, W_enc, [(0, 0), (8, 0)], [+1, -1])
-    m = torch.ones(256, dtype=torch.long)
-    got = screen_batch.screened_column_topk(x, W_enc, torch.zeros(256), m)
-    assert got is not None
-    rows_got, cols_got, values_got, smallest = got
-    want = 0 if case == "inside" else 8
-    assert rows_got[cols_got == 0].tolist() == [want]
-    from saekit.kernels.select import column_topk
-
-    ref = column_topk(x @ W_enc, m)
-    assert ref[0][ref[1] == 0].tolist() == [want]
-    assert torch.equal(values_got[cols_got == 0], ref[2][ref[1] == 0]) and smallest[0] == ref[3][0]
 
 
 # ---- the platform's bf16 matmul must accumulate as the bound assumes ------------------------

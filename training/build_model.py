@@ -136,7 +136,9 @@ During training (500 prompts each):
     (folder / "README.md").write_text(text)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line's options: the output folder, the seed, and the model's, the batches'
+    and the schedule's sizes."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="pretrained/saekit-ioi-6l")
     ap.add_argument("--seed", type=int, default=0)
@@ -152,25 +154,38 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads; fixed so that the float results repeat across machines")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def new_model(args: argparse.Namespace, tok):
+    """A freshly initialized GPT-2 (from torch's global generator) of ``args``' sizes over
+    ``tok``'s vocabulary, without dropout, BOS doubling as EOS."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
-    t0 = time.time()
-    tok = train_tokenizer(args.seed, args.vocab_size, n_docs=20_000)
     cfg = GPT2Config(
         vocab_size=len(tok), n_positions=args.seq_len, n_embd=args.d_model, n_layer=args.n_layer,
         n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.bos_token_id,
     )
-    model = GPT2LMHeadModel(cfg)
+    return GPT2LMHeadModel(cfg)
+
+
+def optimizer_and_schedule(model, args: argparse.Namespace):
+    """AdamW at ``args.lr`` and its schedule: 100 linear warm-up steps, then a cosine decay
+    to 10% of the rate at ``args.steps``."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = 100
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, args.steps) / args.steps))))
+    return opt, sched
+
+
+def train_model(model, tok, args: argparse.Namespace, t0: float) -> list[dict]:
+    """Train ``model`` for ``args.steps`` steps, each on a batch of packed corpus sequences
+    (next-token loss) plus a batch of IOI prompts (loss on the answer); return the log rows
+    (losses, IOI scores, minutes since ``t0``) written every ``args.eval_every`` steps and at
+    the last."""
+    opt, sched = optimizer_and_schedule(model, args)
     lm_stream = pack(corpus.stream_text(args.seed, "train"), tok, args.seq_len)
     rng = random.Random(f"ioi-train-{args.seed}")
     log = []
@@ -195,8 +210,13 @@ def main(argv=None):
                    "minutes": (time.time() - t0) / 60}
             log.append(row)
             tqdm.write(json.dumps(row))
+    return log
 
-    final = {
+
+def final_scores(model, tok, args: argparse.Namespace, t0: float) -> dict:
+    """The trained model's figures: IOI on 1,000 held-out and 1,000 training-template prompts,
+    the held-out next-token loss, minutes since ``t0``, parameter count, options, torch."""
+    return {
         "ioi_heldout_1000": score_ioi(model, tok, 1000, "heldout", seed=0),
         "ioi_train_templates_1000": score_ioi(model, tok, 1000, "train", seed=0),
         "heldout_lm_loss": heldout_lm_loss(model, tok),
@@ -205,8 +225,11 @@ def main(argv=None):
         "args": vars(args),
         "torch": torch.__version__,
     }
-    print(json.dumps(final, indent=1))
-    out = Path(args.out)
+
+
+def save_model(out: Path, model, tok, final: dict, log: list[dict]) -> None:
+    """Write the model, tokenizer, training_log.json and README.md to a temporary folder
+    beside ``out``, then put it in ``out``'s place (replacing any folder there)."""
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent if out.parent.exists() else None))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -215,6 +238,22 @@ def main(argv=None):
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def main(argv=None):
+    """Build the embedded model as the module docstring describes and save it to ``--out``."""
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    t0 = time.time()
+    tok = train_tokenizer(args.seed, args.vocab_size, n_docs=20_000)
+    model = new_model(args, tok)
+    log = train_model(model, tok, args, t0)
+    final = final_scores(model, tok, args, t0)
+    print(json.dumps(final, indent=1))
+    out = Path(args.out)
+    save_model(out, model, tok, final, log)
     print(f"saved to {out}")
 
 
