@@ -7,8 +7,8 @@ Public API (each op takes impl="auto" | "torch" | "triton" | "screen"; see resol
         as a selection asks: .topk(k), .global_topk(n), .column_topk(m), .columns(cols), .dense()
     encode_selected(x, W_enc, b_enc, b_dec, values, indices) -> values with the encoder's sparse
         backward, for selections made on PreActivations
-    encode_topk(x, W_enc, b_enc, b_dec, k) -> TopK(values [B, k], indices [B, k]), differentiable
-    encode_topk_aux(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux) -> (TopK, TopK for AuxK)
+    encode_topk(x, W_enc, b_enc, b_dec, k) -> TopKResult(values [B, k], indices [B, k]), differentiable
+    encode_topk_aux(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux) -> (TopKResult, TopKResult for AuxK)
     decode_sparse(values, indices, W_dec, b_dec) -> x_hat [B, d_in]
     topk_lower_index(scores, k) -> exact per-row top-k of any scores, ties to the lower index
     resolve_impl(impl, device) -> "torch" | "triton" | "screen"
@@ -27,8 +27,8 @@ triton nor anything that probes a device.
 
 from .decoder import decode_sparse
 from .dispatch import resolve_impl
-from .encoder import PreActivations, TopK, check_impl, encode_selected, encode_topk, encode_topk_aux
+from .encoder import PreActivations, TopKResult, check_impl, encode_selected, encode_topk, encode_topk_aux
 from .select import topk_lower_index
 
-__all__ = ["PreActivations", "TopK", "check_impl", "decode_sparse", "encode_selected", "encode_topk",
+__all__ = ["PreActivations", "TopKResult", "check_impl", "decode_sparse", "encode_selected", "encode_topk",
            "encode_topk_aux", "resolve_impl", "topk_lower_index"]

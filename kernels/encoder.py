@@ -35,7 +35,7 @@ from .select import column_topk, global_topk, topk_lower_index
 from .sparse_rows import check_lengths, gather_rows, scatter_rows
 
 
-class TopK(NamedTuple):
+class TopKResult(NamedTuple):
     values: Tensor   # [B, k], ReLU applied, sorted descending, input dtype
     indices: Tensor  # [B, k] int64
 
@@ -295,12 +295,12 @@ def check_impl(impl: str, device: torch.device | str, topk_k: int = 0) -> None:
         _require_sound_screen()
 
 
-def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, *, impl: str = "auto") -> TopK:
+def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, *, impl: str = "auto") -> TopKResult:
     """TopK encoder: the k largest of (x - b_dec) @ W_enc + b_enc per row, ReLU on the values
     (reference.encode_topk).
 
     x [..., d_in]; W_enc [d_in, d_sae]; b_enc [d_sae]; b_dec [d_in]; fp32 or bf16 (one dtype).
-    Returns TopK(values [..., k] sorted descending in x's dtype, indices [..., k] int64); among
+    Returns TopKResult(values [..., k] sorted descending in x's dtype, indices [..., k] int64); among
     equal values the lower latent index wins. Differentiable wrt x, W_enc, b_enc, b_dec
     through `values`; the backward touches only the selected latents.
     impl: "auto" | "torch" | "triton" | "screen" (see resolve_impl).
@@ -309,13 +309,13 @@ def encode_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, 
     pre = PreActivations(x.reshape(-1, x.shape[-1]), W_enc, b_enc, b_dec, impl, k)
     values, indices = pre.topk(k)
     values = _attach(pre, values, indices, k)
-    return TopK(values.unflatten(0, lead), indices.unflatten(0, lead))
+    return TopKResult(values.unflatten(0, lead), indices.unflatten(0, lead))
 
 
 def encode_topk_aux(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
     dead_mask: Tensor, k_aux: int, *, impl: str = "auto",
-) -> tuple[TopK, TopK]:
+) -> tuple[TopKResult, TopKResult]:
     """`encode_topk` plus the AuxK selection (Gao et al. 2024): per row the top-k_aux of
     ReLU(pre) among latents where dead_mask [d_sae] (bool) is True, ties to the lower index
     (from the dense pre-activations where the TopK selection made them, else from a product
@@ -340,7 +340,7 @@ def encode_topk_aux(
     else:
         aux_values, aux_indices = x.new_empty(x.shape[0], 0), dead.new_empty(x.shape[0], 0)
     both = _attach(pre, torch.cat([values, aux_values], 1), torch.cat([indices, aux_indices], 1), k)
-    return TopK(both[:, :k], indices), TopK(both[:, k:], aux_indices)
+    return TopKResult(both[:, :k], indices), TopKResult(both[:, k:], aux_indices)
 
 
 def _attach(pre: PreActivations, values: Tensor, indices: Tensor, k: int) -> Tensor:

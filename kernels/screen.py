@@ -68,15 +68,15 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .select import _strided_group_max, keyed_topk, topk_lower_index
+from .select import strided_group_max, keyed_topk, topk_lower_index
 from .sparse_rows import row_pointers, sampled_addmm_csr
 
 log = logging.getLogger("saekit.kernels")
 
 _U = 2.0 ** -8                 # bf16 unit roundoff
 _U_OUT = 2 * _U / (1 - 2 * _U)  # |a - p| <= _U_OUT |a| for a = bf16(p), rounded either way
-_GROUP = 8                     # level-1 strided groups, as select._hierarchical
-_ROW_CAP = 16                  # rows with more than 16 k candidates take the fp32 product
+GROUP = 8                     # level-1 strided groups, as select._hierarchical
+ROW_CAP = 16                  # rows with more than 16 k candidates take the fp32 product
 _COL_BLOCK = 512               # W rows per block when bounding bf16's rounding of W
 
 _tls = threading.local()
@@ -169,7 +169,7 @@ def _row_bounds(xc: Tensor, xa: Tensor, cols: tuple[float, float, float, float])
     return (E + flushed) * (1 + 2.0 ** -10)
 
 
-def _threshold(G: Tensor, E_G: Tensor | float, E: Tensor) -> Tensor:
+def threshold(G: Tensor, E_G: Tensor | float, E: Tensor) -> Tensor:
     """tau (module docstring) from G [B], the bound E_G that holds for the latents behind G
     and E [B] float64 (TopK: E_G = E; a batch-wide G: the largest E of the rows behind it),
     rounded down to bf16."""
@@ -183,43 +183,43 @@ def _threshold(G: Tensor, E_G: Tensor | float, E: Tensor) -> Tensor:
 def _candidates(a: Tensor, k: int, E: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """(rows, cols, dense): every latent of ``a`` [B, n] bf16 that can be in its row's top k,
     rows ascending, except in the rows ``dense`` [int64] that have more than
-    ``_ROW_CAP·k`` (or, defensively, fewer than k) candidates: those are left to the fp32
+    ``ROW_CAP·k`` (or, defensively, fewer than k) candidates: those are left to the fp32
     product. None when a threshold is not finite (a value beyond bf16's range)."""
     B, n = a.shape
-    n1, n_super = n // _GROUP, 4 * k
-    cap = _ROW_CAP * k
+    n1, n_super = n // GROUP, 4 * k
+    cap = ROW_CAP * k
     if n1 < 2 * n_super:  # too narrow for groups: rank and compare the whole rows
-        tau = _threshold(a.topk(k, dim=1, sorted=False).values.amin(1), E, E)
+        tau = threshold(a.topk(k, dim=1, sorted=False).values.amin(1), E, E)
         if not bool(torch.isfinite(tau).all()):
             return None
         rows, cols, dense = _cap_rows(*(a >= tau[:, None]).nonzero(as_tuple=True), B, k, cap)
         return rows, cols, dense.nonzero().flatten()
-    gm1 = _group_maxima(a)                                              # [B, n1]
+    gm1 = group_maxima(a)                                              # [B, n1]
     per = n1 // n_super
     gm2 = gm1[:, : per * n_super].unflatten(1, (per, n_super)).amax(1)  # [B, n_super]
     # k super-groups, each holding a value >= its reported one: G is a k-th value lower bound.
-    tau = _threshold(gm2.topk(k, dim=1, sorted=False).values.view(torch.bfloat16).amin(1), E, E)
+    tau = threshold(gm2.topk(k, dim=1, sorted=False).values.view(torch.bfloat16).amin(1), E, E)
     if not bool(torch.isfinite(tau).all()):
         return None
-    rows, cols, dense = _members(a, gm1, tau, cap)
+    rows, cols, dense = members(a, gm1, tau, cap)
     rows, cols, short = _cap_rows(rows, cols, B, k, cap)
     return rows, cols, (dense | short).nonzero().flatten()
 
 
-def _group_maxima(a: Tensor) -> Tensor:
+def group_maxima(a: Tensor) -> Tensor:
     """Maxima of the raw bits of ``a`` [B, n] bf16 as int16 over strided groups of 8
-    (`select._strided_group_max`), [B, n // 8]: faster than over the bf16 values
+    (`select.strided_group_max`), [B, n // 8]: faster than over the bf16 values
     (benchmarks/RESULTS.md, "Figures moved from docstrings"). Bits order
     like values among non-negative numbers and below them come all negative ones, so a
     group's bit maximum is its value maximum whenever the group holds a value >= +0.0, and
     otherwise one of its (negative) values. Either way it is one of the group's values."""
-    return _strided_group_max(a.view(torch.int16), _GROUP)
+    return strided_group_max(a.view(torch.int16), GROUP)
 
 
-def _members(a: Tensor, gm1: Tensor, tau: Tensor, cap: int | None = None,
+def members(a: Tensor, gm1: Tensor, tau: Tensor, cap: int | None = None,
              total: int | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
     """(rows, cols) of every entry of ``a`` [B, n] bf16 >= tau [B] bf16, rows ascending,
-    found through the group maxima ``gm1``: bit maxima (`_group_maxima`, int16) or value
+    found through the group maxima ``gm1``: bit maxima (`group_maxima`, int16) or value
     maxima (bf16); with ``cap``, rows with more than ``cap`` of them are left out and marked
     in the bool [B] returned third. None when there are more than ``total`` of them."""
     B, n = a.shape
@@ -232,20 +232,20 @@ def _members(a: Tensor, gm1: Tensor, tau: Tensor, cap: int | None = None,
         hit = gm1 >= tau.view(torch.int16)[:, None]
         low = (tau <= 0).nonzero().flatten()
         if low.numel():
-            hit[low] = _strided_group_max(a[low], _GROUP) >= tau[low, None]
+            hit[low] = strided_group_max(a[low], GROUP) >= tau[low, None]
     if total is not None and int(torch.count_nonzero(hit)) > total:  # each hit group holds a member
         return None
     # Each hit group holds a member, so rows with more than cap of them are out already.
     r, g, dense = _cap_rows(*hit.nonzero(as_tuple=True), B, 0, n if cap is None else cap)
-    vals = a[:, : n1 * _GROUP].unflatten(1, (_GROUP, n1))[r, :, g]  # [P, GROUP]: g + n1*m
+    vals = a[:, : n1 * GROUP].unflatten(1, (GROUP, n1))[r, :, g]  # [P, GROUP]: g + n1*m
     hit = (vals >= tau[r, None]).view(-1).nonzero().flatten()
-    p, m = hit // _GROUP, hit % _GROUP
+    p, m = hit // GROUP, hit % GROUP
     rows, cols = r[p], g[p] + n1 * m
-    if n1 * _GROUP < n:  # columns in no group
-        tr, tc = (a[:, n1 * _GROUP:] >= tau[:, None]).nonzero(as_tuple=True)
+    if n1 * GROUP < n:  # columns in no group
+        tr, tc = (a[:, n1 * GROUP:] >= tau[:, None]).nonzero(as_tuple=True)
         keep = ~dense[tr]
         rows, order = torch.cat([rows, tr[keep]]).sort(stable=True)
-        cols = torch.cat([cols, tc[keep] + n1 * _GROUP])[order]
+        cols = torch.cat([cols, tc[keep] + n1 * GROUP])[order]
     return rows, cols, dense
 
 
@@ -260,7 +260,7 @@ def _cap_rows(rows: Tensor, cols: Tensor, B: int, lo: int, hi: int) -> tuple[Ten
     return rows, cols, dense
 
 
-def _rescore(left: Tensor, right: Tensor, bias: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+def rescore(left: Tensor, right: Tensor, bias: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
     """``bias + left[rows] . right[:, cols]`` for each pair (rows ascending), in fp32: a
     sampled matmul. With left = xc, right = W_enc and bias = b_enc[cols], the candidates'
     pre-activations; with left = W_enc^T, right = xc^T, the same numbers latent by latent.
@@ -273,7 +273,7 @@ def _rescored_topk(xc: Tensor, W_enc: Tensor, b: Tensor, rows: Tensor, cols: Ten
     """fp32 pre-activations of the candidates, then each row's top k by (value desc, index
     asc): (values [B, k] fp32, indices [B, k] int64)."""
     B = xc.shape[0]
-    r, crow = _rescore(xc, W_enc, b[cols], rows, cols)
+    r, crow = rescore(xc, W_enc, b[cols], rows, cols)
     C = int((crow[1:] - crow[:-1]).max())
     slot = torch.arange(len(rows)) - crow[rows]
     V = torch.full((B, C), -math.inf)
@@ -291,7 +291,7 @@ def _rescored_topk(xc: Tensor, W_enc: Tensor, b: Tensor, rows: Tensor, cols: Ten
     return v, i
 
 
-def _screen_product(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor] | None:
+def screen_product(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor] | None:
     """The bf16 product ``a`` [B, d_sae] and the bound E [B] (module docstring), or None
     (logged) where the bound is not finite."""
     B, d_in = xc.shape
@@ -302,7 +302,7 @@ def _screen_product(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, T
     cols = _column_bounds(W_enc.t(), b_enc, Wa)
     E = _row_bounds(xc, xa, cols)
     if not (math.isfinite(sum(cols)) and bool(torch.isfinite(E).all())):
-        return _fallback("a non-finite input or weight")
+        return fallback("a non-finite input or weight")
     return _bf16_mm(xa, Wa.t(), out=_buffer("a", (B, d_sae), torch.bfloat16)), E
 
 
@@ -317,7 +317,7 @@ _PROBE_D_IN = 1023  # pads to an inner size of 1024 (`_padded_k`), past common K
 @lru_cache(maxsize=None)
 def bf16_accumulates_in_fp32() -> bool:
     """Whether this platform's bf16 matmul keeps within the bound on a probe, [256, 1023] x
-    [1023, 512]: every entry of `_screen_product`'s ``a`` within ``E + u'|a|`` of the exact
+    [1023, 512]: every entry of `screen_product`'s ``a`` within ``E + u'|a|`` of the exact
     product (cached per process; one shape, so a library whose accumulation changes with
     the shape could still differ elsewhere).
 
@@ -336,7 +336,7 @@ def bf16_accumulates_in_fp32() -> bool:
     x[:n].scatter_(1, pos, torch.tensor([1.0, -1.0, 3 * 2.0**-10, 3 * 2.0**-10]).expand(n, 4))
     W_T[:n].scatter_(1, pos, 1.0)
     with torch.no_grad():
-        a, E = _screen_product(x, W_T.t(), torch.zeros(512))
+        a, E = screen_product(x, W_T.t(), torch.zeros(512))
     a = a.double()
     err = (x.double() @ W_T.double().t() - a).abs()
     ok = bool((err <= E[:, None] + _U_OUT * a.abs()).all())
@@ -352,19 +352,19 @@ def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
     cannot certify its result (the caller then runs the fp32 path). xc [B, d_in], W_enc
     [d_in, d_sae], b_enc [d_sae]: fp32 CPU tensors."""
     B = xc.shape[0]
-    product = _screen_product(xc, W_enc, b_enc)
+    product = screen_product(xc, W_enc, b_enc)
     if product is None:
         return None
     a, E = product  # [B, d_sae] bf16, [B]
     found = _candidates(a, k, E)
     if found is None:
-        return _fallback("a pre-activation beyond bf16's range")
+        return fallback("a pre-activation beyond bf16's range")
     rows, cand, dense = found
     if len(dense) == B:
-        return _fallback(f"every row has more than {_ROW_CAP}·k candidates")
+        return fallback(f"every row has more than {ROW_CAP}·k candidates")
     values, indices = _rescored_topk(xc, W_enc, b_enc, rows, cand, k)
     if len(dense):  # rows the bound cannot narrow (e.g. x = b_dec with b_enc = 0): fp32
-        _fallback(f"rows with more than {_ROW_CAP}·k candidates take the fp32 product")
+        fallback(f"rows with more than {ROW_CAP}·k candidates take the fp32 product")
         values[dense], indices[dense] = topk_lower_index(torch.addmm(b_enc, xc[dense], W_enc), k)
     return values, indices
 
@@ -372,7 +372,7 @@ def screened_select(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[T
 _logged: set[str] = set()
 
 
-def _fallback(why: str) -> None:
+def fallback(why: str) -> None:
     """Log (once per reason) that the screen gave up on a batch or some of its rows, which
     then take the fp32 product."""
     if why not in _logged:

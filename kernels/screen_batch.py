@@ -12,22 +12,22 @@ import math
 import torch
 from torch import Tensor
 
-from .screen import (_GROUP, _ROW_CAP, _fallback, _group_maxima, _members, _rescore, _screen_product,
-                     _threshold)
+from .screen import (GROUP, ROW_CAP, fallback, group_maxima, members, rescore, screen_product,
+                     threshold)
 from .reference import pre_columns
-from .select import _strided_group_max
+from .select import strided_group_max
 from .sparse_rows import row_pointers
 
 
 def _product(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """screen._screen_product's (a, E), then the rows whose bound exceeds twice the median
+    """screen.screen_product's (a, E), then the rows whose bound exceeds twice the median
     and the largest bound of the other rows: (a, E, outliers, E_in); None where the bound
     is not finite.
 
     Batch-wide thresholds hold for every row, so one token of outsized norm (a BOS-like
     token) would widen them for all. Its row is instead computed exactly in fp32 and joins
     the candidates whole; the thresholds use the others' bound."""
-    product = _screen_product(xc, W_enc, b_enc)
+    product = screen_product(xc, W_enc, b_enc)
     if product is None:
         return None
     a, E = product
@@ -53,7 +53,7 @@ def screened_global_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, n: int) -> tu
     particular order, which of several equal values at the cut are kept unspecified; or None
     where the screen cannot certify its result (the caller then runs the fp32 path).
 
-    The threshold is batch-wide: the n largest group maxima (bit maxima, `_group_maxima`,
+    The threshold is batch-wide: the n largest group maxima (bit maxima, `group_maxima`,
     unless the smallest of them is not positive: value maxima) of the rows that are not
     outliers (`_product`; those are computed exactly) come from n distinct groups, each
     holding a value >= the smallest of them, G. The n-th largest r is then at least
@@ -62,29 +62,29 @@ def screened_global_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, n: int) -> tu
     from .select import global_topk
 
     B = xc.shape[0]
-    if n > B * (W_enc.shape[1] // _GROUP):  # fewer groups than entries to keep
-        return _fallback("more entries to keep than groups")
+    if n > B * (W_enc.shape[1] // GROUP):  # fewer groups than entries to keep
+        return fallback("more entries to keep than groups")
     product = _product(xc, W_enc, b_enc)
     if product is None:
         return None
     a, E, out, E_in = product
-    gm1 = _group_maxima(a)
+    gm1 = group_maxima(a)
     gm_G = gm1.index_fill(0, out, torch.iinfo(torch.int16).min) if len(out) else gm1
     G = global_topk(gm_G, n)[2].view(torch.bfloat16).amin()
     if G <= 0:  # the batch's n-th value is not positive: bit maxima would rank it badly
-        gm1 = _strided_group_max(a, _GROUP).index_fill_(0, out, -math.inf)
+        gm1 = strided_group_max(a, GROUP).index_fill_(0, out, -math.inf)
         G = global_topk(gm1, n)[2].amin()
-    tau = _threshold(G.expand(B), E_in, E).index_fill_(0, out, math.inf)  # outliers: exact below
+    tau = threshold(G.expand(B), E_in, E).index_fill_(0, out, math.inf)  # outliers: exact below
     if not bool(torch.isfinite(tau.index_fill(0, out, 0)).all()):
-        return _fallback("a pre-activation beyond bf16's range")
-    found = _members(a, gm1, tau, total=_ROW_CAP * n)
+        return fallback("a pre-activation beyond bf16's range")
+    found = members(a, gm1, tau, total=ROW_CAP * n)
     if found is None:
-        return _fallback(f"more than {_ROW_CAP}·n candidates")
+        return fallback(f"more than {ROW_CAP}·n candidates")
     rows, cols, _ = found
     if len(out):  # (only an infinite a could have made them members)
         keep = torch.ones(B, dtype=torch.bool).index_fill_(0, out, False)[rows]
         rows, cols = rows[keep], cols[keep]
-    r = _rescore(xc, W_enc, b_enc[cols], rows, cols)[0]
+    r = rescore(xc, W_enc, b_enc[cols], rows, cols)[0]
     if len(out):
         orows, ocols, o = _exact_rows(xc, W_enc, b_enc, out)
         rows, cols, r = torch.cat([rows, orows]), torch.cat([cols, ocols]), torch.cat([r, o])
@@ -99,14 +99,14 @@ def _column_thresholds(a: Tensor, out: Tensor, E_in: Tensor, m: Tensor, narrow: 
     candidate threshold ``f^-1(G_j - u'|G_j| - 2 E_in)`` (G_j: the m[j]-th largest of H[j]
     over the groups with no outlier token of ``out``), inf for the latents not ``narrow``;
     None where a narrow latent's threshold is not finite."""
-    H = a[: B1 * _GROUP].unflatten(0, (B1, _GROUP)).amax(1).t().contiguous()  # [d_sae, B1] value maxima
-    out_groups = out[out < B1 * _GROUP] // _GROUP
+    H = a[: B1 * GROUP].unflatten(0, (B1, GROUP)).amax(1).t().contiguous()  # [d_sae, B1] value maxima
+    out_groups = out[out < B1 * GROUP] // GROUP
     M = int(m[narrow].max())
     H_G = H.index_fill(1, out_groups, -math.inf) if len(out) else H
     G = H_G.topk(M, dim=1).values.gather(1, (m.clamp(max=M) - 1)[:, None])[:, 0]  # [d_sae]
-    tau = _threshold(G, E_in, E_in.expand(H.shape[0]))
+    tau = threshold(G, E_in, E_in.expand(H.shape[0]))
     if not bool(torch.isfinite(tau[narrow]).all()):
-        return _fallback("a pre-activation beyond bf16's range")
+        return fallback("a pre-activation beyond bf16's range")
     return H, torch.where(narrow, tau, math.inf)  # the wide latents are ranked apart, in fp32
 
 
@@ -116,12 +116,12 @@ def _column_candidates(a: Tensor, H: Tensor, tau: Tensor, B1: int, cap: int) -> 
     tau; None where more than ``cap`` groups do (each such group holds a candidate)."""
     hit = H >= tau[:, None]
     if int(torch.count_nonzero(hit)) > cap:
-        return _fallback(f"more than {_ROW_CAP}·m candidates")
+        return fallback(f"more than {ROW_CAP}·m candidates")
     j, g = hit.nonzero(as_tuple=True)                                # candidate (latent, group), j ascending
-    vals = a[: B1 * _GROUP].view(B1, _GROUP, H.shape[0])[g, :, j]    # [P, GROUP]
+    vals = a[: B1 * GROUP].view(B1, GROUP, H.shape[0])[g, :, j]    # [P, GROUP]
     hit = (vals >= tau[j, None]).view(-1).nonzero().flatten()
-    p, t = hit // _GROUP, hit % _GROUP
-    return g[p] * _GROUP + t, j[p]
+    p, t = hit // GROUP, hit % GROUP
+    return g[p] * GROUP + t, j[p]
 
 
 def _column_tops(rows: Tensor, cols: Tensor, r: Tensor, m: Tensor, d_sae: int
@@ -162,10 +162,10 @@ def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
     from .select import column_topk
 
     B, d_sae = xc.shape[0], W_enc.shape[1]
-    B1 = B // _GROUP
+    B1 = B // GROUP
     narrow = m <= B1 // 4
     if not bool(narrow.any()):
-        return _fallback("every latent keeps more than a quarter of the token groups")
+        return fallback("every latent keeps more than a quarter of the token groups")
     product = _product(xc, W_enc, b_enc)
     if product is None:
         return None
@@ -173,19 +173,19 @@ def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
     thresholds = _column_thresholds(a, out, E_in, m, narrow, B1)
     if thresholds is None:
         return None
-    cap = _ROW_CAP * int(m[narrow].sum())
+    cap = ROW_CAP * int(m[narrow].sum())
     found = _column_candidates(a, *thresholds, B1, cap)
     if found is None:
         return None
     rows, cols = found
-    tail = torch.arange(B1 * _GROUP, B)  # tokens in no group, computed exactly with the outliers
-    exact = torch.cat([out[out < B1 * _GROUP], tail])
+    tail = torch.arange(B1 * GROUP, B)  # tokens in no group, computed exactly with the outliers
+    exact = torch.cat([out[out < B1 * GROUP], tail])
     if len(exact):
         keep = torch.ones(B, dtype=torch.bool).index_fill_(0, exact, False)[rows]
         rows, cols = rows[keep], cols[keep]
     if len(rows) > cap:
-        return _fallback(f"more than {_ROW_CAP}·m candidates")
-    r = _rescore(W_enc.t(), xc.t(), b_enc[cols], cols, rows)[0]  # by latent: W_enc^T rows . xc
+        return fallback(f"more than {ROW_CAP}·m candidates")
+    r = rescore(W_enc.t(), xc.t(), b_enc[cols], cols, rows)[0]  # by latent: W_enc^T rows . xc
     if len(exact):
         erows, ecols, e = _exact_rows(xc, W_enc, b_enc, exact, narrow.nonzero().flatten())
         rows, cols, r = torch.cat([rows, erows]), torch.cat([cols, ecols]), torch.cat([r, e])

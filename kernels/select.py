@@ -87,7 +87,7 @@ def _direct(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return _finish(scores, k, v[:, :k], i[:, :k], v[:, k - 1] == v[:, k])
 
 
-def _strided_group_max(scores: Tensor, group: int) -> Tensor:
+def strided_group_max(scores: Tensor, group: int) -> Tensor:
     """Maxima over strided groups along dim 1, [R, n1] with n1 = C // group: group c holds
     columns c, c + n1, ..., c + (group - 1)·n1 (a vectorized reduction over `group`
     contiguous slices); the columns from n1·group on are in no group."""
@@ -111,7 +111,7 @@ def _hierarchical(scores: Tensor, k: int, group: int, n_super: int) -> tuple[Ten
     dev = scores.device
     n1 = n // group                      # level-1 groups
     per_super = n1 // n_super            # level-1 groups per super-group
-    gm1 = _strided_group_max(scores, group)  # [B, n1]
+    gm1 = strided_group_max(scores, group)  # [B, n1]
     gm2 = gm1[:, : per_super * n_super].unflatten(1, (per_super, n_super)).amax(1)  # [B, n_super]
     v2, s2 = gm2.topk(k + 1, dim=1)
     tie = v2[:, k - 1] == v2[:, k]
@@ -165,7 +165,7 @@ def global_topk(scores: Tensor, n: int, *, group: int = 8, sample_step: int = 17
     of at least ``fast_from`` entries):
 
     1. group maxima ``gm`` [R, C // group] over strided groups of ``group`` columns
-       (`_strided_group_max`, as in `_hierarchical`; columns in no group are always candidates);
+       (`strided_group_max`, as in `_hierarchical`; columns in no group are always candidates);
     2. a threshold ``t``: the ``margin·n/sample_step``-th largest of every ``sample_step``-th
        group maximum, an estimate of the n-th largest group maximum from below;
     3. if at least n groups have a maximum >= t, there are n distinct entries >= t, so the
@@ -193,7 +193,7 @@ def _grouped_global_topk(scores: Tensor, n: int, group: int, sample_step: int, m
     m = math.ceil(margin * n / sample_step)
     if n1 == 0 or m > (R * n1) // sample_step:
         return None
-    gm = _strided_group_max(scores, group)  # [R, n1]
+    gm = strided_group_max(scores, group)  # [R, n1]
     t = gm.reshape(-1)[::sample_step].topk(m, sorted=False).values.min()
     keep = ~(gm < t)  # >= t, and NaN, which torch.topk ranks first (a NaN t keeps all: fallback)
     if not n <= int(keep.sum()) <= 4 * n:

@@ -61,7 +61,7 @@ def assert_errs_by_the_bound(x, W_enc, pairs, sign):
     """The construction's premise: on each (row, latent) pair the bf16 product errs (r - a)
     by more than 0.98 of the bound E of its row, with the given sign."""
     zero = torch.zeros(W_enc.shape[1])
-    a, E = screen._screen_product(x, W_enc, zero)
+    a, E = screen.screen_product(x, W_enc, zero)
     r = x.double() @ W_enc.double()
     for (i, j), s in zip(pairs, sign):
         err = float(r[i, j] - a[i, j].double())

@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from saekit.kernels import TopK, decode_sparse, encode_topk, encode_topk_aux, resolve_impl
+from saekit.kernels import TopKResult, decode_sparse, encode_topk, encode_topk_aux, resolve_impl
 from saekit.kernels import dispatch
 from saekit.kernels.select import pack_keys, topk_lower_index, unpack_keys
 from tests.kernel_helpers import (HAS_TRITON, IMPLS, assert_grads_equal, dense_pre, fire, int_sae, leaves,
@@ -117,7 +117,7 @@ SHAPES = [(24, 200, 1), (40, 333, 7), (24, 200, 32), (40, 333, 5)]
 def test_encode_topk_matches_dense_reference(impl, dtype, d_in, d_sae, k):
     x, W_enc, b_enc, b_dec, _ = int_sae(d_in, d_sae, 37, dtype, seed=k)
     top = encode_topk(x, W_enc, b_enc, b_dec, k, impl=impl)
-    assert isinstance(top, TopK) and top.values.dtype == dtype and top.indices.dtype == torch.int64
+    assert isinstance(top, TopKResult) and top.values.dtype == dtype and top.indices.dtype == torch.int64
     rv, ri = stable_topk(dense_pre(x, W_enc, b_enc, b_dec), k)
     assert torch.equal(top.indices, ri)
     assert torch.equal(top.values, rv.relu())

@@ -50,8 +50,8 @@ def test_screen_selects_the_fp32_top_k(B, d_in, d_sae, k, grouped, negative, mon
     -40 puts the top k of every other row below 0 (the rest are scaled up to stay above),
     so both ways of comparing group maxima with the threshold run."""
     seen = []
-    real = screen._strided_group_max
-    monkeypatch.setattr(screen, "_strided_group_max", lambda *a: seen.append(1) or real(*a))
+    real = screen.strided_group_max
+    monkeypatch.setattr(screen, "strided_group_max", lambda *a: seen.append(1) or real(*a))
     x, W_enc, b_enc, b_dec = randn_sae(B, d_in, d_sae, seed=k)
     if negative:
         b_enc = b_enc - 40

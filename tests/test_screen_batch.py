@@ -38,8 +38,8 @@ def test_mutual_choice_on_the_screen_keeps_the_fp32_selection(negative, outlier,
     made, rescored = [], []
     real = screen_batch.screened_global_topk
     monkeypatch.setattr(screen_batch, "screened_global_topk", lambda *a: made.append(real(*a)) or made[-1])
-    real_rescore = screen_batch._rescore
-    monkeypatch.setattr(screen_batch, "_rescore", lambda *a: rescored.append(len(a[3])) or real_rescore(*a))
+    real_rescore = screen_batch.rescore
+    monkeypatch.setattr(screen_batch, "rescore", lambda *a: rescored.append(len(a[3])) or real_rescore(*a))
     x, W_enc, b_enc, b_dec = randn_sae(300, 64, 2048, seed=6)
     if negative:  # the batch's top k·B below zero: rows with tau <= 0
         b_enc = b_enc - 12
