@@ -15,7 +15,7 @@ from torch import Tensor
 from .screen import (GROUP, ROW_CAP, fallback, group_maxima, members, rescore, screen_product,
                      threshold)
 from .reference import pre_columns
-from .select import strided_group_max
+from .select import column_topk, global_topk, strided_group_max
 from .sparse_rows import row_pointers
 
 
@@ -59,8 +59,6 @@ def screened_global_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, n: int) -> tu
     holding a value >= the smallest of them, G. The n-th largest r is then at least
     ``G - u'|G| - E_in`` (E_in: the largest bound of those rows), and row b's candidates are
     ``a >= tau_b = f^-1(G - u'|G| - E_in - E_b)`` (module docstring)."""
-    from .select import global_topk
-
     B = xc.shape[0]
     if n > B * (W_enc.shape[1] // GROUP):  # fewer groups than entries to keep
         return fallback("more entries to keep than groups")
@@ -159,8 +157,6 @@ def screened_column_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor
     value >= G_j, so latent j's m[j]-th largest r is at least ``G_j - u'|G_j| - E_in`` and
     its candidates are ``a >= tau_j = f^-1(G_j - u'|G_j| - 2 E_in)`` (module docstring).
     Latents with m[j] above a quarter of the groups rank their fp32 column."""
-    from .select import column_topk
-
     B, d_sae = xc.shape[0], W_enc.shape[1]
     B1 = B // GROUP
     narrow = m <= B1 // 4

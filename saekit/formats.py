@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from saekit import pretrained
 from saekit.errors import SAEFileError
 from saekit.files import CFG, SAEKIT_WEIGHTS, SAELENS_WEIGHTS, read_json, read_tensors
 from saekit.sae import SAE
@@ -75,7 +76,5 @@ def load_sae(path, device: str | torch.device = "cpu"):
 
 def shipped_saes() -> list[Path]:
     """The SAE folders shipped with saekit: ``pretrained/saes/*/`` holding a cfg.json, sorted."""
-    from saekit import pretrained
-
     root = Path(pretrained.__file__).parent / "saes"
     return sorted(p for p in root.iterdir() if (p / CFG).is_file()) if root.is_dir() else []

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from saekit import corpus
 from saekit.data import pack
@@ -38,9 +40,6 @@ BOS = "<|endoftext|>"
 
 def train_tokenizer(seed: int, vocab_size: int, n_docs: int):
     """Byte-level BPE on the training stream; every IOI word must come out as one token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -160,8 +159,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def new_model(args: argparse.Namespace, tok):
     """A freshly initialized GPT-2 (from torch's global generator) of ``args``' sizes over
     ``tok``'s vocabulary, without dropout, BOS doubling as EOS."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     cfg = GPT2Config(
         vocab_size=len(tok), n_positions=args.seq_len, n_embd=args.d_model, n_layer=args.n_layer,
         n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
