@@ -24,6 +24,7 @@ from saekit.evals.nodes import (GPT2_SMALL_NODES, Node, _batch_size, ablation_ta
                                 main_layer, model_dims, readout, resid_pre)
 from saekit.evals.options import IOIEvalOptions
 from saekit.evals.supervised import SupervisedDictionary
+from saekit.metrics import centred_sq, fvu_of_sums, l0_per_token, residual_sq
 
 log = logging.getLogger("saekit")
 
@@ -209,8 +210,8 @@ def eval_sae_at_node(ns: axes.NodeSAE, run, a, x, x_cf, p: Prepared, truth, chan
             rows["agnostic"][b] = _edit_score(run, a, edit, x_hat, ns.bias, truth[attr])
         control[attr] = rows
     return {"approximation": axes.approximation(run, a, x_hat, x_hat - ns.bias, base),
-            "fvu": (a - x_hat).pow(2).sum().item() / (a - a.mean(0)).pow(2).sum().item(),
-            "l0": (f > 0).sum(1).float().mean().item(),
+            "fvu": fvu_of_sums(residual_sq(a, x_hat).item(), centred_sq(a).item()),
+            "l0": l0_per_token(f).float().mean().item(),
             "control": control, "interpretability": interp,
             "occlusion": axes.occlusion(interp, changes, norms),
             "oversplitting": {t: axes.oversplitting(f_fit > 0, p.fit.labels[t], f > 0, labels[t], len(values[t]))

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from saekit.errors import ConfigError, HookError, SAEFileError
 from saekit.files import atomic_save_tensors, atomic_write_text, read_json, read_tensors
+from saekit.metrics import next_token_loss
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,6 @@ def activation_and_grad(model, tokens: Tensor, hook: HookSpec,
       of the text enters, so a g-SAE that selects with these gradients can be evaluated on
       the text's loss without having seen it (``"tokens"`` gradients at evaluation would be
       an oracle: they are the gradient of the very loss being reported)."""
-    from saekit.splice import next_token_loss
-
     box: list[Tensor] = []
 
     def leaf(act, hook=None):

@@ -263,7 +263,7 @@ class BenchOptions:
 
 def cmd_bench(args) -> None:
     """Benchmarks of training itself: `saekit bench synthetic` scores each variant on ground truth."""
-    from saekit.evals.synthetic import bench, format_table
+    from saekit.training.synthetic import bench, format_table
 
     o, b = args.synthetic, args.bench
     variants = [v.strip() for v in b.variants.split(",") if v.strip()]
@@ -359,7 +359,7 @@ def _groups(spec):
         return [(SAEOptions, "sae"), (VariantOptions, "variant"), (DataOptions, "data"),
                 (OptimOptions, "optim"), (RunOptions, "run")]
     if spec == "bench":
-        from saekit.evals.synthetic import SyntheticOptions
+        from saekit.training.synthetic import SyntheticOptions
 
         return [(BenchOptions, "bench"), (SyntheticOptions, "synthetic")]
     if spec == "eval":

@@ -9,11 +9,11 @@ import torch
 
 from saekit.cli import main
 from saekit.evals import axes
-from saekit.evals.metrics import frequency_summary, fvu, l0_per_token
 from saekit.evals.nodes import Node, Readout
 from saekit.evals.supervised import SupervisedDictionary
+from saekit.metrics import frequency_summary, fvu, l0_per_token, loss_recovered, next_token_loss
 from saekit.sae import SAE, SAEConfig
-from saekit.splice import ce_losses, loss_recovered, next_token_loss
+from saekit.splice import ce_losses
 
 HOOK = "blocks.3.attn.hook_z"
 
