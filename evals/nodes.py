@@ -21,6 +21,7 @@ from torch import Tensor
 from saekit.activations import capture
 from saekit.errors import ConfigError
 from saekit.evals.ioi_data import IOIData
+from saekit.ioi import logit_diff
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,7 @@ def readout(model, data: IOIData, node: Node | None = None, values: Tensor | Non
 
             hooks = [(node.hook, patch)]
         logits = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=start)[rows, data.end[i: i + bs]].float()
-        io, s = data.io_tok[i: i + bs, None], data.s_tok[i: i + bs, None]
-        lds.append((logits.gather(1, io.to(logits.device)) - logits.gather(1, s.to(logits.device)))[:, 0].cpu())
+        lds.append(logit_diff(logits, data.io_tok[i: i + bs], data.s_tok[i: i + bs]).cpu())
         preds.append(logits.argmax(-1).cpu())
     return Readout(torch.cat(lds), torch.cat(preds))
 

@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saekit.errors import ConfigError
+from saekit.ioi import logit_diff, single_token_id
 
 Positions = Union[Literal["all", "last"], Sequence[int]]
 
@@ -312,8 +313,6 @@ def ioi_names(text: str) -> tuple[str, str] | None:
 def ioi_logit_diff(model, prompt: str, interventions: Sequence[Intervention]) -> IOILogitDiff | None:
     """IOI logit difference before and after steering, or ``None`` when ``prompt`` is not an
     IOI prompt (see ``ioi_names``) or a name is not one token for this tokenizer."""
-    from saekit.ioi import single_token_id
-
     names = ioi_names(prompt)
     if names is None:
         return None
@@ -323,8 +322,8 @@ def ioi_logit_diff(model, prompt: str, interventions: Sequence[Intervention]) ->
     tokens = _tokens(model, prompt)
 
     def diff() -> float:
-        last = model(tokens)[0, -1]
-        return (last[ids[0]] - last[ids[1]]).item()
+        last = model(tokens)[:, -1]  # [1, vocab]
+        return logit_diff(last, torch.tensor(ids[:1]), torch.tensor(ids[1:])).item()
 
     before = diff()
     with steer(model, interventions):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from saekit import corpus
 from saekit.data import pack
-from saekit.ioi import encode_prompts
+from saekit.ioi import encode_prompts, logit_diff
 
 BOS = "<|endoftext|>"
 
@@ -72,7 +72,7 @@ def score_ioi(model, tok, n: int, split: str, seed: int = 1234) -> dict:
     model.eval()
     x, last, io, s = ioi_batch(random.Random(f"score-{split}-{seed}"), tok, n, split)
     logits = model(x).logits[torch.arange(n), last]  # [n, vocab]
-    ld = logits.gather(1, io[:, None]) - logits.gather(1, s[:, None])
+    ld = logit_diff(logits, io, s)
     model.train()
     return {"acc": (ld > 0).float().mean().item(), "logit_diff": ld.mean().item()}
 
