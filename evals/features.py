@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from saekit.errors import ConfigError, SAEFileError
+from saekit.hooks import hook_z_layer
 
 N_TOP = 20
 BEFORE, AFTER = 24, 7  # context window around the peak token: 24 before, 7 after
@@ -148,7 +149,7 @@ def _extra(model, sae) -> dict[str, Tensor]:
     """Logit effects and head attribution, where the hook allows them."""
     from saekit import attention
 
-    if attention._HOOK_Z.match(sae.cfg.hook_name):
+    if hook_z_layer(sae.cfg.hook_name) is not None:
         eff = attention.logit_effects(model, sae, top=10)
         out = {"head_attr": attention.head_attribution(sae, model)}
     elif sae.cfg.d_in == model.cfg.d_model and ("resid" in sae.cfg.hook_name or sae.cfg.hook_name.endswith(

@@ -11,7 +11,6 @@ then TopK's) and with ∂L/∂x of the loss against the model's own greedy predi
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from saekit.evals.nodes import (GPT2_SMALL_NODES, Node, _batch_size, ablation_ta
                                 main_layer, model_dims, readout, resid_pre)
 from saekit.evals.options import IOIEvalOptions
 from saekit.evals.supervised import SupervisedDictionary
+from saekit.hooks import hook_z_layer, hook_z_name
 from saekit.metrics import centred_sq, fvu_of_sums, l0_per_token, residual_sq
 
 log = logging.getLogger("saekit")
@@ -32,11 +32,11 @@ GRAD_SUFFIX = " (with model-target gradients)"  # the label of a g-SAE's with-gr
 
 
 def sae_layer(sae) -> int:
-    m = re.fullmatch(r"blocks\.(\d+)\.attn\.hook_z", sae.cfg.hook_name)
-    if not m:
+    layer = hook_z_layer(sae.cfg.hook_name)
+    if layer is None:
         raise MismatchError(f"eval-ioi scores SAEs on an attention layer's hook_z (blocks.N.attn.hook_z); "
                             f"this SAE reads {sae.cfg.hook_name!r}")
-    return int(m[1])
+    return layer
 
 
 def is_gpt2_small(model) -> bool:
@@ -112,7 +112,7 @@ def layer_grads(model, data: D.IOIData, layer: int, pos: str) -> torch.Tensor:
     enters L."""
     from saekit.activations import activation_and_grad, resolve_hook
 
-    hook = resolve_hook(model, f"blocks.{layer}.attn.hook_z")
+    hook = resolve_hook(model, hook_z_name(layer))
     where = data.position(pos)
     tokens = torch.cat([data.tokens, data.tokens[:, :1]], 1)  # one more column: BOS, a pad
     out = torch.zeros(len(data), hook.d_in)

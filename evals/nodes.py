@@ -21,6 +21,7 @@ from torch import Tensor
 from saekit.activations import capture
 from saekit.errors import ConfigError
 from saekit.evals.ioi_data import IOIData
+from saekit.hooks import hook_z_name
 from saekit.ioi import logit_diff
 
 
@@ -37,7 +38,7 @@ class Node:
 
     @property
     def hook(self) -> str:
-        return f"blocks.{self.layer}.attn.hook_z"
+        return hook_z_name(self.layer)
 
     def slice(self, d_head: int) -> slice:
         """Where the node sits in the flattened ``[n_heads·d_head]`` layer activation."""
@@ -86,7 +87,7 @@ def _capture(model, data: IOIData, hook: str, take, batch: int = 256) -> Tensor:
 def layer_acts(model, data: IOIData, layer: int, pos: str) -> Tensor:
     """``hook_z`` of ``layer`` at each prompt's ``pos``, flattened: ``[n, n_heads·d_head]``."""
     where = data.position(pos)
-    return _capture(model, data, f"blocks.{layer}.attn.hook_z",
+    return _capture(model, data, hook_z_name(layer),
                     lambda act, rows: act[torch.arange(len(act)), where[rows].to(act.device)].flatten(1))
 
 

@@ -18,7 +18,6 @@ query head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)``, the
 
 from __future__ import annotations
 
-import re
 import warnings
 from typing import NamedTuple, Sequence
 
@@ -28,8 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saekit.errors import ConfigError, MismatchError
-
-_HOOK_Z = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
+from saekit.hooks import hook_z_layer, hook_z_name
 
 
 # ---- checks -------------------------------------------------------------------------------
@@ -46,8 +44,8 @@ def check_hook_z_sae(model, sae) -> HookZ:
     from saekit.activations import hook_names
     from saekit.splice import check_sae_fits
 
-    m = _HOOK_Z.match(sae.cfg.hook_name)
-    if m is None:
+    layer = hook_z_layer(sae.cfg.hook_name)
+    if layer is None:
         raise MismatchError(f"the SAE reads {sae.cfg.hook_name!r}, not an attention output; "
                             "these tools need an SAE trained on blocks.L.attn.hook_z")
     check_sae_fits(model, sae)  # hook exists on the model and d_in matches
@@ -55,7 +53,7 @@ def check_hook_z_sae(model, sae) -> HookZ:
     if len(shape) != 2 or (sae.cfg.hook_shape and tuple(sae.cfg.hook_shape) != tuple(shape)):
         raise MismatchError(f"the SAE's hook_shape {sae.cfg.hook_shape} is not this model's z shape "
                             f"{tuple(shape)}; set cfg.hook_shape=(n_heads, d_head) or load the model it was trained on")
-    return HookZ(int(m.group(1)), int(shape[0]), int(shape[1]))
+    return HookZ(layer, int(shape[0]), int(shape[1]))
 
 
 def _heads_of(sae) -> tuple[int, int]:
@@ -152,7 +150,7 @@ def dfa(model, sae, tokens: Tensor | str, latent: int, dest: int) -> DFA:
         raise ConfigError(f"dest={dest} is out of range for a sequence of {T} tokens")
     dest %= T
 
-    names = [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"]
+    names = [hook_z_name(layer), f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"]
     _, cache = model.run_with_cache(tokens, names_filter=names)
     missing = [n for n in names if n not in cache]
     if missing:
