@@ -166,12 +166,12 @@ def _extra(model, sae) -> dict[str, Tensor]:
 def residual_logit_effects(model, sae, top: int = 10, chunk: int = 1024):
     """Direct logit effects of latents of an SAE that writes to the residual stream:
     ``norm(W_dec[i]) @ W_U`` (the final norm's linear part, as ``saekit.attention``)."""
-    from saekit.attention import LogitEffects, _final_norm_linear
+    from saekit.attention import LogitEffects, final_norm_linear
 
     W_U = model.W_U.float()
     parts = []
     for s in range(0, sae.cfg.d_sae, chunk):
-        eff = _final_norm_linear(model, sae.W_dec[s: s + chunk].float().to(W_U.device)) @ W_U
+        eff = final_norm_linear(model, sae.W_dec[s: s + chunk].float().to(W_U.device)) @ W_U
         k = min(top, eff.shape[1])
         up, down = eff.topk(k, dim=1), eff.topk(k, dim=1, largest=False)
         parts.append(tuple(t.cpu() for t in (up.indices, up.values, down.indices, down.values)))

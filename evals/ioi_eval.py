@@ -19,7 +19,7 @@ import torch
 from saekit.errors import ConfigError, MismatchError
 from saekit.evals import axes
 from saekit.evals import ioi_data as D
-from saekit.evals.nodes import (GPT2_SMALL_NODES, Node, _batch_size, ablation_table, ioi_nodes, layer_acts,
+from saekit.evals.nodes import (GPT2_SMALL_NODES, Node, logits_batch_size, ablation_table, ioi_nodes, layer_acts,
                                 main_layer, model_dims, readout, resid_pre)
 from saekit.evals.options import IOIEvalOptions
 from saekit.evals.supervised import SupervisedDictionary
@@ -116,7 +116,7 @@ def layer_grads(model, data: D.IOIData, layer: int, pos: str) -> torch.Tensor:
     where = data.position(pos)
     tokens = torch.cat([data.tokens, data.tokens[:, :1]], 1)  # one more column: BOS, a pad
     out = torch.zeros(len(data), hook.d_in)
-    bs = _batch_size(model, data)
+    bs = logits_batch_size(model, data)
     for end in data.end.unique().tolist():
         rows = (data.end == end).nonzero()[:, 0]
         for i in range(0, len(rows), bs):

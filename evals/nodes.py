@@ -102,8 +102,8 @@ class Readout(NamedTuple):
     pred: Tensor  # [n] argmax token at END
 
 
-def _batch_size(model, data: IOIData) -> int:
-    # keep the [b, T, vocab] logits near 256 MB
+def logits_batch_size(model, data: IOIData) -> int:
+    """Prompts per forward pass that keep the ``[b, T, vocab]`` logits near 256 MB."""
     return max(8, min(512, (1 << 26) // (data.tokens.shape[1] * model.cfg.d_vocab)))
 
 
@@ -115,7 +115,7 @@ def readout(model, data: IOIData, node: Node | None = None, values: Tensor | Non
     ``resid_pre`` at the node's layer) the run starts at that layer."""
     d_head = model.cfg.d_head
     lds, preds = [], []
-    bs = _batch_size(model, data)
+    bs = logits_batch_size(model, data)
     for i in range(0, len(data), bs):
         x = (data.tokens if resid is None else resid)[i: i + bs].to(model.cfg.device)
         rows = torch.arange(len(x))

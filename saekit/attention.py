@@ -64,7 +64,9 @@ def _heads_of(sae) -> tuple[int, int]:
     return int(sae.cfg.hook_shape[0]), int(sae.cfg.hook_shape[1])
 
 
-def _check_latent(sae, latent: int) -> int:
+def _latent_index(sae, latent: int) -> int:
+    """``latent`` as an index in ``[0, d_sae)`` (negative ones count from the end);
+    ``ConfigError`` when out of range."""
     if not -sae.cfg.d_sae <= latent < sae.cfg.d_sae:
         raise ConfigError(f"latent {latent} is out of range for d_sae={sae.cfg.d_sae}")
     return latent % sae.cfg.d_sae
@@ -143,7 +145,7 @@ def dfa(model, sae, tokens: Tensor | str, latent: int, dest: int) -> DFA:
     is off-distribution; BOS as a *source* is fine (and often large: an attention sink).
     """
     layer, n_heads, d_head = check_hook_z_sae(model, sae)
-    i = _check_latent(sae, latent)
+    i = _latent_index(sae, latent)
     tokens = _as_tokens(model, tokens)  # [1, T]
     T = tokens.shape[1]
     if not -T <= dest < T:
@@ -196,7 +198,7 @@ class LogitEffects(NamedTuple):
     suppressed_values: Float[Tensor, "n_latents top"]
 
 
-def _final_norm_linear(model, resid: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
+def final_norm_linear(model, resid: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
     """The final norm's per-direction linear part: centre (LayerNorm only), times its weight.
 
     The per-token scale 1/σ is left out: it is a positive scalar that changes with the
@@ -225,7 +227,7 @@ def latent_logits(model, sae, latents: Sequence[int] | Tensor, fold_ln: bool = T
 
     This is the direct path only (later layers ignored), as in direct logit attribution.
     With ``fold_ln`` (default), ``norm`` is the final norm's linear part, centring for
-    LayerNorm and its elementwise weight, see ``_final_norm_linear``, i.e. the ``W_U`` that
+    LayerNorm and its elementwise weight, see ``final_norm_linear``, i.e. the ``W_U`` that
     TransformerLens' ``fold_ln`` would give; its per-token scale 1/σ is ignored, as usual.
     With ``fold_ln=False`` the final norm is skipped entirely. ``b_O`` and ``b_U`` are
     left out: they do not depend on the latent. Returned on the CPU."""
@@ -249,7 +251,7 @@ def _latent_logits(model, sae, latents: Sequence[int] | Tensor, fold_ln: bool) -
                          "n (h d) -> n h d", h=n_heads)  # [n, n_heads, d_head]
     resid = einops.einsum(d, W_O, "n h d, h d m -> n m")  # [n, d_model]
     if fold_ln:
-        resid = _final_norm_linear(model, resid)
+        resid = final_norm_linear(model, resid)
     return resid @ W_U  # [n, d_vocab]
 
 
@@ -260,7 +262,7 @@ def _token_strings(model, ids: Tensor) -> list[str]:
 def logit_effect(model, sae, latent: int, top: int = 10, fold_ln: bool = True) -> LogitEffect:
     """The ``top`` tokens latent ``latent`` most boosts and suppresses through the direct path
     (``latent_logits``: W_dec[i] per head, through W_O, summed, final norm's linear part, W_U)."""
-    i = _check_latent(sae, latent)
+    i = _latent_index(sae, latent)
     effect = latent_logits(model, sae, [i], fold_ln)[0]  # [d_vocab]
     top = min(top, effect.numel())
     up, down = effect.topk(top), effect.topk(top, largest=False)

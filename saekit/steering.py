@@ -7,7 +7,7 @@ Each intervention is bound to one SAE and edits the activation ``x`` (flattened 
     Clamp(sae, i, value)    x ← x + (value − f_i(x))·W_dec[i]
     Ablate(sae, [i, ..])    x ← x − Σ f_i(x)·W_dec[i]
     Cap(sae, i, value)      x ← x − max(x·u − value, 0)·u,   u = W_dec[i] / ‖W_dec[i]‖
-    Reconstruct(sae)        x ← decode(encode(x))             (what ``splice`` runs)
+    Reconstruct(sae)        x ← decode(encode(x))             (what ``run_on_reconstruction`` runs)
 
 Clamp and Ablate re-encode ``x`` with the SAE's own ``encode`` (so every sparsifier works),
 set the latents, decode, and keep the SAE's error term ``x − decode(f)``:
@@ -225,8 +225,9 @@ def steer(model, interventions: Sequence[Intervention]):
     return model.hooks(fwd_hooks=hooks(model, interventions))
 
 
-def splice(model, sae, positions: Positions = "all"):
-    """Context manager: ``model`` runs on ``sae``'s reconstruction at its hook."""
+def run_on_reconstruction(model, sae, positions: Positions = "all"):
+    """Context manager: ``model`` runs on ``sae``'s reconstruction at its hook (the
+    ``Reconstruct`` intervention; ``saekit.splice`` is the evaluation's version)."""
     return steer(model, [Reconstruct(sae, positions=positions)])
 
 

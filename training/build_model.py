@@ -67,8 +67,10 @@ def ioi_batch(rng: random.Random, tok, n: int, split: str):
 
 
 @torch.no_grad()
-def score_ioi(model, tok, n: int, split: str, seed: int = 1234) -> dict:
-    """Accuracy (logit IO > logit S) and mean logit difference on ``n`` prompts."""
+def score_ioi_hf(model, tok, n: int, split: str, seed: int = 1234) -> dict:
+    """Accuracy (logit IO > logit S) and mean logit difference of the Hugging Face model being
+    built (``model(x).logits``) on ``n`` fresh prompts; ``saekit.ioi.score_ioi`` scores a
+    TransformerBridge."""
     model.eval()
     x, last, io, s = ioi_batch(random.Random(f"score-{split}-{seed}"), tok, n, split)
     logits = model(x).logits[torch.arange(n), last]  # [n, vocab]
@@ -190,15 +192,15 @@ def main(argv=None):
         bar.set_postfix(lm=f"{lm_loss.item():.3f}", ioi=f"{ioi_loss.item():.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             row = {"step": step + 1, "lm_loss": lm_loss.item(), "ioi_loss": ioi_loss.item(),
-                   "ioi_heldout": score_ioi(model, tok, 500, "heldout"),
-                   "ioi_train": score_ioi(model, tok, 500, "train"),
+                   "ioi_heldout": score_ioi_hf(model, tok, 500, "heldout"),
+                   "ioi_train": score_ioi_hf(model, tok, 500, "train"),
                    "minutes": (time.time() - t0) / 60}
             log.append(row)
             tqdm.write(json.dumps(row))
 
     final = {
-        "ioi_heldout_1000": score_ioi(model, tok, 1000, "heldout", seed=0),
-        "ioi_train_templates_1000": score_ioi(model, tok, 1000, "train", seed=0),
+        "ioi_heldout_1000": score_ioi_hf(model, tok, 1000, "heldout", seed=0),
+        "ioi_train_templates_1000": score_ioi_hf(model, tok, 1000, "train", seed=0),
         "heldout_lm_loss": heldout_lm_loss(model, tok),
         "train_minutes": (time.time() - t0) / 60,
         "n_params": sum(p.numel() for p in model.parameters()),
