@@ -30,6 +30,7 @@ from torch import Tensor
 
 from saekit.errors import ConfigError, SAEFileError
 from saekit.hooks import hook_z_layer
+from saekit.models import model_name
 
 N_TOP = 20
 BEFORE, AFTER = 24, 7  # context window around the peak token: 24 before, 7 after
@@ -237,7 +238,7 @@ def _finish(acc: _Accumulator, sequences: Tensor, model, sae, n_tokens, seq_len,
     top_seq = torch.where(acc.top_seq >= 0, remap[acc.top_seq.clamp_min(0)], -1)
     meta = {"format_version": FORMAT_VERSION, "n_tokens": n_tokens, "seq_len": seq_len,
             "dataset": dataset or "saekit", "hook_name": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae,
-            "model_name": getattr(model, "saekit_name", sae.cfg.model_name), "sae_fingerprint": fingerprint(sae),
+            "model_name": model_name(model, sae.cfg.model_name), "sae_fingerprint": fingerprint(sae),
             "n_top": N_TOP, "window": [BEFORE, AFTER], "seconds": round(seconds, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return FeatureStats(meta, acc.count.float() / n_tokens, (acc.total / acc.count.clamp_min(1)).float(), acc.max,

@@ -19,12 +19,13 @@ import torch
 from saekit.errors import ConfigError, MismatchError
 from saekit.evals import axes
 from saekit.evals import ioi_data as D
-from saekit.evals.nodes import (GPT2_SMALL_NODES, Node, logits_batch_size, ablation_table, ioi_nodes, layer_acts,
+from saekit.evals.nodes import (GPT2_SMALL_NODES, Node, ablation_table, ioi_nodes, layer_acts, logits_batch_size,
                                 main_layer, model_dims, readout, resid_pre)
 from saekit.evals.options import IOIEvalOptions
 from saekit.evals.supervised import SupervisedDictionary
 from saekit.hooks import hook_z_layer, hook_z_name
 from saekit.metrics import centred_sq, fvu_of_sums, l0_per_token, residual_sq
+from saekit.models import model_name
 
 log = logging.getLogger("saekit")
 
@@ -40,7 +41,7 @@ def sae_layer(sae) -> int:
 
 
 def is_gpt2_small(model) -> bool:
-    return getattr(model, "saekit_name", "") in ("gpt2", "gpt2-small", "openai-community/gpt2")
+    return model_name(model, "") in ("gpt2", "gpt2-small", "openai-community/gpt2")
 
 
 def node_table(model, setup: D.IOISetup, opts: IOIEvalOptions) -> tuple[list[dict], list[Node]]:
@@ -270,7 +271,7 @@ def evaluate_ioi(model, saes: dict, opts: IOIEvalOptions, dictionaries_dir: Path
             if dictionaries_dir is not None:
                 sup.save(dictionaries_dir / f"{node.name}.{method}.safetensors")
         results[node.name] = r
-    return {"model": getattr(model, "saekit_name", ""), "layer": layer, "main_layer": _main(table),
+    return {"model": model_name(model, ""), "layer": layer, "main_layer": _main(table),
             "n_eval": len(p.eval), "n_fit": len(p.fit), "templates": list(p.setup.templates),
             "node_table": table, "ioi_nodes": [n.name for n in found], "nodes": results}
 
