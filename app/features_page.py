@@ -10,6 +10,7 @@ import streamlit as st
 from saekit.app import render
 from saekit.app.resources import Loaded, model_lock
 from saekit.errors import SaekitError
+from saekit.hooks import hook_z_layer
 
 SORTS = {"frequency, high first": ("frequency", False), "frequency, low first": ("frequency", True),
          "max activation": ("max act", False), "latent": ("latent", True)}
@@ -68,9 +69,7 @@ def _logit_effects(ld: Loaded, latent: int) -> tuple[list, list] | None:
 
 
 def _is_hook_z(ld: Loaded) -> bool:
-    from saekit.attention import _HOOK_Z
-
-    return bool(_HOOK_Z.match(ld.sae.cfg.hook_name))
+    return hook_z_layer(ld.sae.cfg.hook_name) is not None
 
 
 def card(ld: Loaded, latent: int) -> None:

@@ -12,6 +12,7 @@ import streamlit as st
 from saekit.app import evals_page, features_page, lens_page, steering_page
 from saekit.app.resources import default_sae, load
 from saekit.errors import SaekitError
+from saekit.models import model_name
 
 PAGES = ["Features", "Prompt lens", "Steering", "Evaluations"]
 
@@ -47,7 +48,7 @@ def main() -> None:
         return
     c = loaded.sae.cfg
     st.sidebar.caption(f"{c.sparsity} SAE, {c.d_sae} latents, k={c.k}, at {c.hook_name} of "
-                       f"{getattr(loaded.model, 'saekit_name', c.model_name)}")
+                       f"{model_name(loaded.model, c.model_name)}")
     {"Features": features_page.page, "Prompt lens": lens_page.page,
      "Steering": steering_page.page}[page](loaded)
 

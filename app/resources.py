@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import NamedTuple
 
 import streamlit as st
 
 from saekit.errors import SAEFileError, SaekitError
+
+# SAE -> its fingerprint (saekit.evals.features.fingerprint), kept here, not on the SAE object
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Loaded(NamedTuple):
@@ -71,8 +75,9 @@ def load(sae_path: str, model_name: str | None) -> Loaded:
                       "cfg.json model_name)") from None
     check_sae_fits(model, sae)
     try:
-        fp = getattr(sae, "_saekit_fingerprint", None) or fingerprint(sae)
-        sae._saekit_fingerprint = fp  # the cached SAE never changes: hash its decoder once
+        if sae not in _FINGERPRINTS:  # the cached SAE never changes: hash its decoder once
+            _FINGERPRINTS[sae] = fingerprint(sae)
+        fp = _FINGERPRINTS[sae]
         stats, err = _stats(str(folder), _mtime(stats_path(folder)), sae, fp), None
     except SAEFileError as e:
         stats, err = None, str(e)

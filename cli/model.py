@@ -31,13 +31,13 @@ def cmd_hooks(args) -> None:
     """List every hook point with its activation shape for a one-token prompt."""
     import torch
 
-    from saekit.models import load_model
+    from saekit.models import load_model, model_name
 
     model = load_model(args.model.model, args.model.device)
     tokens = torch.tensor([[model.tokenizer.bos_token_id or 0]], device=model.cfg.device)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
-    print(f"# {len(cache)} hook points of {model.saekit_name}; shape without the batch axis")
+    print(f"# {len(cache)} hook points of {model_name(model)}; shape without the batch axis")
     width = max(map(len, cache.keys()))
     for name, act in cache.items():
         print(f"{name:<{width}}  {list(act.shape[1:])}")
@@ -62,13 +62,13 @@ def cmd_demo(args) -> None:
 
     from saekit.activations import hook_names
     from saekit.ioi import score_ioi
-    from saekit.models import load_model
+    from saekit.models import load_model, model_name
     from saekit.training.config import DataOptions, RunOptions, TrainConfig
     from saekit.training.run import run_training
 
     model = load_model(args.model.model, args.model.device)
     c = model.cfg
-    print(f"model {model.saekit_name}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads "
+    print(f"model {model_name(model)}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads "
           f"of d_head {c.d_head}, vocab {c.d_vocab}")
     hooks = hook_names(model)
     print(f"{len(hooks)} hook points, e.g. blocks.5.attn.hook_z {list(hooks['blocks.5.attn.hook_z'])}"

@@ -28,7 +28,7 @@ class BenchOptions:
 
 def cmd_bench(args) -> None:
     """Benchmarks of training itself: `saekit bench synthetic` scores each variant on ground truth."""
-    from saekit.evals.synthetic import bench, format_table
+    from saekit.training.synthetic import bench, format_table
 
     o, b = args.synthetic, args.bench
     variants = [v.strip() for v in b.variants.split(",") if v.strip()]
@@ -63,7 +63,7 @@ def cmd_app(args) -> None:
 
 
 def _bench_groups():
-    from saekit.evals.synthetic import SyntheticOptions
+    from saekit.training.synthetic import SyntheticOptions
 
     return [(BenchOptions, "bench"), (SyntheticOptions, "synthetic")]
 

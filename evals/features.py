@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from saekit.errors import ConfigError, SAEFileError
+from saekit.hooks import hook_z_layer
+from saekit.models import model_name
 
 N_TOP = 20
 BEFORE, AFTER = 24, 7  # context window around the peak token: 24 before, 7 after
@@ -148,7 +150,7 @@ def _extra(model, sae) -> dict[str, Tensor]:
     """Logit effects and head attribution, where the hook allows them."""
     from saekit import attention
 
-    if attention._HOOK_Z.match(sae.cfg.hook_name):
+    if hook_z_layer(sae.cfg.hook_name) is not None:
         eff = attention.logit_effects(model, sae, top=10)
         out = {"head_attr": attention.head_attribution(sae, model)}
     elif sae.cfg.d_in == model.cfg.d_model and ("resid" in sae.cfg.hook_name or sae.cfg.hook_name.endswith(
@@ -165,12 +167,12 @@ def _extra(model, sae) -> dict[str, Tensor]:
 def residual_logit_effects(model, sae, top: int = 10, chunk: int = 1024):
     """Direct logit effects of latents of an SAE that writes to the residual stream:
     ``norm(W_dec[i]) @ W_U`` (the final norm's linear part, as ``saekit.attention``)."""
-    from saekit.attention import LogitEffects, _final_norm_linear
+    from saekit.attention import LogitEffects, final_norm_linear
 
     W_U = model.W_U.float()
     parts = []
     for s in range(0, sae.cfg.d_sae, chunk):
-        eff = _final_norm_linear(model, sae.W_dec[s: s + chunk].float().to(W_U.device)) @ W_U
+        eff = final_norm_linear(model, sae.W_dec[s: s + chunk].float().to(W_U.device)) @ W_U
         k = min(top, eff.shape[1])
         up, down = eff.topk(k, dim=1), eff.topk(k, dim=1, largest=False)
         parts.append(tuple(t.cpu() for t in (up.indices, up.values, down.indices, down.values)))
@@ -236,7 +238,7 @@ def _finish(acc: _Accumulator, sequences: Tensor, model, sae, n_tokens, seq_len,
     top_seq = torch.where(acc.top_seq >= 0, remap[acc.top_seq.clamp_min(0)], -1)
     meta = {"format_version": FORMAT_VERSION, "n_tokens": n_tokens, "seq_len": seq_len,
             "dataset": dataset or "saekit", "hook_name": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae,
-            "model_name": getattr(model, "saekit_name", sae.cfg.model_name), "sae_fingerprint": fingerprint(sae),
+            "model_name": model_name(model, sae.cfg.model_name), "sae_fingerprint": fingerprint(sae),
             "n_top": N_TOP, "window": [BEFORE, AFTER], "seconds": round(seconds, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return FeatureStats(meta, acc.count.float() / n_tokens, (acc.total / acc.count.clamp_min(1)).float(), acc.max,

@@ -67,12 +67,12 @@ class IOISetup:
 
 
 def setup_for(model) -> IOISetup:
-    from saekit.models import EMBEDDED_NAME
+    from saekit.models import EMBEDDED_NAME, model_name
 
     names = tuple(n for n in corpus.NAMES if single_token_id(model.tokenizer, n) is not None)
     if len(names) < 8:
         raise ValueError("fewer than 8 IOI names are single tokens for this tokenizer")
-    if getattr(model, "saekit_name", None) == EMBEDDED_NAME:
+    if model_name(model) == EMBEDDED_NAME:
         return IOISetup(corpus.HELDOUT_TEMPLATES, names, heldout_pairs=True)
     return IOISetup(corpus.PAPER_TEMPLATES, names, heldout_pairs=False)
 

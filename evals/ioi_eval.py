@@ -11,7 +11,6 @@ then TopK's) and with ∂L/∂x of the loss against the model's own greedy predi
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +19,13 @@ import torch
 from saekit.errors import ConfigError, MismatchError
 from saekit.evals import axes
 from saekit.evals import ioi_data as D
-from saekit.evals.nodes import (GPT2_SMALL_NODES, Node, _batch_size, ablation_table, ioi_nodes, layer_acts,
+from saekit.evals.nodes import (GPT2_SMALL_NODES, Node, ablation_table, ioi_nodes, layer_acts, logits_batch_size,
                                 main_layer, model_dims, readout, resid_pre)
 from saekit.evals.options import IOIEvalOptions
 from saekit.evals.supervised import SupervisedDictionary
+from saekit.hooks import hook_z_layer, hook_z_name
+from saekit.metrics import centred_sq, fvu_of_sums, l0_per_token, residual_sq
+from saekit.models import model_name
 
 log = logging.getLogger("saekit")
 
@@ -31,15 +33,15 @@ GRAD_SUFFIX = " (with model-target gradients)"  # the label of a g-SAE's with-gr
 
 
 def sae_layer(sae) -> int:
-    m = re.fullmatch(r"blocks\.(\d+)\.attn\.hook_z", sae.cfg.hook_name)
-    if not m:
+    layer = hook_z_layer(sae.cfg.hook_name)
+    if layer is None:
         raise MismatchError(f"eval-ioi scores SAEs on an attention layer's hook_z (blocks.N.attn.hook_z); "
                             f"this SAE reads {sae.cfg.hook_name!r}")
-    return int(m[1])
+    return layer
 
 
 def is_gpt2_small(model) -> bool:
-    return getattr(model, "saekit_name", "") in ("gpt2", "gpt2-small", "openai-community/gpt2")
+    return model_name(model, "") in ("gpt2", "gpt2-small", "openai-community/gpt2")
 
 
 def node_table(model, setup: D.IOISetup, opts: IOIEvalOptions) -> tuple[list[dict], list[Node]]:
@@ -111,11 +113,11 @@ def layer_grads(model, data: D.IOIData, layer: int, pos: str) -> torch.Tensor:
     enters L."""
     from saekit.activations import activation_and_grad, resolve_hook
 
-    hook = resolve_hook(model, f"blocks.{layer}.attn.hook_z")
+    hook = resolve_hook(model, hook_z_name(layer))
     where = data.position(pos)
     tokens = torch.cat([data.tokens, data.tokens[:, :1]], 1)  # one more column: BOS, a pad
     out = torch.zeros(len(data), hook.d_in)
-    bs = _batch_size(model, data)
+    bs = logits_batch_size(model, data)
     for end in data.end.unique().tolist():
         rows = (data.end == end).nonzero()[:, 0]
         for i in range(0, len(rows), bs):
@@ -209,8 +211,8 @@ def eval_sae_at_node(ns: axes.NodeSAE, run, a, x, x_cf, p: Prepared, truth, chan
             rows["agnostic"][b] = _edit_score(run, a, edit, x_hat, ns.bias, truth[attr])
         control[attr] = rows
     return {"approximation": axes.approximation(run, a, x_hat, x_hat - ns.bias, base),
-            "fvu": (a - x_hat).pow(2).sum().item() / (a - a.mean(0)).pow(2).sum().item(),
-            "l0": (f > 0).sum(1).float().mean().item(),
+            "fvu": fvu_of_sums(residual_sq(a, x_hat).item(), centred_sq(a).item()),
+            "l0": l0_per_token(f).float().mean().item(),
             "control": control, "interpretability": interp,
             "occlusion": axes.occlusion(interp, changes, norms),
             "oversplitting": {t: axes.oversplitting(f_fit > 0, p.fit.labels[t], f > 0, labels[t], len(values[t]))
@@ -269,7 +271,7 @@ def evaluate_ioi(model, saes: dict, opts: IOIEvalOptions, dictionaries_dir: Path
             if dictionaries_dir is not None:
                 sup.save(dictionaries_dir / f"{node.name}.{method}.safetensors")
         results[node.name] = r
-    return {"model": getattr(model, "saekit_name", ""), "layer": layer, "main_layer": _main(table),
+    return {"model": model_name(model, ""), "layer": layer, "main_layer": _main(table),
             "n_eval": len(p.eval), "n_fit": len(p.fit), "templates": list(p.setup.templates),
             "node_table": table, "ioi_nodes": [n.name for n in found], "nodes": results}
 

@@ -21,6 +21,8 @@ from torch import Tensor
 from saekit.activations import capture
 from saekit.errors import ConfigError
 from saekit.evals.ioi_data import IOIData
+from saekit.hooks import hook_z_name
+from saekit.ioi import logit_diff
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Node:
 
     @property
     def hook(self) -> str:
-        return f"blocks.{self.layer}.attn.hook_z"
+        return hook_z_name(self.layer)
 
     def slice(self, d_head: int) -> slice:
         """Where the node sits in the flattened ``[n_heads·d_head]`` layer activation."""
@@ -85,7 +87,7 @@ def _capture(model, data: IOIData, hook: str, take, batch: int = 256) -> Tensor:
 def layer_acts(model, data: IOIData, layer: int, pos: str) -> Tensor:
     """``hook_z`` of ``layer`` at each prompt's ``pos``, flattened: ``[n, n_heads·d_head]``."""
     where = data.position(pos)
-    return _capture(model, data, f"blocks.{layer}.attn.hook_z",
+    return _capture(model, data, hook_z_name(layer),
                     lambda act, rows: act[torch.arange(len(act)), where[rows].to(act.device)].flatten(1))
 
 
@@ -100,8 +102,8 @@ class Readout(NamedTuple):
     pred: Tensor  # [n] argmax token at END
 
 
-def _batch_size(model, data: IOIData) -> int:
-    # keep the [b, T, vocab] logits near 256 MB
+def logits_batch_size(model, data: IOIData) -> int:
+    """Prompts per forward pass that keep the ``[b, T, vocab]`` logits near 256 MB."""
     return max(8, min(512, (1 << 26) // (data.tokens.shape[1] * model.cfg.d_vocab)))
 
 
@@ -113,7 +115,7 @@ def readout(model, data: IOIData, node: Node | None = None, values: Tensor | Non
     ``resid_pre`` at the node's layer) the run starts at that layer."""
     d_head = model.cfg.d_head
     lds, preds = [], []
-    bs = _batch_size(model, data)
+    bs = logits_batch_size(model, data)
     for i in range(0, len(data), bs):
         x = (data.tokens if resid is None else resid)[i: i + bs].to(model.cfg.device)
         rows = torch.arange(len(x))
@@ -129,8 +131,7 @@ def readout(model, data: IOIData, node: Node | None = None, values: Tensor | Non
 
             hooks = [(node.hook, patch)]
         logits = model.run_with_hooks(x, fwd_hooks=hooks, start_at_layer=start)[rows, data.end[i: i + bs]].float()
-        io, s = data.io_tok[i: i + bs, None], data.s_tok[i: i + bs, None]
-        lds.append((logits.gather(1, io.to(logits.device)) - logits.gather(1, s.to(logits.device)))[:, 0].cpu())
+        lds.append(logit_diff(logits, data.io_tok[i: i + bs], data.s_tok[i: i + bs]).cpu())
         preds.append(logits.argmax(-1).cpu())
     return Readout(torch.cat(lds), torch.cat(preds))
 

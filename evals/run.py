@@ -9,6 +9,7 @@ from pathlib import Path
 from saekit.errors import MismatchError
 from saekit.evals.options import EvalOptions, IOIEvalOptions
 from saekit.files import atomic_write_text
+from saekit.models import model_name
 
 
 def model_for(sae, name: str | None = None, device: str = "cpu"):
@@ -44,7 +45,7 @@ def run_eval(sae_path, model: str | None = None, dataset: str | None = None, opt
     m = model_for(sae, model, device)
     n_seq = max(1, opts.tokens // opts.seq_len)
     tokens = data.heldout_sequences(m.tokenizer, dataset, n_seq, opts.seq_len, opts.seed + 1, opts.heldout_frac)
-    result = {**evaluate_sae(m, sae, tokens), "model": m.saekit_name, "dataset": dataset or "saekit",
+    result = {**evaluate_sae(m, sae, tokens), "model": model_name(m), "dataset": dataset or "saekit",
               "eval_split": data.describe_heldout(dataset, opts.heldout_frac)}
     atomic_write_text(folder / "eval.json", json.dumps(result, indent=1))
     write_report(folder / "eval.html", f"SAE evaluation: {folder.name}", eval_parts(result))

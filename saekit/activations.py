@@ -22,6 +22,7 @@ import fnmatch
 import json
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -32,6 +33,10 @@ from torch import Tensor
 
 from saekit.errors import ConfigError, HookError, SAEFileError
 from saekit.files import atomic_save_tensors, atomic_write_text, read_json, read_tensors
+from saekit.metrics import next_token_loss
+
+# model -> {hook name: per-token shape}: saekit's cache, not an attribute on the model
+_HOOK_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -48,15 +53,15 @@ class HookSpec:
 
 def hook_names(model) -> dict[str, tuple[int, ...]]:
     """Every hook name of ``model`` (aliases included) with its per-token shape, from a
-    one-token forward pass (cached on the model object)."""
-    if not hasattr(model, "_saekit_hooks"):
+    one-token forward pass (cached per model object, in ``_HOOK_SHAPES``)."""
+    if model not in _HOOK_SHAPES:
         tokens = torch.tensor([[model.tokenizer.bos_token_id or 0]], device=model.cfg.device)
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens)
         # [batch=1, pos=1, *shape] for token-wise hooks; others (attention patterns) keep all axes
-        model._saekit_hooks = {k: tuple(v.shape[2:]) if v.dim() >= 3 else tuple(v.shape[1:])
+        _HOOK_SHAPES[model] = {k: tuple(v.shape[2:]) if v.dim() >= 3 else tuple(v.shape[1:])
                                for k, v in cache.items()}
-    return model._saekit_hooks
+    return _HOOK_SHAPES[model]
 
 
 def resolve_hook(model, name: str) -> HookSpec:
@@ -161,8 +166,6 @@ def activation_and_grad(model, tokens: Tensor, hook: HookSpec,
       of the text enters, so a g-SAE that selects with these gradients can be evaluated on
       the text's loss without having seen it (``"tokens"`` gradients at evaluation would be
       an oracle: they are the gradient of the very loss being reported)."""
-    from saekit.splice import next_token_loss
-
     box: list[Tensor] = []
 
     def leaf(act, hook=None):

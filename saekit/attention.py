@@ -18,7 +18,6 @@ query head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)``, the
 
 from __future__ import annotations
 
-import re
 import warnings
 from typing import NamedTuple, Sequence
 
@@ -28,8 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saekit.errors import ConfigError, MismatchError
-
-_HOOK_Z = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
+from saekit.hooks import hook_z_layer, hook_z_name
 
 
 # ---- checks -------------------------------------------------------------------------------
@@ -46,8 +44,8 @@ def check_hook_z_sae(model, sae) -> HookZ:
     from saekit.activations import hook_names
     from saekit.splice import check_sae_fits
 
-    m = _HOOK_Z.match(sae.cfg.hook_name)
-    if m is None:
+    layer = hook_z_layer(sae.cfg.hook_name)
+    if layer is None:
         raise MismatchError(f"the SAE reads {sae.cfg.hook_name!r}, not an attention output; "
                             "these tools need an SAE trained on blocks.L.attn.hook_z")
     check_sae_fits(model, sae)  # hook exists on the model and d_in matches
@@ -55,7 +53,7 @@ def check_hook_z_sae(model, sae) -> HookZ:
     if len(shape) != 2 or (sae.cfg.hook_shape and tuple(sae.cfg.hook_shape) != tuple(shape)):
         raise MismatchError(f"the SAE's hook_shape {sae.cfg.hook_shape} is not this model's z shape "
                             f"{tuple(shape)}; set cfg.hook_shape=(n_heads, d_head) or load the model it was trained on")
-    return HookZ(int(m.group(1)), int(shape[0]), int(shape[1]))
+    return HookZ(layer, int(shape[0]), int(shape[1]))
 
 
 def _heads_of(sae) -> tuple[int, int]:
@@ -66,7 +64,9 @@ def _heads_of(sae) -> tuple[int, int]:
     return int(sae.cfg.hook_shape[0]), int(sae.cfg.hook_shape[1])
 
 
-def _check_latent(sae, latent: int) -> int:
+def _latent_index(sae, latent: int) -> int:
+    """``latent`` as an index in ``[0, d_sae)`` (negative ones count from the end);
+    ``ConfigError`` when out of range."""
     if not -sae.cfg.d_sae <= latent < sae.cfg.d_sae:
         raise ConfigError(f"latent {latent} is out of range for d_sae={sae.cfg.d_sae}")
     return latent % sae.cfg.d_sae
@@ -145,14 +145,14 @@ def dfa(model, sae, tokens: Tensor | str, latent: int, dest: int) -> DFA:
     is off-distribution; BOS as a *source* is fine (and often large: an attention sink).
     """
     layer, n_heads, d_head = check_hook_z_sae(model, sae)
-    i = _check_latent(sae, latent)
+    i = _latent_index(sae, latent)
     tokens = _as_tokens(model, tokens)  # [1, T]
     T = tokens.shape[1]
     if not -T <= dest < T:
         raise ConfigError(f"dest={dest} is out of range for a sequence of {T} tokens")
     dest %= T
 
-    names = [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"]
+    names = [hook_z_name(layer), f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"]
     _, cache = model.run_with_cache(tokens, names_filter=names)
     missing = [n for n in names if n not in cache]
     if missing:
@@ -198,7 +198,7 @@ class LogitEffects(NamedTuple):
     suppressed_values: Float[Tensor, "n_latents top"]
 
 
-def _final_norm_linear(model, resid: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
+def final_norm_linear(model, resid: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
     """The final norm's per-direction linear part: centre (LayerNorm only), times its weight.
 
     The per-token scale 1/σ is left out: it is a positive scalar that changes with the
@@ -227,7 +227,7 @@ def latent_logits(model, sae, latents: Sequence[int] | Tensor, fold_ln: bool = T
 
     This is the direct path only (later layers ignored), as in direct logit attribution.
     With ``fold_ln`` (default), ``norm`` is the final norm's linear part, centring for
-    LayerNorm and its elementwise weight, see ``_final_norm_linear``, i.e. the ``W_U`` that
+    LayerNorm and its elementwise weight, see ``final_norm_linear``, i.e. the ``W_U`` that
     TransformerLens' ``fold_ln`` would give; its per-token scale 1/σ is ignored, as usual.
     With ``fold_ln=False`` the final norm is skipped entirely. ``b_O`` and ``b_U`` are
     left out: they do not depend on the latent. Returned on the CPU."""
@@ -251,7 +251,7 @@ def _latent_logits(model, sae, latents: Sequence[int] | Tensor, fold_ln: bool) -
                          "n (h d) -> n h d", h=n_heads)  # [n, n_heads, d_head]
     resid = einops.einsum(d, W_O, "n h d, h d m -> n m")  # [n, d_model]
     if fold_ln:
-        resid = _final_norm_linear(model, resid)
+        resid = final_norm_linear(model, resid)
     return resid @ W_U  # [n, d_vocab]
 
 
@@ -262,7 +262,7 @@ def _token_strings(model, ids: Tensor) -> list[str]:
 def logit_effect(model, sae, latent: int, top: int = 10, fold_ln: bool = True) -> LogitEffect:
     """The ``top`` tokens latent ``latent`` most boosts and suppresses through the direct path
     (``latent_logits``: W_dec[i] per head, through W_O, summed, final norm's linear part, W_U)."""
-    i = _check_latent(sae, latent)
+    i = _latent_index(sae, latent)
     effect = latent_logits(model, sae, [i], fold_ln)[0]  # [d_vocab]
     top = min(top, effect.numel())
     up, down = effect.topk(top), effect.topk(top, largest=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import torch
+from torch import Tensor
 
 from saekit.corpus import IOIPrompt, ioi_prompts
 
@@ -55,6 +56,14 @@ def prompts_for(tokenizer, n: int, split: str = "heldout", seed: int = 0) -> lis
     return out[:n]
 
 
+def logit_diff(logits: Tensor, io: Tensor, s: Tensor) -> Tensor:
+    """``logit(IO) − logit(S)`` per row of ``logits [n, vocab]`` (each row's answer
+    position), ``io`` and ``s`` the answer token ids ``[n]``: ``[n]``, in the logits' dtype
+    and device. Every IOI logit difference in saekit is this one."""
+    rows = torch.arange(len(logits), device=logits.device)
+    return logits[rows, io.to(logits.device)] - logits[rows, s.to(logits.device)]
+
+
 @torch.no_grad()
 def logit_diffs(model, prompts: Sequence[IOIPrompt], batch_size: int = 250) -> torch.Tensor:
     """``logit(IO) − logit(S)`` per prompt, ``[n]``."""
@@ -62,8 +71,7 @@ def logit_diffs(model, prompts: Sequence[IOIPrompt], batch_size: int = 250) -> t
     for i in range(0, len(prompts), batch_size):
         tokens, last, io, s = encode_prompts(model.tokenizer, prompts[i : i + batch_size])
         logits = model(tokens.to(model.cfg.device))[torch.arange(len(tokens)), last]  # [b, vocab]
-        out.append((logits.gather(1, io[:, None].to(logits.device))
-                    - logits.gather(1, s[:, None].to(logits.device)))[:, 0].float().cpu())
+        out.append(logit_diff(logits, io, s).float().cpu())
     return torch.cat(out)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -17,6 +18,17 @@ from saekit.errors import ModelLoadError
 
 EMBEDDED_NAME = "saekit-ioi-6l"
 log = logging.getLogger("saekit.models")
+
+# model -> the name load_model was given: saekit's own record, not an attribute set on
+# TransformerLens' object (the bridge's cfg.model_name is the resolved folder or hub id).
+_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_name(model, default: str | None = None) -> str | None:
+    """The name ``model`` was loaded by (``load_model``'s ``name``, ``EMBEDDED_NAME`` for the
+    embedded model): what cfg.json records as ``model_name``. ``default`` for a model that
+    ``load_model`` did not make."""
+    return _NAMES.get(model, default)
 
 
 def embedded_model_path() -> Path:
@@ -93,5 +105,5 @@ def load_model(name: str | None = None, device: str | torch.device = "cpu",
         raise ModelLoadError(f"could not load model {name!r}: {why}; omit --model to use the "
                              f"embedded default {EMBEDDED_NAME!r}") from None
     model.eval()
-    model.saekit_name = name or EMBEDDED_NAME  # what cfg.json records as the model name
+    _NAMES[model] = name or EMBEDDED_NAME  # what cfg.json records as the model name
     return model

@@ -53,6 +53,7 @@ from safetensors import SafetensorError, safe_open
 
 from saekit.errors import SAEFileError
 from saekit.files import read_json
+from saekit.hooks import hook_z_layer
 
 SCALER_V6 = "activation_scaler.json"
 STORE_V5 = "activations_store_state.safetensors"
@@ -67,7 +68,7 @@ def to_saelens(cfg: dict) -> dict:
         "normalize_activations": "none",
         # explicit: SAELens's training config defaults it to true (the inference one to false)
         "rescale_acts_by_decoder_norm": False,
-        "reshape_activations": "hook_z" if cfg["hook_name"].endswith("hook_z") else "none",
+        "reshape_activations": "hook_z" if hook_z_layer(cfg["hook_name"]) is not None else "none",
         # sae_lens_version marks the v6 layout; without it SAELens reads a pre-6 cfg and
         # keeps only top-level metadata keys, losing hook_name and model_name
         "metadata": {"model_name": cfg["model_name"], "hook_name": cfg["hook_name"],

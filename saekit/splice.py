@@ -9,19 +9,18 @@ included, as Kissane et al. (2024) do for their "CE loss recovered".
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saekit.activations import activation_and_grad, hook_names, resolve_hook
 from saekit.errors import MismatchError
+from saekit.metrics import CELosses, next_token_loss, reconstruction_stats
 
 
 def check_sae_fits(model, sae) -> None:
     """Raise ``MismatchError`` unless ``sae`` reads a hook of ``model`` with its ``d_in``."""
-    from saekit.activations import hook_names
-
     names = hook_names(model)
     hook = sae.cfg.hook_name
     if hook not in names:
@@ -76,51 +75,6 @@ def mean_hook(mean: Tensor):
     return hook_fn
 
 
-def loss_recovered(clean: float, spliced: float, ablated: float) -> float:
-    """(L_ablated − L_spliced) / (L_ablated − L_clean): 1 = the splice loses nothing, 0 = as
-    bad as the ablation (Kissane et al. 2024)."""
-    return (ablated - spliced) / (ablated - clean)
-
-
-def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of ``logits [b, T, V]`` on ``tokens [b, T]``."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-
-
-class CELosses(NamedTuple):
-    clean: float
-    sae: float
-    zero_keep_bos: float  # positions 1: zeroed, BOS kept (the positions the splice replaces)
-    zero_all: float  # every position zeroed, BOS included (Kissane et al. 2024)
-    kl: float  # mean KL(clean ‖ spliced) of the next-token distributions, nats per position
-    mean: float = float("nan")  # loss with positions 1: mean-ablated, when a mean was given
-
-    @property
-    def recovered_zero_keep_bos(self) -> float:
-        """Loss recovered against zero ablation of the positions the splice replaces."""
-        return loss_recovered(self.clean, self.sae, self.zero_keep_bos)
-
-    @property
-    def recovered_zero_all(self) -> float:
-        """Loss recovered against zero ablation of every position (Kissane et al.'s figure)."""
-        return loss_recovered(self.clean, self.sae, self.zero_all)
-
-    @property
-    def recovered_mean(self) -> float:
-        """Loss recovered against mean ablation (positions 1:)."""
-        return loss_recovered(self.clean, self.sae, self.mean)
-
-    def as_dict(self) -> dict[str, float]:
-        """The keys summary.json and eval.json use."""
-        d = {"ce_loss_clean": self.clean, "ce_loss_sae": self.sae,
-             "ce_loss_zero_ablation_keep_bos": self.zero_keep_bos, "ce_loss_zero_ablation_all": self.zero_all,
-             "ce_loss_recovered_zero_keep_bos": self.recovered_zero_keep_bos,
-             "ce_loss_recovered_zero_all": self.recovered_zero_all, "kl": self.kl}
-        if self.mean == self.mean:  # a mean was given
-            d |= {"ce_loss_mean_ablation": self.mean, "ce_loss_recovered_mean": self.recovered_mean}
-        return d
-
-
 @torch.no_grad()
 def ce_losses(model, sae, tokens: Tensor, batch_size: int = 32, grads: Tensor | None = None,
               mean: Tensor | None = None) -> CELosses:
@@ -148,3 +102,37 @@ def ce_losses(model, sae, tokens: Tensor, batch_size: int = 32, grads: Tensor | 
         sums[: len(losses)] += torch.tensor([v.item() for v in losses]) * len(t)
     out = (sums / len(tokens)).tolist()
     return CELosses(*out[:5], mean=out[5] if mean is not None else float("nan"))
+
+
+@torch.no_grad()
+def with_model_gradients(model, sae, tokens: Tensor, batch_size: int = 32) -> dict:
+    """A g-SAE scored while it selects with gradients, without an oracle.
+
+    Selecting with ∂L/∂x of the very next-token loss that is then reported would let the
+    selection see the labels it is scored on. Here the gradients are of the loss against the
+    model's own greedy predictions (``activation_and_grad(targets="model")``), over the first
+    ``T − 1`` tokens of each sequence, and CE is scored at the last of those positions only,
+    against token ``T``, which no gradient has read (at earlier positions the later *input*
+    tokens, which are the earlier positions' labels, flow into the gradient). The same
+    positions are scored clean and with the g-SAE selecting as TopK (β = 0), so the three
+    losses compare directly. Explained variance and L0 are over every position (they read
+    no label)."""
+    hook = resolve_hook(model, sae.cfg.hook_name)
+    inp, target = tokens[:, :-1], tokens[:, -1]
+    xs, gs, sums = [], [], torch.zeros(3)
+    for i in range(0, len(tokens), batch_size):
+        t, y = inp[i: i + batch_size].to(model.cfg.device), target[i: i + batch_size].to(model.cfg.device)
+        act, grad = activation_and_grad(model, t, hook, targets="model")  # [b, T-1, *shape]
+        xs.append(sae.flatten_hook(act[:, 1:]).reshape(-1, sae.cfg.d_in).float())
+        gs.append(sae.flatten_hook(grad[:, 1:]).reshape(-1, sae.cfg.d_in).float())
+        last = [model(t)[:, -1],
+                model.run_with_hooks(t, fwd_hooks=[(hook.name, reconstruct_hook(sae))])[:, -1],
+                model.run_with_hooks(t, fwd_hooks=[(hook.name, reconstruct_hook(sae, grad))])[:, -1]]
+        sums += torch.tensor([F.cross_entropy(lg.float(), y, reduction="sum").item() for lg in last])
+    clean, topk, with_g = (sums / len(tokens)).tolist()
+    stats = reconstruction_stats(sae, torch.cat(xs), torch.cat(gs))
+    return {"gradients": "next-token loss against the model's own greedy predictions (no text labels)",
+            "scored": "CE at the last position of each sequence, whose label no gradient read",
+            "positions": len(tokens), "ce_loss_clean_last": clean, "ce_loss_sae_topk_last": topk,
+            "ce_loss_sae_with_grads_last": with_g, "explained_variance": stats["explained_variance"],
+            "l0": stats["l0"]}

@@ -7,7 +7,7 @@ Each intervention is bound to one SAE and edits the activation ``x`` (flattened 
     Clamp(sae, i, value)    x ← x + (value − f_i(x))·W_dec[i]
     Ablate(sae, [i, ..])    x ← x − Σ f_i(x)·W_dec[i]
     Cap(sae, i, value)      x ← x − max(x·u − value, 0)·u,   u = W_dec[i] / ‖W_dec[i]‖
-    Reconstruct(sae)        x ← decode(encode(x))             (what ``splice`` runs)
+    Reconstruct(sae)        x ← decode(encode(x))             (what ``run_on_reconstruction`` runs)
 
 Clamp and Ablate re-encode ``x`` with the SAE's own ``encode`` (so every sparsifier works),
 set the latents, decode, and keep the SAE's error term ``x − decode(f)``:
@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saekit.errors import ConfigError
+from saekit.ioi import logit_diff, single_token_id
 
 Positions = Union[Literal["all", "last"], Sequence[int]]
 
@@ -224,8 +225,9 @@ def steer(model, interventions: Sequence[Intervention]):
     return model.hooks(fwd_hooks=hooks(model, interventions))
 
 
-def splice(model, sae, positions: Positions = "all"):
-    """Context manager: ``model`` runs on ``sae``'s reconstruction at its hook."""
+def run_on_reconstruction(model, sae, positions: Positions = "all"):
+    """Context manager: ``model`` runs on ``sae``'s reconstruction at its hook (the
+    ``Reconstruct`` intervention; ``saekit.splice`` is the evaluation's version)."""
     return steer(model, [Reconstruct(sae, positions=positions)])
 
 
@@ -312,8 +314,6 @@ def ioi_names(text: str) -> tuple[str, str] | None:
 def ioi_logit_diff(model, prompt: str, interventions: Sequence[Intervention]) -> IOILogitDiff | None:
     """IOI logit difference before and after steering, or ``None`` when ``prompt`` is not an
     IOI prompt (see ``ioi_names``) or a name is not one token for this tokenizer."""
-    from saekit.ioi import single_token_id
-
     names = ioi_names(prompt)
     if names is None:
         return None
@@ -323,8 +323,8 @@ def ioi_logit_diff(model, prompt: str, interventions: Sequence[Intervention]) ->
     tokens = _tokens(model, prompt)
 
     def diff() -> float:
-        last = model(tokens)[0, -1]
-        return (last[ids[0]] - last[ids[1]]).item()
+        last = model(tokens)[:, -1]  # [1, vocab]
+        return logit_diff(last, torch.tensor(ids[:1]), torch.tensor(ids[1:])).item()
 
     before = diff()
     with steer(model, interventions):

@@ -9,11 +9,12 @@ import torch
 
 from saekit.cli import main
 from saekit.evals import axes
-from saekit.evals.metrics import frequency_summary, fvu, l0_per_token
 from saekit.evals.nodes import Node, Readout
 from saekit.evals.supervised import SupervisedDictionary
+from saekit.metrics import frequency_summary, fvu, l0_per_token, loss_recovered, next_token_loss
+from saekit.models import model_name
 from saekit.sae import SAE, SAEConfig
-from saekit.splice import ce_losses, loss_recovered, next_token_loss
+from saekit.splice import ce_losses
 
 HOOK = "blocks.3.attn.hook_z"
 
@@ -169,7 +170,7 @@ def test_node_names_parse_and_bad_ones_get_one_line_errors():
 @pytest.fixture(scope="module")
 def small_sae(tmp_path_factory, model):
     shape = (model.cfg.n_heads, model.cfg.d_head)
-    sae = SAE(SAEConfig(d_in=math.prod(shape), d_sae=256, k=8, hook_name=HOOK, model_name=model.saekit_name,
+    sae = SAE(SAEConfig(d_in=math.prod(shape), d_sae=256, k=8, hook_name=HOOK, model_name=model_name(model),
                         hook_shape=shape), seed=0)
     path = tmp_path_factory.mktemp("sae") / "small"
     sae.save(path)
@@ -222,13 +223,13 @@ def test_eval_bad_input_is_one_line_exit_2(small_sae, argv, message, capsys):
 
 def test_eval_of_a_residual_sae_or_missing_folder_is_refused(tmp_path, model, capsys):
     sae = SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=64, k=4, hook_name="blocks.3.hook_resid_post",
-                        model_name=model.saekit_name))
+                        model_name=model_name(model)))
     sae.save(tmp_path / "resid")
     assert main(["eval-ioi", "--sae", str(tmp_path / "resid"), "--n", "10", "--n-fit", "10", "--n-table", "10"]) == 2
     assert "hook_z" in capsys.readouterr().err
     assert main(["eval", "--sae", str(tmp_path / "nothing")]) == 2
     assert "no SAE folder" in capsys.readouterr().err
-    other = SAE(SAEConfig(d_in=7, d_sae=16, k=2, hook_name=HOOK, model_name=model.saekit_name))
+    other = SAE(SAEConfig(d_in=7, d_sae=16, k=2, hook_name=HOOK, model_name=model_name(model)))
     other.save(tmp_path / "other")
     assert main(["eval", "--sae", str(tmp_path / "other")]) == 2
     assert "d_in=7" in capsys.readouterr().err

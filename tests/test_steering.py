@@ -8,7 +8,7 @@ from saekit.attention import logit_effect
 from saekit.errors import ConfigError, MismatchError
 from saekit.sae import SAE, SAEConfig
 from saekit.steering import (Ablate, Add, Cap, Clamp, generate, hooks, ioi_logit_diff, ioi_names, make,
-                             position_index, splice, steer)
+                             position_index, run_on_reconstruction, steer)
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 HOOKS = {"blocks.5.attn.hook_z": (4, 32), "blocks.3.hook_resid_post": (128,)}
@@ -132,7 +132,7 @@ def test_splice_matches_the_reconstruction(model, tokens):
     sae = make_sae()
     with torch.no_grad():
         expected = model.run_with_hooks(tokens, fwd_hooks=[(sae.cfg.hook_name, reconstruct_hook(sae))])
-        with splice(model, sae):
+        with run_on_reconstruction(model, sae):
             got = model(tokens)
     torch.testing.assert_close(got, expected)
 

@@ -1,7 +1,7 @@
 import torch
 
 from saekit.cli import main
-from saekit.evals.synthetic import SyntheticOptions, bench, ground_truth, mmcs, sample
+from saekit.training.synthetic import SyntheticOptions, bench, ground_truth, mmcs, sample
 
 
 def test_ground_truth_data_has_the_promised_statistics():

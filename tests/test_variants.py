@@ -238,7 +238,7 @@ def test_variants_train_end_to_end_through_the_cli(sparsity, aux, tmp_path, caps
 
 def test_harvested_gradients_match_autograd(model):
     from saekit.activations import harvest_with_grads, resolve_hook
-    from saekit.splice import next_token_loss
+    from saekit.metrics import next_token_loss
 
     hook = resolve_hook(model, "blocks.3.attn.hook_z")
     tokens = next(__import__("saekit.data", fromlist=["x"]).token_batches(model.tokenizer, None, 24, 3))
@@ -370,7 +370,7 @@ def test_with_model_gradients_equals_topk_at_beta_zero_and_differs_at_large_beta
     positions; a large β changes the selection, so the spliced loss moves."""
     import saekit
     from saekit import data
-    from saekit.evals.metrics import with_model_gradients
+    from saekit.splice import with_model_gradients
 
     model = saekit.load_model()
     packed = data.pack(data.documents(None, 3, "heldout"), model.tokenizer, 24)

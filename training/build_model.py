@@ -33,7 +33,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from saekit import corpus
 from saekit.data import pack
-from saekit.ioi import encode_prompts
+from saekit.ioi import encode_prompts, logit_diff
 
 BOS = "<|endoftext|>"
 
@@ -66,12 +66,14 @@ def ioi_batch(rng: random.Random, tok, n: int, split: str):
 
 
 @torch.no_grad()
-def score_ioi(model, tok, n: int, split: str, seed: int = 1234) -> dict:
-    """Accuracy (logit IO > logit S) and mean logit difference on ``n`` prompts."""
+def score_ioi_hf(model, tok, n: int, split: str, seed: int = 1234) -> dict:
+    """Accuracy (logit IO > logit S) and mean logit difference of the Hugging Face model being
+    built (``model(x).logits``) on ``n`` fresh prompts; ``saekit.ioi.score_ioi`` scores a
+    TransformerBridge."""
     model.eval()
     x, last, io, s = ioi_batch(random.Random(f"score-{split}-{seed}"), tok, n, split)
     logits = model(x).logits[torch.arange(n), last]  # [n, vocab]
-    ld = logits.gather(1, io[:, None]) - logits.gather(1, s[:, None])
+    ld = logit_diff(logits, io, s)
     model.train()
     return {"acc": (ld > 0).float().mean().item(), "logit_diff": ld.mean().item()}
 
@@ -202,8 +204,8 @@ def train_model(model, tok, args: argparse.Namespace, t0: float) -> list[dict]:
         bar.set_postfix(lm=f"{lm_loss.item():.3f}", ioi=f"{ioi_loss.item():.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             row = {"step": step + 1, "lm_loss": lm_loss.item(), "ioi_loss": ioi_loss.item(),
-                   "ioi_heldout": score_ioi(model, tok, 500, "heldout"),
-                   "ioi_train": score_ioi(model, tok, 500, "train"),
+                   "ioi_heldout": score_ioi_hf(model, tok, 500, "heldout"),
+                   "ioi_train": score_ioi_hf(model, tok, 500, "train"),
                    "minutes": (time.time() - t0) / 60}
             log.append(row)
             tqdm.write(json.dumps(row))
@@ -214,8 +216,8 @@ def final_scores(model, tok, args: argparse.Namespace, t0: float) -> dict:
     """The trained model's figures: IOI on 1,000 held-out and 1,000 training-template prompts,
     the held-out next-token loss, minutes since ``t0``, parameter count, options, torch."""
     return {
-        "ioi_heldout_1000": score_ioi(model, tok, 1000, "heldout", seed=0),
-        "ioi_train_templates_1000": score_ioi(model, tok, 1000, "train", seed=0),
+        "ioi_heldout_1000": score_ioi_hf(model, tok, 1000, "heldout", seed=0),
+        "ioi_train_templates_1000": score_ioi_hf(model, tok, 1000, "train", seed=0),
         "heldout_lm_loss": heldout_lm_loss(model, tok),
         "train_minutes": (time.time() - t0) / 60,
         "n_params": sum(p.numel() for p in model.parameters()),

@@ -120,6 +120,7 @@ def _run(cfg: TrainConfig, ctx) -> dict:
 def _open_source(cfg: TrainConfig, device: str):
     """``(model, source, hooks, model_name, fill_tokens)``: a cache's source, or the model
     (whose source is built once the ranks know their hooks: ``source`` is then ``None``)."""
+    from saekit import models
     from saekit.models import load_model
 
     d = cfg.data
@@ -136,7 +137,7 @@ def _open_source(cfg: TrainConfig, device: str):
                               "(make one with `saekit cache --with-grads`)")
     else:
         model = load_model(d.model, device)
-        hooks, model_name = resolve_hooks(model, d.hook), model.saekit_name
+        hooks, model_name = resolve_hooks(model, d.hook), models.model_name(model)
         fill_tokens = max(1, d.fill_tokens // (d.seq_len - 1)) * (d.seq_len - 1)
     if len(hooks) > 1 and cfg.sae.sparsity == "gtopk":
         raise ConfigError("--sparsity gtopk harvests gradients for one hook at a time; train each hook in its own run")
@@ -199,6 +200,7 @@ def cache_activations(d: DataOptions, out: str, seed: int = 0, progress: bool = 
                       with_grads: bool = False) -> Path:
     """Harvest ``d.total_tokens`` activations at ``d.hook`` into ``out`` (``saekit cache``);
     ``with_grads`` also stores ∂L/∂x for g-SAE training."""
+    from saekit import models
     from saekit.models import load_model
 
     model = load_model(d.model, d.device)
@@ -206,7 +208,7 @@ def cache_activations(d: DataOptions, out: str, seed: int = 0, progress: bool = 
     shard = source.seqs_per_fill * (d.seq_len - 1)
     n_shards = max(1, d.total_tokens // shard)
     meta = {"hook_name": hook.name, "hook_shape": list(hook.shape), "d_in": hook.d_in,
-            "model_name": model.saekit_name, "model": d.model, "dataset": d.dataset,
+            "model_name": models.model_name(model), "model": d.model, "dataset": d.dataset,
             "seq_len": d.seq_len, "seed": seed, "with_grads": with_grads}
     bar = None
     if progress:

@@ -6,18 +6,17 @@ Kissane et al. 2024 report it) and mean ablation."""
 from __future__ import annotations
 
 from saekit.activations import harvest_batches, resolve_hook
-from saekit.splice import ce_losses
+from saekit.metrics import reconstruction_stats
+from saekit.splice import ce_losses, with_model_gradients
 
-# What the summary reports of saekit.evals.metrics.reconstruction_stats (eval.json has all).
+# What the summary reports of saekit.metrics.reconstruction_stats (eval.json has all).
 SUMMARY_STATS = ("l0", "l0_std", "explained_variance", "dense_frac")
 
 
-def reconstruction_stats(sae, acts, grads=None) -> dict:
+def summary_stats(sae, acts, grads=None) -> dict:
     """Mean L0 and its spread over tokens, explained variance (1 − FVU) and the dense
     fraction (latents firing on more than 10% of tokens) on ``acts [n, d_in]``."""
-    from saekit.evals.metrics import reconstruction_stats as full
-
-    return {k: v for k, v in full(sae, acts, grads).items() if k in SUMMARY_STATS}
+    return {k: v for k, v in reconstruction_stats(sae, acts, grads).items() if k in SUMMARY_STATS}
 
 
 def eval_tokens(model, cfg):
@@ -42,14 +41,12 @@ def summarize(sae, trainer, cfg, model=None) -> dict:
     tokens = eval_tokens(model, cfg)
     hook = resolve_hook(model, sae.cfg.hook_name)
     acts = harvest_batches(model, tokens, hook).to(sae.W_dec.device)
-    stats = reconstruction_stats(sae, acts)
+    stats = summary_stats(sae, acts)
     ce = ce_losses(model, sae, tokens, mean=sae.unflatten_hook(acts.mean(0)))
     summary = {**stats, "dead_frac": dead_frac, "impl": resolve_impl(sae.cfg.impl, sae.W_dec.device),
                **ce.as_dict(), "eval_tokens": len(acts),
                "eval_split": data.describe_heldout(cfg.data.dataset, cfg.data.heldout_frac),
                "steps": trainer.step, "hook": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}
     if sae.cfg.sparsity == "gtopk":  # the figures above select as TopK: its rule without labels
-        from saekit.evals.metrics import with_model_gradients
-
         summary["with_model_gradients"] = with_model_gradients(model, sae, tokens)
     return summary

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from saekit.errors import ConfigError
+from saekit.metrics import fvu, l0_per_token
 
 
 @dataclass
@@ -96,16 +97,15 @@ def score(sae, o: SyntheticOptions, truth: GroundTruth, n_eval: int = 16384) -> 
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     fired[out.codes.indices[out.codes.values > 0]] = True
     m, rec = mmcs(sae.W_dec, truth.features)
-    fvu = ((x - out.x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     return {"mmcs": m, "recovered_0.9": rec, "never_fired_frac": 1 - fired.float().mean().item(),
-            "fvu": fvu.item(), "l0": (out.codes.values > 0).sum().item() / n_eval}
+            "fvu": fvu(x, out.x_hat), "l0": l0_per_token(out.codes.values).sum().item() / n_eval}
 
 
 def bench(o: SyntheticOptions, variants=("topk", "mutual_choice", "feature_choice"), d_sae: int = 1024,
           k: int = 8, n_train: int = 262_144, steps: int = 2000, batch: int = 4096, lr: float = 2e-3) -> list[dict]:
     """Train each variant at the same mean L0 (k) on the same data; one row of scores each."""
-    from saekit.training import train_sae
     from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
+    from saekit.training.run import train_sae
     from saekit.types import SAEConfig
 
     truth = ground_truth(o)
