@@ -8,13 +8,13 @@ from pathlib import Path
 
 import streamlit as st
 
+from saekit.evals.report import eval_parts, ioi_parts
+
 REPORTS = (("Evaluation", "eval", "saekit eval --sae {path}"),
            ("IOI evaluation", "ioi_eval", "saekit eval-ioi --sae {path}"))
 
 
 def page(sae_path: str) -> None:
-    from saekit.evals.report import eval_parts, ioi_parts
-
     st.header("Evaluations")
     folder = Path(sae_path)
     for (title, stem, command), parts in zip(REPORTS, (eval_parts, ioi_parts)):

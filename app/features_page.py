@@ -9,7 +9,9 @@ import streamlit as st
 
 from saekit.app import render
 from saekit.app.resources import Loaded, model_lock
+from saekit.attention import dfa, head_attribution, logit_effect
 from saekit.errors import SaekitError
+from saekit.evals.features import hist_edges
 from saekit.hooks import hook_z_layer
 
 SORTS = {"frequency, high first": ("frequency", False), "frequency, low first": ("frequency", True),
@@ -61,8 +63,6 @@ def _logit_effects(ld: Loaded, latent: int) -> tuple[list, list] | None:
 
         return pairs(e["boosted_ids"], e["boosted_values"]), pairs(e["suppressed_ids"], e["suppressed_values"])
     if _is_hook_z(ld):
-        from saekit.attention import logit_effect
-
         eff = logit_effect(ld.model, ld.sae, latent, top=10)
         return eff.boosted, eff.suppressed
     return None
@@ -83,8 +83,6 @@ def card(ld: Loaded, latent: int) -> None:
         m[2].metric("max activation", f"{s.max_act[latent].item():.3f}")
     left, right = st.columns(2)
     if s is not None:
-        from saekit.evals.features import hist_edges
-
         left.plotly_chart(render.histogram(s.hist[latent].tolist(), hist_edges().tolist()),
                           width="stretch", key="card_hist")
     effects = _logit_effects(ld, latent)
@@ -95,8 +93,6 @@ def card(ld: Loaded, latent: int) -> None:
                                       "suppresses": [render.token_label(t) for t, _ in down],
                                       "−": [v for _, v in down]}), hide_index=True, width="stretch")
     if _is_hook_z(ld):
-        from saekit.attention import head_attribution
-
         share = (s.extra["head_attr"][latent] if s is not None and "head_attr" in s.extra
                  else head_attribution(ld.sae, ld.model)[latent])
         st.plotly_chart(render.bars([f"head {h}" for h in range(len(share))], share.tolist(),
@@ -118,8 +114,6 @@ def card(ld: Loaded, latent: int) -> None:
 
 
 def _dfa(ld: Loaded, latent: int, contexts) -> None:
-    from saekit.attention import dfa
-
     labels = [f"#{j + 1} ({c.value:.2f})" for j, c in enumerate(contexts)]
     j = st.selectbox("Direct feature attribution for context", range(len(contexts)),
                      format_func=labels.__getitem__, key=f"dfa_context_{latent}")

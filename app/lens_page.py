@@ -9,6 +9,7 @@ import streamlit as st
 from saekit.app import render
 from saekit.app.resources import Loaded, model_lock
 from saekit.errors import SaekitError
+from saekit.evals.features import prompt_lens
 
 EXAMPLE = "When Mary and John went to the store, John gave a drink to"
 TOP = 3
@@ -21,8 +22,6 @@ def open_card(latent: int) -> None:
 
 
 def page(ld: Loaded) -> None:
-    from saekit.evals.features import prompt_lens
-
     st.header("Prompt lens")
     prompt = st.text_area("Prompt", value=EXAMPLE, key="lens_prompt", height=80)
     if not prompt.strip():

@@ -11,7 +11,12 @@ from typing import NamedTuple
 
 import streamlit as st
 
+from saekit import formats
 from saekit.errors import SAEFileError, SaekitError
+from saekit.evals.features import fingerprint, load_stats, stats_path
+from saekit.formats import load_sae
+from saekit.models import load_model
+from saekit.splice import check_sae_fits
 
 # SAE -> its fingerprint (saekit.evals.features.fingerprint), kept here, not on the SAE object
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -31,22 +36,16 @@ def _mtime(path: Path) -> float:
 
 @st.cache_resource(show_spinner="Loading the model ...")
 def _model(name: str | None):
-    from saekit.models import load_model
-
     return load_model(name)
 
 
 @st.cache_resource(show_spinner="Loading the SAE ...")
 def _sae(path: str, _mtime_key: float):
-    from saekit.formats import load_sae
-
     return load_sae(path)
 
 
 @st.cache_resource(show_spinner="Loading feature statistics ...")
 def _stats(path: str, _mtime_key: float, _sae_obj, fingerprint: str):
-    from saekit.evals.features import load_stats
-
     return load_stats(path, _sae_obj)
 
 
@@ -59,9 +58,6 @@ def model_lock() -> threading.Lock:
 
 def load(sae_path: str, model_name: str | None) -> Loaded:
     """Load and check everything; raises ``SaekitError`` with a one-line, fixable message."""
-    from saekit.evals.features import fingerprint, stats_path
-    from saekit.splice import check_sae_fits
-
     folder = Path(sae_path).expanduser()
     if not folder.is_dir():
         raise SAEFileError(f"no SAE folder at {folder}; pass the folder `saekit train --out` wrote "
@@ -86,8 +82,6 @@ def load(sae_path: str, model_name: str | None) -> Loaded:
 
 def default_sae() -> str:
     """``saekit app --sae``, else the first shipped SAE, else empty."""
-    from saekit import formats
-
     env = os.environ.get("SAEKIT_APP_SAE", "")
     if env:
         return env

@@ -8,6 +8,7 @@ import streamlit as st
 
 from saekit.app.resources import Loaded, model_lock
 from saekit.errors import SaekitError
+from saekit.steering import METHODS, generate, ioi_logit_diff, make
 
 EXAMPLE = "When Mary and John went to the store, John gave a drink to"
 METHOD_HELP = ("add: value × the decoder direction; clamp: set the latent to value; ablate: set it to 0; "
@@ -15,8 +16,6 @@ METHOD_HELP = ("add: value × the decoder direction; clamp: set the latent to va
 
 
 def _rows(ld: Loaded) -> list[tuple[int, str, float, str]]:
-    from saekit.steering import METHODS
-
     n = st.number_input("Interventions", min_value=0, max_value=8, value=1, step=1, key="steer_n")
     rows = []
     for i in range(int(n)):
@@ -30,8 +29,6 @@ def _rows(ld: Loaded) -> list[tuple[int, str, float, str]]:
 
 
 def page(ld: Loaded) -> None:
-    from saekit.steering import generate, ioi_logit_diff, make
-
     st.header("Steering")
     prompt = st.text_area("Prompt", value=EXAMPLE, key="steer_prompt", height=80)
     rows = _rows(ld)

@@ -26,11 +26,19 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
+from tqdm import tqdm
 
+from saekit import attention
+from saekit.activations import harvest, resolve_hook
+from saekit.attention import LogitEffects, final_norm_linear
+from saekit.data import token_batches
 from saekit.errors import ConfigError, SAEFileError
+from saekit.files import atomic_save_tensors, atomic_write_text
 from saekit.hooks import hook_z_layer
 from saekit.models import model_name
+from saekit.splice import check_sae_fits
 
 N_TOP = 20
 BEFORE, AFTER = 24, 7  # context window around the peak token: 24 before, 7 after
@@ -148,8 +156,6 @@ class _Accumulator:
 
 def _extra(model, sae) -> dict[str, Tensor]:
     """Logit effects and head attribution, where the hook allows them."""
-    from saekit import attention
-
     if hook_z_layer(sae.cfg.hook_name) is not None:
         eff = attention.logit_effects(model, sae, top=10)
         out = {"head_attr": attention.head_attribution(sae, model)}
@@ -167,8 +173,6 @@ def _extra(model, sae) -> dict[str, Tensor]:
 def residual_logit_effects(model, sae, top: int = 10, chunk: int = 1024):
     """Direct logit effects of latents of an SAE that writes to the residual stream:
     ``norm(W_dec[i]) @ W_U`` (the final norm's linear part, as ``saekit.attention``)."""
-    from saekit.attention import LogitEffects, final_norm_linear
-
     W_U = model.W_U.float()
     parts = []
     for s in range(0, sae.cfg.d_sae, chunk):
@@ -184,12 +188,6 @@ def analyze(model, sae, n_tokens: int = 200_000, seq_len: int = 128, batch_seqs:
             dataset: str | None = None, progress: bool = True) -> FeatureStats:
     """One pass over ``n_tokens`` tokens of ``dataset`` (saekit's held-out corpus when None).
     BOS positions are never counted (the SAE never saw them in training)."""
-    from tqdm import tqdm
-
-    from saekit.activations import resolve_hook
-    from saekit.data import token_batches
-    from saekit.splice import check_sae_fits
-
     check_sae_fits(model, sae)
     if n_tokens < 1:
         raise ConfigError(f"--tokens must be positive, not {n_tokens}")
@@ -223,8 +221,6 @@ def analyze(model, sae, n_tokens: int = 200_000, seq_len: int = 128, batch_seqs:
 
 
 def _codes(model, sae, tokens: Tensor, hook) -> Tensor:
-    from saekit.activations import harvest
-
     b, T = tokens.shape
     x = harvest(model, tokens, hook)  # [b·(T−1), d_in]
     f = sae.encode_dense(x.to(sae.W_dec.device)).float().cpu()  # [b·(T−1), d_sae]
@@ -257,8 +253,6 @@ def stats_path(sae_folder) -> Path:
 
 def save_stats(stats: FeatureStats, sae_folder) -> Path:
     """Write ``stats`` beside the SAE in ``sae_folder`` (atomically; the json last)."""
-    from saekit.files import atomic_save_tensors, atomic_write_text
-
     tensors = {name: getattr(stats, name) for name in _FIELDS} | stats.extra
     path = stats_path(sae_folder)
     atomic_save_tensors(path, tensors, metadata={"saekit_stats": json.dumps(stats.meta)})
@@ -270,8 +264,6 @@ def save_stats(stats: FeatureStats, sae_folder) -> Path:
 def load_stats(sae_folder, sae=None) -> FeatureStats:
     """Read the statistics beside ``sae_folder``. With ``sae``, raise ``SAEFileError`` when
     they were made for other weights. Messages name the command that fixes the problem."""
-    from safetensors import SafetensorError, safe_open
-
     path = stats_path(sae_folder)
     fix = f"run `saekit analyze --sae {sae_folder}`"
     if not path.is_file():
@@ -300,9 +292,6 @@ class Lens(NamedTuple):
 @torch.no_grad()
 def prompt_lens(model, sae, prompt: str) -> Lens:
     """The SAE's feature activations on every token of ``prompt``."""
-    from saekit.activations import resolve_hook
-    from saekit.splice import check_sae_fits
-
     if not isinstance(prompt, str) or not prompt.strip():
         raise ConfigError("the prompt is empty; type some text to read through the SAE")
     check_sae_fits(model, sae)

@@ -21,6 +21,7 @@ from torch import Tensor
 from saekit import corpus
 from saekit.corpus import IOIPrompt
 from saekit.ioi import encode_prompts, single_token_id
+from saekit.models import EMBEDDED_NAME, model_name
 
 ATTRIBUTES = ("io", "s", "pos")
 ORDERS = ("ABB", "BAB")
@@ -67,8 +68,6 @@ class IOISetup:
 
 
 def setup_for(model) -> IOISetup:
-    from saekit.models import EMBEDDED_NAME, model_name
-
     names = tuple(n for n in corpus.NAMES if single_token_id(model.tokenizer, n) is not None)
     if len(names) < 8:
         raise ValueError("fewer than 8 IOI names are single tokens for this tokenizer")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from saekit.activations import activation_and_grad, resolve_hook
 from saekit.errors import ConfigError, MismatchError
 from saekit.evals import axes
 from saekit.evals import ioi_data as D
@@ -26,6 +27,7 @@ from saekit.evals.supervised import SupervisedDictionary
 from saekit.hooks import hook_z_layer, hook_z_name
 from saekit.metrics import centred_sq, fvu_of_sums, l0_per_token, residual_sq
 from saekit.models import model_name
+from saekit.splice import check_sae_fits
 
 log = logging.getLogger("saekit")
 
@@ -111,8 +113,6 @@ def layer_grads(model, data: D.IOIData, layer: int, pos: str) -> torch.Tensor:
     positions 0..END are all scored, END included (its target is the model's own guess of
     the IO), and neither padding nor the appended token (BOS, whose logits are not scored)
     enters L."""
-    from saekit.activations import activation_and_grad, resolve_hook
-
     hook = resolve_hook(model, hook_z_name(layer))
     where = data.position(pos)
     tokens = torch.cat([data.tokens, data.tokens[:, :1]], 1)  # one more column: BOS, a pad
@@ -248,8 +248,6 @@ def _heatmaps(fit_active, fit_labels, eval_active, eval_labels, values, n_latent
 def evaluate_ioi(model, saes: dict, opts: IOIEvalOptions, dictionaries_dir: Path | None = None) -> dict:
     """Score ``saes`` (label → SAE on the same ``blocks.L.attn.hook_z``) and the supervised
     dictionaries at the chosen nodes. Returns a JSON-able dict."""
-    from saekit.splice import check_sae_fits
-
     layers = set()
     for sae in saes.values():
         check_sae_fits(model, sae)

@@ -10,6 +10,7 @@ import html
 from pathlib import Path
 
 import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
 
 from saekit.files import atomic_write_text
 
@@ -28,8 +29,6 @@ def _fmt(v) -> str:
 
 def write_report(path: Path, title: str, parts: list) -> None:
     """Write ``parts`` (HTML strings and Plotly figures) as one page at ``path``."""
-    from plotly.offline import get_plotlyjs
-
     path = Path(path)
     js = path.parent / PLOTLY_JS
     if not js.exists():

@@ -6,18 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from saekit import data
 from saekit.errors import MismatchError
+from saekit.evals.ioi_eval import evaluate_ioi
+from saekit.evals.metrics import evaluate_sae
 from saekit.evals.options import EvalOptions, IOIEvalOptions
+from saekit.evals.report import eval_parts, ioi_parts, write_report
 from saekit.files import atomic_write_text
-from saekit.models import model_name
+from saekit.formats import load_sae
+from saekit.models import EMBEDDED_NAME, load_model, model_name
+from saekit.splice import check_sae_fits
 
 
 def model_for(sae, name: str | None = None, device: str = "cpu"):
     """The model an SAE was trained on (``cfg.model_name``), or ``name`` if the user gave one
     — which must then be that model, when the SAE records it."""
-    from saekit.models import EMBEDDED_NAME, load_model
-    from saekit.splice import check_sae_fits
-
     recorded = sae.cfg.model_name
     if name and recorded and name != recorded and {name, recorded} != {"", EMBEDDED_NAME}:
         raise MismatchError(f"the SAE was trained on {recorded!r}, not {name!r}; omit --model to use its model")
@@ -27,8 +30,6 @@ def model_for(sae, name: str | None = None, device: str = "cpu"):
 
 
 def _load(path):
-    from saekit.formats import load_sae
-
     return Path(path), load_sae(path)
 
 
@@ -36,10 +37,6 @@ def run_eval(sae_path, model: str | None = None, dataset: str | None = None, opt
              device: str = "cpu") -> dict:
     """Standard metrics of the SAE at ``sae_path`` on held-out text; writes ``eval.json`` and
     ``eval.html`` in its folder and returns the metrics."""
-    from saekit import data
-    from saekit.evals.metrics import evaluate_sae
-    from saekit.evals.report import eval_parts, write_report
-
     opts = opts or EvalOptions()
     folder, sae = _load(sae_path)
     m = model_for(sae, model, device)
@@ -57,9 +54,6 @@ def run_eval_ioi(sae_path, compare: list[str] = (), model: str | None = None,
     """Score the SAE at ``sae_path`` (and any ``compare`` SAEs of the same layer) against
     supervised IOI dictionaries; writes ``ioi_eval.json``, ``ioi_eval.html`` and (unless
     ``opts.save_dictionaries`` is off) ``ioi_dictionaries/`` in its folder."""
-    from saekit.evals.ioi_eval import evaluate_ioi
-    from saekit.evals.report import ioi_parts, write_report
-
     opts = opts or IOIEvalOptions()
     folder, sae = _load(sae_path)
     saes = {folder.name: sae}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from saekit.errors import SAEFileError
@@ -85,8 +86,6 @@ class SupervisedDictionary:
 
     @classmethod
     def load(cls, path) -> "SupervisedDictionary":
-        from safetensors import safe_open
-
         path = Path(path)
         tensors = read_tensors(path)
         with safe_open(str(path), "pt") as f:

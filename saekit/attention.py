@@ -26,8 +26,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from saekit.activations import hook_names
 from saekit.errors import ConfigError, MismatchError
 from saekit.hooks import hook_z_layer, hook_z_name
+from saekit.splice import check_sae_fits
 
 
 # ---- checks -------------------------------------------------------------------------------
@@ -41,9 +43,6 @@ class HookZ(NamedTuple):
 
 def check_hook_z_sae(model, sae) -> HookZ:
     """Raise ``MismatchError`` unless ``sae`` is a ``blocks.L.attn.hook_z`` SAE of ``model``."""
-    from saekit.activations import hook_names
-    from saekit.splice import check_sae_fits
-
     layer = hook_z_layer(sae.cfg.hook_name)
     if layer is None:
         raise MismatchError(f"the SAE reads {sae.cfg.hook_name!r}, not an attention output; "

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import weakref
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+import transformers
+from huggingface_hub import constants, try_to_load_from_cache
+from transformer_lens.model_bridge import TransformerBridge
 
+from saekit import pretrained
 from saekit.errors import ModelLoadError
 
 EMBEDDED_NAME = "saekit-ioi-6l"
@@ -33,14 +39,10 @@ def model_name(model, default: str | None = None) -> str | None:
 
 def embedded_model_path() -> Path:
     """Folder of the embedded model, found beside the installed package."""
-    from saekit import pretrained
-
     return Path(pretrained.__file__).parent / EMBEDDED_NAME
 
 
 def _quiet_transformers() -> None:
-    import transformers
-
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -63,11 +65,6 @@ def resolve_model_name(name: str | None) -> str:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE:
         return False
     url = urlparse(constants.ENDPOINT)
@@ -79,8 +76,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _in_hub_cache(name: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
     return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
@@ -88,8 +83,6 @@ def load_model(name: str | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32):
     """A ``TransformerBridge`` for ``name``: ``None`` is the embedded model, else a local
     folder or a hub name. Raises ``ModelLoadError`` with a one-line reason on failure."""
-    from transformer_lens.model_bridge import TransformerBridge
-
     target = resolve_model_name(name)
     if not Path(target).is_dir() and not _in_hub_cache(target) and not _hub_reachable():
         # Fail in seconds, not after the hub client's minute of retries.

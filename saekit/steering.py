@@ -36,8 +36,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from saekit.corpus import NAMES
 from saekit.errors import ConfigError
 from saekit.ioi import logit_diff, single_token_id
+from saekit.splice import check_sae_fits
 
 Positions = Union[Literal["all", "last"], Sequence[int]]
 
@@ -209,8 +211,6 @@ def make(method: str, sae, latent: int, value: float = 0.0, positions: Positions
 # ---- applying them ------------------------------------------------------------------------
 def hooks(model, interventions: Sequence[Intervention]) -> list[tuple[str, Callable]]:
     """``fwd_hooks`` for ``run_with_hooks`` / ``model.hooks``; checks every SAE fits ``model``."""
-    from saekit.splice import check_sae_fits
-
     if isinstance(interventions, Intervention):
         interventions = [interventions]
     for iv in interventions:
@@ -297,8 +297,6 @@ class IOILogitDiff(NamedTuple):
 def ioi_names(text: str) -> tuple[str, str] | None:
     """``(io, s)`` if ``text`` reads as an IOI prompt: exactly two of saekit's names, one
     said once (the indirect object) and one twice (the subject); else ``None``."""
-    from saekit.corpus import NAMES
-
     known = set(NAMES)
     counts: dict[str, int] = {}
     for w in re.findall(r"[A-Z][a-z]+", text):

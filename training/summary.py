@@ -5,8 +5,11 @@ Kissane et al. 2024 report it) and mean ablation."""
 
 from __future__ import annotations
 
+from saekit import data
 from saekit.activations import harvest_batches, resolve_hook
+from saekit.kernels import resolve_impl
 from saekit.metrics import reconstruction_stats
+from saekit.models import load_model
 from saekit.splice import ce_losses, with_model_gradients
 
 # What the summary reports of saekit.metrics.reconstruction_stats (eval.json has all).
@@ -22,18 +25,12 @@ def summary_stats(sae, acts, grads=None) -> dict:
 def eval_tokens(model, cfg):
     """Held-out token sequences of the run's source, never trained on (``saekit.data``:
     held-out streams, validation splits or hash-held-out documents)."""
-    from saekit import data
-
     d = cfg.data
     n_seq = max(1, cfg.run.eval_tokens // (d.seq_len - 1))
     return data.heldout_sequences(model.tokenizer, d.dataset, n_seq, d.seq_len, cfg.run.seed + 1, d.heldout_frac)
 
 
 def summarize(sae, trainer, cfg, model=None) -> dict:
-    from saekit import data
-    from saekit.kernels import resolve_impl
-    from saekit.models import load_model
-
     sae.eval()
     dead_frac = trainer.dead_mask().float().mean().item()  # the trainer's counters, not the eval tokens
     if model is None:  # trained from a cache: the model is only needed for the summary
