@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -122,3 +123,20 @@ class Batch(NamedTuple):
 
     x: Float[Tensor, "batch d_in"]
     grad: Float[Tensor, "batch d_in"] | None = None
+
+    def take(self, rows) -> "Batch":
+        """Rows ``rows`` (an index tensor or a slice) of ``x`` and of ``grad`` alike: one
+        index for both keeps every gradient beside its activation."""
+        return Batch(self.x[rows], None if self.grad is None else self.grad[rows])
+
+    @staticmethod
+    def cat(parts: "list[Batch]") -> "Batch":
+        """The rows of ``parts`` one after another (all with gradients or all without)."""
+        grads = [p.grad for p in parts]
+        return Batch(torch.cat([p.x for p in parts]), None if grads[0] is None else torch.cat(grads))
+
+    def to(self, device) -> "Batch":
+        return Batch(self.x.to(device), None if self.grad is None else self.grad.to(device))
+
+    def float(self) -> "Batch":
+        return Batch(self.x.float(), None if self.grad is None else self.grad.float())
