@@ -88,7 +88,7 @@ def evaluate_sae(model, sae, tokens: Tensor, batch_size: int = 32) -> dict:
     from saekit.activations import harvest_batches, resolve_hook
     from saekit.splice import ce_losses, check_sae_fits
 
-    check_sae_fits(model, sae)
+    sae.cfg = check_sae_fits(model, sae)
     hook = resolve_hook(model, sae.cfg.hook_name)
     acts = harvest_batches(model, tokens, hook, batch_size)  # [n·(T−1), d_in]
     stats = reconstruction_stats(sae, acts)
