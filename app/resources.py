@@ -69,7 +69,7 @@ def load(sae_path: str, model_name: str | None) -> Loaded:
     except SaekitError as e:
         raise type(e)(f"{e} (this SAE was trained on {sae.cfg.model_name or 'an unnamed model'}, "
                       "cfg.json model_name)") from None
-    check_sae_fits(model, sae)
+    sae.cfg = check_sae_fits(model, sae)
     try:
         if sae not in _FINGERPRINTS:  # the cached SAE never changes: hash its decoder once
             _FINGERPRINTS[sae] = fingerprint(sae)

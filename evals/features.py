@@ -188,7 +188,7 @@ def analyze(model, sae, n_tokens: int = 200_000, seq_len: int = 128, batch_seqs:
             dataset: str | None = None, progress: bool = True) -> FeatureStats:
     """One pass over ``n_tokens`` tokens of ``dataset`` (saekit's held-out corpus when None).
     BOS positions are never counted (the SAE never saw them in training)."""
-    check_sae_fits(model, sae)
+    sae.cfg = check_sae_fits(model, sae)
     if n_tokens < 1:
         raise ConfigError(f"--tokens must be positive, not {n_tokens}")
     seq_len = min(seq_len, model.cfg.n_ctx)
@@ -294,7 +294,7 @@ def prompt_lens(model, sae, prompt: str) -> Lens:
     """The SAE's feature activations on every token of ``prompt``."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ConfigError("the prompt is empty; type some text to read through the SAE")
-    check_sae_fits(model, sae)
+    sae.cfg = check_sae_fits(model, sae)
     tokens = model.to_tokens(prompt)[:, : model.cfg.n_ctx]  # [1, T]
     was = sae.training
     sae.eval()

@@ -250,7 +250,7 @@ def evaluate_ioi(model, saes: dict, opts: IOIEvalOptions, dictionaries_dir: Path
     dictionaries at the chosen nodes. Returns a JSON-able dict."""
     layers = set()
     for sae in saes.values():
-        check_sae_fits(model, sae)
+        sae.cfg = check_sae_fits(model, sae)
         layers.add(sae_layer(sae))
     if len(layers) != 1:
         raise MismatchError(f"the SAEs read different layers {sorted(layers)}; compare SAEs of one layer")

@@ -23,7 +23,7 @@ from saekit.splice import ce_losses, check_sae_fits, with_model_gradients
 @torch.no_grad()
 def evaluate_sae(model, sae, tokens: Tensor, batch_size: int = 32) -> dict:
     """Every §8 metric of ``sae`` on ``tokens [n, T]`` (BOS positions excluded, as in training)."""
-    check_sae_fits(model, sae)
+    sae.cfg = check_sae_fits(model, sae)
     hook = resolve_hook(model, sae.cfg.hook_name)
     acts = harvest_batches(model, tokens, hook, batch_size)  # [n·(T−1), d_in]
     stats = reconstruction_stats(sae, acts)

@@ -25,7 +25,7 @@ def model_for(sae, name: str | None = None, device: str = "cpu"):
     if name and recorded and name != recorded and {name, recorded} != {"", EMBEDDED_NAME}:
         raise MismatchError(f"the SAE was trained on {recorded!r}, not {name!r}; omit --model to use its model")
     model = load_model(name or (None if recorded in ("", EMBEDDED_NAME) else recorded), device)
-    check_sae_fits(model, sae)
+    sae.cfg = check_sae_fits(model, sae)
     return model
 
 

@@ -11,6 +11,9 @@ so a run can resume at any step by recomputing one fill: step ``s`` reads batch
   train without the model;
 - ``TensorActivations``: an in-memory ``[n, d_in]`` tensor (``train_sae`` from a notebook).
 
+A fill is a ``Batch``: the activations ``x`` and, for g-SAEs, the loss gradients ``grad``
+beside them (same rows, same order), never one tensor packing both.
+
 The BOS position is left out: its activations are outliers the SAE should not spend
 latents on, and splicing leaves that position untouched to match.
 """
@@ -34,6 +37,7 @@ from torch import Tensor
 from saekit.errors import ConfigError, HookError, SAEFileError
 from saekit.files import atomic_save_tensors, atomic_write_text, read_json, read_tensors
 from saekit.metrics import next_token_loss
+from saekit.types import Batch
 
 # model -> {hook name: per-token shape}: saekit's cache, not an attribute on the model
 _HOOK_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -146,10 +150,9 @@ def harvest_many(model, tokens: Tensor, hooks: list[HookSpec]) -> dict[str, Tens
     return {n: _tokens_flat(a) for n, a in capture(model, tokens, [h.name for h in hooks]).items()}
 
 
-def harvest_batches(model, tokens: Tensor, hook: HookSpec, batch_seqs: int = 32, fn=None) -> Tensor:
-    """``harvest`` (or ``fn``) over ``tokens [n, T]`` in chunks of ``batch_seqs`` sequences."""
-    fn = fn or harvest
-    return torch.cat([fn(model, tokens[j: j + batch_seqs], hook) for j in range(0, len(tokens), batch_seqs)])
+def harvest_batches(model, tokens: Tensor, hook: HookSpec, batch_seqs: int = 32) -> Tensor:
+    """``harvest`` over ``tokens [n, T]`` in chunks of ``batch_seqs`` sequences."""
+    return torch.cat([harvest(model, tokens[j: j + batch_seqs], hook) for j in range(0, len(tokens), batch_seqs)])
 
 
 def activation_and_grad(model, tokens: Tensor, hook: HookSpec,
@@ -189,12 +192,11 @@ def activation_and_grad(model, tokens: Tensor, hook: HookSpec,
     return box[0].detach(), grad
 
 
-def harvest_with_grads(model, tokens: Tensor, hook: HookSpec) -> Tensor:
-    """Activations and loss gradients at ``hook``, packed ``[b·(T−1), 2·d_in]`` as
-    ``[x | ∂L/∂x]`` (BOS dropped), for g-SAE training."""
+def harvest_with_grads(model, tokens: Tensor, hook: HookSpec) -> Batch:
+    """Activations ``x`` and loss gradients ``grad = ∂L/∂x`` at ``hook``, each
+    ``[b·(T−1), d_in]`` (BOS dropped), for g-SAE training."""
     act, grad = activation_and_grad(model, tokens, hook)
-    flat = lambda t: einops.rearrange(t[:, 1:], "b t ... -> (b t) (...)").float()  # noqa: E731
-    return torch.cat([flat(act), flat(grad)], dim=1)
+    return Batch(_tokens_flat(act), _tokens_flat(grad))
 
 
 def fill_permutation(n: int, seed: int, fill: int) -> Tensor:
@@ -244,26 +246,27 @@ class ModelActivations:
         self._next_fill += 1
         return self._take_sequences(self.seqs_per_fill)  # [seqs_per_fill, T]
 
-    def fills_part(self, i: int, rank: int = 0, world: int = 1, batch_seqs: int = 32) -> dict[str, Tensor]:
+    def fills_part(self, i: int, rank: int = 0, world: int = 1, batch_seqs: int = 32) -> dict[str, Batch]:
         """Fill ``i`` at every hook, only the rows of sequence slice ``rank`` of ``world``
-        (``torch.tensor_split`` of the fill's sequences): ``{name: [n_rows, d_in]}``."""
+        (``torch.tensor_split`` of the fill's sequences): ``{name: Batch}``, ``x`` (and
+        ``grad`` when harvesting gradients) ``[n_rows, d_in]``."""
         key = (i, rank, world)
         if self._last is None or self._last[0] != key:
             seqs = self._sequences(i).tensor_split(world)[rank]
+            chunks = [seqs[j: j + batch_seqs] for j in range(0, len(seqs), batch_seqs)]
             if self.with_grads:
-                acts = {self.hook.name: harvest_batches(self.model, seqs, self.hook, batch_seqs, harvest_with_grads)}
+                acts = {self.hook.name: Batch.cat([harvest_with_grads(self.model, c, self.hook) for c in chunks])}
             else:
-                parts = [harvest_many(self.model, seqs[j: j + batch_seqs], self.hooks)
-                         for j in range(0, len(seqs), batch_seqs)]
-                acts = {h.name: torch.cat([p[h.name] for p in parts]) for h in self.hooks}
+                parts = [harvest_many(self.model, c, self.hooks) for c in chunks]
+                acts = {h.name: Batch(torch.cat([p[h.name] for p in parts])) for h in self.hooks}
             self._last = (key, acts)
         return self._last[1]
 
-    def fill(self, i: int, batch_seqs: int = 32) -> Tensor:
-        """Fill ``i`` of the first hook: ``[seqs_per_fill·(T−1), d_in]``."""
+    def fill(self, i: int, batch_seqs: int = 32) -> Batch:
+        """Fill ``i`` of the first hook: ``[seqs_per_fill·(T−1), d_in]`` rows."""
         return self.fills_part(i, batch_seqs=batch_seqs)[self.hook.name]
 
-    def fill_part(self, i: int, rank: int, world: int) -> tuple[Tensor, int, int]:
+    def fill_part(self, i: int, rank: int, world: int) -> tuple[Batch, int, int]:
         """This rank's rows of fill ``i`` (first hook), their offset in the fill, and the
         fill's length: rows follow sequences, ``T−1`` per sequence."""
         return _part_of(self, self.hook.name, i, rank, world)
@@ -272,7 +275,7 @@ class ModelActivations:
         return HookView(self, name)
 
 
-def _part_of(src: ModelActivations, name: str, i: int, rank: int, world: int) -> tuple[Tensor, int, int]:
+def _part_of(src: ModelActivations, name: str, i: int, rank: int, world: int) -> tuple[Batch, int, int]:
     rows = src.fills_part(i, rank, world)[name]
     per_seq = src.seq_len - 1  # BOS dropped
     sizes = [len(c) for c in torch.arange(src.seqs_per_fill).tensor_split(world)]
@@ -285,31 +288,32 @@ class HookView:
     def __init__(self, src: ModelActivations, name: str):
         self.src, self.name = src, name
 
-    def fill(self, i: int) -> Tensor:
+    def fill(self, i: int) -> Batch:
         return self.src.fills_part(i)[self.name]
 
-    def fill_part(self, i: int, rank: int, world: int) -> tuple[Tensor, int, int]:
+    def fill_part(self, i: int, rank: int, world: int) -> tuple[Batch, int, int]:
         return _part_of(self.src, self.name, i, rank, world)
 
 
 class TensorActivations:
-    """Fills cut from an in-memory ``[n, d_in]`` tensor."""
+    """Fills cut from an in-memory ``[n, d_in]`` tensor, with ``grads`` ``[n, d_in]`` (∂L/∂x)
+    beside it for g-SAEs."""
 
-    def __init__(self, acts: Tensor, fill_tokens: int):
-        self.acts, self.fill_tokens = acts, fill_tokens
+    def __init__(self, acts: Tensor, fill_tokens: int, grads: Tensor | None = None):
+        self.acts, self.fill_tokens = Batch(acts, grads), fill_tokens
 
     @property
     def n_fills(self) -> int:
-        return max(1, len(self.acts) // self.fill_tokens)
+        return max(1, len(self.acts.x) // self.fill_tokens)
 
-    def fill(self, i: int) -> Tensor:
+    def fill(self, i: int) -> Batch:
         j = i % self.n_fills  # epochs wrap around
-        return self.acts[j * self.fill_tokens: (j + 1) * self.fill_tokens].float()
+        return self.acts.take(slice(j * self.fill_tokens, (j + 1) * self.fill_tokens)).float()
 
-    def fill_part(self, i: int, rank: int, world: int) -> tuple[Tensor, int, int]:
+    def fill_part(self, i: int, rank: int, world: int) -> tuple[Batch, int, int]:
         """Every rank reads the whole fill (no exchange needed)."""
         f = self.fill(i)
-        return f, 0, len(f)
+        return f, 0, len(f.x)
 
 
 class CachedActivations:
@@ -323,19 +327,19 @@ class CachedActivations:
         self.n_fills = self.meta["n_shards"]
         self.fill_tokens = self.meta["shard_tokens"]
 
-    def fill(self, i: int) -> Tensor:
-        """``[n, d_in]``, or ``[n, 2·d_in]`` packed with gradients when the cache has them."""
+    def fill(self, i: int) -> Batch:
+        """Shard ``i``: ``x`` ``[n, d_in]``, with ``grad`` when the cache has gradients."""
         if i == self.n_fills:
             warnings.warn(f"the cache {self.folder} holds {self.n_fills} fills; training goes "
                           "round it again (cache more tokens to avoid repeating data)", stacklevel=2)
         j = i % self.n_fills
         t = read_tensors(self.folder / shard_name(j))
-        return torch.cat([t["acts"], t["grads"]], 1).float() if "grads" in t else t["acts"].float()
+        return Batch(t["acts"], t.get("grads")).float()
 
-    def fill_part(self, i: int, rank: int, world: int) -> tuple[Tensor, int, int]:
+    def fill_part(self, i: int, rank: int, world: int) -> tuple[Batch, int, int]:
         """Every rank reads the whole shard (no exchange needed)."""
         f = self.fill(i)
-        return f, 0, len(f)
+        return f, 0, len(f.x)
 
 
 def shard_name(i: int) -> str:
@@ -343,19 +347,19 @@ def shard_name(i: int) -> str:
 
 
 def write_cache(source: ModelActivations, folder, n_shards: int, meta: dict, progress=None) -> Path:
-    """Write ``n_shards`` fills of ``source`` as safetensors shards, then ``meta.json``
-    (written last: a folder without it is an unfinished cache)."""
+    """Write ``n_shards`` fills of ``source`` as safetensors shards (tensors ``acts`` and,
+    with gradients, ``grads``), then ``meta.json`` (written last: a folder without it is an
+    unfinished cache)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shard_tokens = None
-    d_in = meta["d_in"]
     for i in range(n_shards):
-        acts = source.fill(i)
-        shard_tokens = len(acts)
-        tensors = {"acts": acts[:, :d_in], "grads": acts[:, d_in:]} if acts.shape[1] == 2 * d_in else {"acts": acts}
+        fill = source.fill(i)
+        shard_tokens = len(fill.x)
+        tensors = {"acts": fill.x} if fill.grad is None else {"acts": fill.x, "grads": fill.grad}
         atomic_save_tensors(folder / shard_name(i), tensors)
         if progress is not None:
-            progress.update(len(acts))
+            progress.update(shard_tokens)
     atomic_write_text(folder / "meta.json", json.dumps(
         {**meta, "n_shards": n_shards, "shard_tokens": shard_tokens}, indent=1))
     return folder

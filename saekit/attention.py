@@ -47,7 +47,7 @@ def check_hook_z_sae(model, sae) -> HookZ:
     if layer is None:
         raise MismatchError(f"the SAE reads {sae.cfg.hook_name!r}, not an attention output; "
                             "these tools need an SAE trained on blocks.L.attn.hook_z")
-    check_sae_fits(model, sae)  # hook exists on the model and d_in matches
+    sae.cfg = check_sae_fits(model, sae)  # hook exists on the model and d_in matches
     shape = hook_names(model)[sae.cfg.hook_name]  # (n_heads, d_head)
     if len(shape) != 2 or (sae.cfg.hook_shape and tuple(sae.cfg.hook_shape) != tuple(shape)):
         raise MismatchError(f"the SAE's hook_shape {sae.cfg.hook_shape} is not this model's z shape "

@@ -17,10 +17,17 @@ from torch import Tensor
 from saekit.activations import activation_and_grad, hook_names, resolve_hook
 from saekit.errors import MismatchError
 from saekit.metrics import CELosses, next_token_loss, reconstruction_stats
+from saekit.types import SAEConfig
 
 
-def check_sae_fits(model, sae) -> None:
-    """Raise ``MismatchError`` unless ``sae`` reads a hook of ``model`` with its ``d_in``."""
+
+def check_sae_fits(model, sae) -> SAEConfig:
+    """Raise ``MismatchError`` unless ``sae`` reads a hook of ``model`` with its ``d_in``.
+
+    Returns the SAE's config as it applies to this model, changing nothing: ``sae.cfg``
+    itself, or, when the config records no ``hook_shape`` for a hook with several axes (a
+    SAELens hook_z SAE), a copy with the model's shape filled in, so the SAE knows how to
+    unflatten; a caller that splices keeps it (``sae.cfg = check_sae_fits(model, sae)``)."""
     names = hook_names(model)
     hook = sae.cfg.hook_name
     if hook not in names:
@@ -32,8 +39,9 @@ def check_sae_fits(model, sae) -> None:
     if d != sae.cfg.d_in:
         raise MismatchError(f"the SAE expects d_in={sae.cfg.d_in} at {hook} but this model gives {d}; "
                             f"it was trained on {sae.cfg.model_name or 'another model'}")
-    if not sae.cfg.hook_shape and len(names[hook]) > 1:  # e.g. a SAELens hook_z SAE: learn
-        sae.cfg = dataclasses.replace(sae.cfg, hook_shape=tuple(names[hook]))  # how to unflatten
+    if not sae.cfg.hook_shape and len(names[hook]) > 1:
+        return dataclasses.replace(sae.cfg, hook_shape=tuple(names[hook]))
+    return sae.cfg
 
 
 def reconstruct_hook(sae, grads: Tensor | None = None):
@@ -83,7 +91,7 @@ def ce_losses(model, sae, tokens: Tensor, batch_size: int = 32, grads: Tensor | 
     distribution from the clean one; with ``mean`` (``[*hook_shape]``) also the loss with the
     hook mean-ablated. ``grads`` (``[n, T, *hook_shape]``) are passed to gradient-aware
     sparsifiers."""
-    check_sae_fits(model, sae)
+    sae.cfg = check_sae_fits(model, sae)
     sums = torch.zeros(6)
     hook = sae.cfg.hook_name
     for i in range(0, len(tokens), batch_size):

@@ -216,7 +216,7 @@ def hooks(model, interventions: Sequence[Intervention]) -> list[tuple[str, Calla
     for iv in interventions:
         if not isinstance(iv, Intervention):
             raise ConfigError(f"expected steering interventions (Add, Clamp, ...), got {type(iv).__name__}")
-        check_sae_fits(model, iv.sae)
+        iv.sae.cfg = check_sae_fits(model, iv.sae)
     return [(iv.hook_name, iv.hook_fn) for iv in interventions]
 
 

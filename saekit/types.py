@@ -1,8 +1,7 @@
 """The types every part of saekit shares: what an SAE is (``SAEConfig``, with its variant's
 options nested in it), what it computes (``Codes``, ``SAEOutput``) and what it reads
 (``Batch``). A leaf: it imports nothing of saekit but its exceptions, so any module may import
-it, and the CLI can build its parser from these dataclasses without importing torch's
-heavier parts.
+it.
 """
 
 from __future__ import annotations
@@ -10,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from saekit.errors import ConfigError
-
-if TYPE_CHECKING:  # annotations only: the command line builds its parser without importing torch
-    from jaxtyping import Float
-    from torch import Tensor
 
 # A latent counts as firing on a token only when its activation exceeds this (OpenAI's
 # sparse_autoencoder counts dead latents the same way): float noise is not firing.
@@ -136,3 +135,20 @@ class Batch(NamedTuple):
 
     x: Float[Tensor, "batch d_in"]
     grad: Float[Tensor, "batch d_in"] | None = None
+
+    def take(self, rows) -> "Batch":
+        """Rows ``rows`` (an index tensor or a slice) of ``x`` and of ``grad`` alike: one
+        index for both keeps every gradient beside its activation."""
+        return Batch(self.x[rows], None if self.grad is None else self.grad[rows])
+
+    @staticmethod
+    def cat(parts: "list[Batch]") -> "Batch":
+        """The rows of ``parts`` one after another (all with gradients or all without)."""
+        grads = [p.grad for p in parts]
+        return Batch(torch.cat([p.x for p in parts]), None if grads[0] is None else torch.cat(grads))
+
+    def to(self, device) -> "Batch":
+        return Batch(self.x.to(device), None if self.grad is None else self.grad.to(device))
+
+    def float(self) -> "Batch":
+        return Batch(self.x.float(), None if self.grad is None else self.grad.float())

@@ -180,6 +180,22 @@ def test_sae_for_another_model_or_hook_is_a_mismatch(model):
         check_sae_fits(model, SAE(SAEConfig(d_in=7, d_sae=64, k=4, hook_name="blocks.5.attn.hook_z")))
 
 
+def test_check_sae_fits_returns_the_hook_shape_without_changing_the_sae(model):
+    """An SAE whose config lacks hook_shape (a SAELens hook_z file) gets a config with the
+    model's (n_heads, d_head) back; the SAE itself is left as it was."""
+    from saekit import SAE, SAEConfig
+    from saekit.splice import check_sae_fits
+
+    shape = (model.cfg.n_heads, model.cfg.d_head)
+    sae = SAE(SAEConfig(d_in=shape[0] * shape[1], d_sae=64, k=4, hook_name="blocks.5.attn.hook_z"))
+    before = sae.cfg
+    fitted = check_sae_fits(model, sae)
+    assert fitted.hook_shape == shape and sae.cfg is before and sae.cfg.hook_shape == ()
+    assert fitted == replace(before, hook_shape=shape)
+    full = SAE(fitted)
+    assert check_sae_fits(model, full) is full.cfg  # nothing to fill in: the same config back
+
+
 def test_unknown_hook_error_names_close_matches(model):
     from saekit.activations import resolve_hook
 

@@ -242,17 +242,17 @@ def test_harvested_gradients_match_autograd(model):
 
     hook = resolve_hook(model, "blocks.3.attn.hook_z")
     tokens = next(__import__("saekit.data", fromlist=["x"]).token_batches(model.tokenizer, None, 24, 3))
-    packed = harvest_with_grads(model, tokens, hook)
+    x, grad = harvest_with_grads(model, tokens, hook)
     d_in = hook.d_in
-    assert packed.shape == (3 * 23, 2 * d_in)
+    assert x.shape == grad.shape == (3 * 23, d_in)
     delta = torch.zeros(3, 24, *hook.shape, requires_grad=True)  # x + δ: ∂L/∂δ = ∂L/∂x
     logits = model.run_with_hooks(tokens, fwd_hooks=[(hook.name, lambda a, hook=None: a + delta)])
     (next_token_loss(logits, tokens) * 3 * 23).backward()
     expect = delta.grad[:, 1:].reshape(-1, d_in)
-    torch.testing.assert_close(packed[:, d_in:], expect, atol=1e-6, rtol=1e-4)
-    assert packed[:, d_in:].abs().sum() > 0
+    torch.testing.assert_close(grad, expect, atol=1e-6, rtol=1e-4)
+    assert grad.abs().sum() > 0
     from saekit.activations import harvest
-    torch.testing.assert_close(packed[:, :d_in], harvest(model, tokens, hook))
+    torch.testing.assert_close(x, harvest(model, tokens, hook))
 
 
 def test_gtopk_trains_end_to_end_with_harvested_gradients(tmp_path, capsys):
@@ -268,7 +268,8 @@ def test_gtopk_trains_end_to_end_with_harvested_gradients(tmp_path, capsys):
     args = ["--fill-tokens", "4064", "--batch-size", "512", "--total-tokens", "4064"]
     assert main(["cache", "--with-grads", "--out", str(tmp_path / "c"), *args]) == 0
     from saekit.activations import CachedActivations
-    assert CachedActivations(tmp_path / "c").fill(0).shape[1] == 2 * 128
+    shard = CachedActivations(tmp_path / "c").fill(0)
+    assert shard.x.shape == shard.grad.shape == (4064, 128)
     assert main(["train", "--sparsity", "gtopk", "--from-cache", str(tmp_path / "c"), "--out", str(tmp_path / "g"),
                  "--eval-tokens", "0", "--progress", "false", "--d-sae", "256", *args]) == 0
     assert main(["cache", "--out", str(tmp_path / "plain"), *args]) == 0

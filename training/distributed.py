@@ -39,6 +39,7 @@ from torch import Tensor
 from saekit.activations import fill_permutation
 from saekit.errors import ConfigError
 from saekit.sparsity import SPARSIFIERS
+from saekit.types import Batch
 
 
 # ---- the process group ------------------------------------------------------------------------
@@ -212,37 +213,51 @@ class ShardedFillReader:
         perm = fill_permutation(n, self.seed, f)[: self.per_fill * self.batch_size]
         return perm.view(self.per_fill, self.comm.world, self.local)[:, rank].flatten()
 
-    def _load(self, f: int) -> Tensor:
+    def _load(self, f: int) -> Batch:
+        """This rank's rows of fill ``f`` in step order; ``x`` and ``grad`` (g-SAE) move
+        through the same exchange, so every gradient stays beside its activation."""
         import torch.distributed as dist
 
         world, rank = self.comm.world, self.comm.rank
         rows, offset, n = self.source.fill_part(f, rank, world)
-        self.tokens_filled += len(rows)
-        if len(rows) == n:  # this rank read the whole fill
-            return rows[self._needed(n, f, rank)]
-        spans = [torch.zeros(2, dtype=torch.long, device=rows.device) for _ in range(world)]
-        dist.all_gather(spans, torch.tensor([offset, len(rows)], device=rows.device))
+        n_rows, device = len(rows.x), rows.x.device
+        self.tokens_filled += n_rows
+        if n_rows == n:  # this rank read the whole fill
+            return rows.take(self._needed(n, f, rank))
+        spans = [torch.zeros(2, dtype=torch.long, device=device) for _ in range(world)]
+        dist.all_gather(spans, torch.tensor([offset, n_rows], device=device))
         starts = torch.tensor([int(s[0]) for s in spans])
         send, send_counts = [], []
         for q in range(world):  # rows I own that rank q needs, in q's order
             need = self._needed(n, f, q)
-            mine = need[(need >= offset) & (need < offset + len(rows))]
-            send.append(rows[mine - offset])
+            mine = need[(need >= offset) & (need < offset + n_rows)]
+            send.append(mine - offset)
             send_counts.append(len(mine))
         need = self._needed(n, f, rank)
         owner = torch.bucketize(need, starts, right=True) - 1  # rank holding each needed row
         recv_counts = torch.bincount(owner, minlength=world).tolist()
-        received = rows.new_empty(len(need), rows.shape[1])
-        dist.all_to_all_single(received, torch.cat(send), recv_counts, send_counts)
-        out = torch.empty_like(received)
-        out[owner.argsort(stable=True)] = received  # received is grouped by owner, in need order
-        return out
+        order = owner.argsort(stable=True)  # received rows come grouped by owner, in need order
+        outgoing = rows.take(torch.cat(send))
+        return Batch(*(None if t is None else _exchange(t, send_counts, recv_counts, order) for t in outgoing))
 
-    def batch_at(self, step: int) -> Tensor:
+    def batch_at(self, step: int) -> Batch:
         f, j = divmod(step, self.per_fill)
         if f != self._fill_index:
             self._mine, self._fill_index = self._load(f), f
-        return self._mine[j * self.local: (j + 1) * self.local]
+        return self._mine.take(slice(j * self.local, (j + 1) * self.local))
+
+
+def _exchange(rows: Tensor, send_counts: list[int], recv_counts: list[int], order: Tensor) -> Tensor:
+    """One ``all_to_all``: send ``rows`` (grouped by destination rank, ``send_counts`` each),
+    receive ``sum(recv_counts)`` rows, and put them in need order (``received[i]`` goes to
+    row ``order[i]``)."""
+    import torch.distributed as dist
+
+    received = rows.new_empty(sum(recv_counts), rows.shape[1])
+    dist.all_to_all_single(received, rows, recv_counts, send_counts)
+    out = torch.empty_like(received)
+    out[order] = received
+    return out
 
 
 def raise_if_any(ctx: DistContext, error: Exception | None) -> None:

@@ -21,6 +21,7 @@ from saekit.training import distributed, preflight
 from saekit.training.config import DataOptions, TrainConfig
 from saekit.training.summary import summarize
 from saekit.training.trainer import FillReader, Job, Trainer, fit, fit_jobs, init_b_dec_
+from saekit.types import Batch
 
 
 def _model_source(model, d: DataOptions, seed: int, with_grads: bool = False):
@@ -222,7 +223,25 @@ def cache_activations(d: DataOptions, out: str, seed: int = 0, progress: bool = 
             bar.close()
 
 
-def train_sae(acts: Tensor | Iterable[Tensor], cfg: TrainConfig | None = None, *,
+def _batches_in_order(batches: Iterable[Tensor | Batch]):
+    """``(batch_at, first)`` for an iterable of ``[batch, d_in]`` tensors or ``Batch``es, read
+    once in order (``batch_at`` ignores its step but names it when the batches run out)."""
+    it = (b if isinstance(b, Batch) else Batch(b) if isinstance(b, Tensor) else Batch(*b) for b in batches)
+    first = next(it)
+    pending = [first]
+
+    def batch_at(step: int) -> Batch:
+        if pending:
+            return pending.pop()
+        batch = next(it, None)
+        if batch is None:
+            raise ConfigError(f"the batches ran out at step {step}; give more or lower total_tokens")
+        return batch
+
+    return batch_at, first
+
+
+def train_sae(acts: Tensor | Iterable[Tensor | Batch], cfg: TrainConfig | None = None, *,
               grads: Tensor | None = None, hook_name: str = "", model_name: str = "",
               out: str | None = None) -> SAE:
     """Train an SAE on in-memory activations and return it.
@@ -230,7 +249,7 @@ def train_sae(acts: Tensor | Iterable[Tensor], cfg: TrainConfig | None = None, *
     ``acts`` is a ``[n, d_in]`` tensor (shuffled in buffer fills, wrapping around for more
     than one epoch) or an iterable of ``[batch, d_in]`` batches (used in order). ``grads``
     (``[n, d_in]``, ∂L/∂x) go with a tensor for ``gtopk``; an iterable may instead yield
-    ``[batch, 2·d_in]`` batches packed as ``[x | g]``. With no ``cfg``, a tensor gets one
+    ``Batch(x, grad)`` pairs (both ``[batch, d_in]``). With no ``cfg``, a tensor gets one
     epoch in batches of ``min(4096, n)``. Nothing is written unless ``out`` is given.
     The SAE comes back in eval mode, as ``load_sae`` gives it."""
     if cfg is None:
@@ -246,29 +265,16 @@ def train_sae(acts: Tensor | Iterable[Tensor], cfg: TrainConfig | None = None, *
         if acts.dim() != 2:
             raise ConfigError(f"acts must be [n, d_in], got shape {tuple(acts.shape)}")
         d_in = acts.shape[1]
-        if grads is not None:
-            if grads.shape != acts.shape:
-                raise ConfigError(f"grads {tuple(grads.shape)} must have the shape of acts {tuple(acts.shape)}")
-            acts = torch.cat([acts, grads], 1)  # packed [x | g], split again by the trainer
+        if grads is not None and grads.shape != acts.shape:
+            raise ConfigError(f"grads {tuple(grads.shape)} must have the shape of acts {tuple(acts.shape)}")
         if len(acts) < d.batch_size:
             raise ConfigError(f"{len(acts)} activations are fewer than one batch ({d.batch_size})")
         fill_tokens = min(d.fill_tokens, len(acts)) // d.batch_size * d.batch_size
-        reader = FillReader(TensorActivations(acts, fill_tokens), d.batch_size, fill_tokens, cfg.run.seed)
-        batch_at, first = reader.batch_at, reader.batch_at(0)
+        reader = FillReader(TensorActivations(acts, fill_tokens, grads), d.batch_size, fill_tokens, cfg.run.seed)
+        batch_at = reader.batch_at
     else:
-        it = iter(acts)
-        first = next(it)
-        pending = [first]
-
-        def batch_at(step: int) -> Tensor:
-            if pending:
-                return pending.pop()
-            batch = next(it, None)
-            if batch is None:
-                raise ConfigError(f"the batches ran out at step {step}; give more or lower total_tokens")
-            return batch
-
-        d_in = first.shape[1] // 2 if cfg.sae.sparsity == "gtopk" else first.shape[1]  # gtopk: [x | g]
+        batch_at, first = _batches_in_order(acts)
+        d_in = first.x.shape[1]
     sae = SAE(cfg.sae_for(d_in, hook_name, (), model_name), seed=cfg.run.seed).to(d.device)
     trainer = Trainer(sae, cfg, total_steps=d.total_tokens // d.batch_size)
     if isinstance(acts, Tensor):

@@ -23,7 +23,7 @@ from torch import Tensor
 from saekit.activations import fill_permutation
 from saekit.errors import ConfigError, SaekitError
 from saekit.sae import SAE
-from saekit.types import FIRING_THRESHOLD
+from saekit.types import FIRING_THRESHOLD, Batch
 from saekit.training import checkpoint as ckpt
 from saekit.training.config import TrainConfig
 from saekit.training.distributed import Collective
@@ -78,8 +78,8 @@ def _check_kernels(sae: SAE) -> None:
 
 class Trainer:
     """Owns the SAE, the optimizer and the dead-latent counters; ``fit`` runs the loop over
-    ``batch_at(step)``, which returns the step's ``[batch, d_in]`` activations, or
-    ``[batch, 2·d_in]`` packed with their loss gradients for g-SAEs.
+    ``batch_at(step)``, which returns the step's ``Batch``: activations ``x`` ``[batch, d_in]``
+    and, for g-SAEs, their loss gradients ``grad`` ``[batch, d_in]``.
 
     ``comm`` (``saekit.training.distributed``) makes the step data-parallel: each rank
     passes its rows of the global batch and every batch-wide quantity (FVU denominator,
@@ -191,26 +191,26 @@ def geometric_median(x: Tensor, comm: Collective | None = None, iters: int = 200
     return m.float()
 
 
-def init_b_dec_(sae: SAE, batch_at: Callable[[int], Tensor], how: str, max_batches: int,
+def init_b_dec_(sae: SAE, batch_at: Callable[[int], Batch], how: str, max_batches: int,
                 comm: Collective | None = None) -> None:
-    """Set ``b_dec`` before training: the mean of batch 0 (``how="mean"``), or the geometric
-    median of enough batches for ``GEOMEDIAN_SAMPLES`` rows, at most ``max_batches``
+    """Set ``b_dec`` before training: the mean of batch 0's ``x`` (``how="mean"``), or the
+    geometric median of enough batches for ``GEOMEDIAN_SAMPLES`` rows, at most ``max_batches``
     (``"geometric_median"``; callers pass the batches of the first fill, so that step 0
-    finds its fill still loaded). Gradients packed beside x (g-SAE) are ignored."""
+    finds its fill still loaded). Gradients (g-SAE) are not read."""
     comm = comm or Collective()
-    d_in = sae.cfg.d_in
     with torch.no_grad():
-        first = batch_at(0)[:, :d_in].float()
+        first = batch_at(0).x.float()
         if how == "mean":
             sae.b_dec.copy_(comm.mean_rows(first))
         else:
             n_batches = max(1, min(math.ceil(GEOMEDIAN_SAMPLES / len(first)), max_batches))
-            x = torch.cat([first] + [batch_at(s)[:, :d_in].float() for s in range(1, n_batches)])
+            x = torch.cat([first] + [batch_at(s).x.float() for s in range(1, n_batches)])
             sae.b_dec.copy_(geometric_median(x.to(sae.b_dec.device), comm))
 
 
 class FillReader:
-    """Step ``s`` → batch ``s % per_fill`` of shuffled fill ``s // per_fill`` of ``source``."""
+    """Step ``s`` → batch ``s % per_fill`` of shuffled fill ``s // per_fill`` of ``source``
+    (a ``Batch``; ``x`` and ``grad`` are shuffled by the same permutation)."""
 
     def __init__(self, source, batch_size: int, fill_tokens: int, seed: int):
         self.source, self.batch_size, self.seed = source, batch_size, seed
@@ -218,16 +218,16 @@ class FillReader:
         self._fill_index, self._fill = -1, None
         self.tokens_filled = 0  # activations read (harvested) so far in this process
 
-    def batch_at(self, step: int) -> Tensor:
+    def batch_at(self, step: int) -> Batch:
         f, j = divmod(step, self.per_fill)
         if f != self._fill_index:
             self._fill = self.source.fill(f)
-            self.tokens_filled += len(self._fill)
-            self._perm = fill_permutation(len(self._fill), self.seed, f)
+            self.tokens_filled += len(self._fill.x)
+            self._perm = fill_permutation(len(self._fill.x), self.seed, f)
             self._fill_index = f
         # gather one batch at a time rather than permuting the whole fill: no second copy
         # of the fill (which, with many hooks, is also held by the shared source)
-        return self._fill[self._perm[j * self.batch_size: (j + 1) * self.batch_size]]
+        return self._fill.take(self._perm[j * self.batch_size: (j + 1) * self.batch_size])
 
 
 @dataclass
@@ -235,12 +235,12 @@ class Job:
     """One SAE in a run: its trainer, where its batches come from, and its run folder."""
 
     trainer: Trainer
-    batch_at: Callable[[int], Tensor]
+    batch_at: Callable[[int], Batch]
     out: Path | None = None
     name: str = ""
 
 
-def fit(trainer: Trainer, batch_at: Callable[[int], Tensor], out: Path | None = None,
+def fit(trainer: Trainer, batch_at: Callable[[int], Batch], out: Path | None = None,
         on_log: Callable[[dict], None] | None = None, harvested: Callable[[], int] | None = None) -> None:
     """Run one trainer to ``total_steps`` (see ``fit_jobs``)."""
     fit_jobs([Job(trainer, batch_at, out)], on_log=on_log, harvested=harvested)
@@ -301,10 +301,8 @@ def fit_jobs(jobs: list[Job], on_log: Callable[[dict], None] | None = None,
 
 def _step(job: Job) -> StepStats:
     trainer = job.trainer
-    x = job.batch_at(trainer.step).to(trainer.sae.W_dec.device)
-    d_in = trainer.sae.cfg.d_in
-    grad = x[:, d_in:] if x.shape[1] == 2 * d_in else None  # packed [x | ∂L/∂x] (g-SAE)
-    return trainer.train_step(x[:, :d_in], grad)
+    x, grad = job.batch_at(trainer.step).to(trainer.sae.W_dec.device)
+    return trainer.train_step(x, grad)
 
 
 def _log(job: Job, stats: StepStats, t0: float, writer: bool, on_log, named: bool) -> None:
