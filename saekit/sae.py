@@ -107,26 +107,46 @@ class SAE(nn.Module):
 
     def encode(self, x: Float[Tensor, "... d_in"], grad: Tensor | None = None, *,
                pre: kernels.PreActivations | None = None, update: bool = False) -> Codes:
-        """The sparse code of ``x``'s rows (``x.reshape(-1, d_in)``). ``grad`` = ∂L/∂x, used
-        only by sparsifiers that weigh it (gtopk). ``pre``: this batch's
-        ``pre_activations``, when the caller also selects from them (the auxiliary losses);
-        ``update=True`` (the trainer's step) lets the sparsifier update its training
-        statistics. The values carry the encoder's sparse backward."""
+        """The sparse code of ``x``'s rows (``x.reshape(-1, d_in)``), its values carrying the
+        encoder's sparse backward: ``attach(pre, select(...))``."""
         x = x.reshape(-1, self.cfg.d_in)
         pre = self.pre_activations(x) if pre is None else pre
+        return self.attach(pre, self.select(pre, grad, update=update))[0]
+
+    def select(self, pre: kernels.PreActivations, grad: Tensor | None = None, update: bool = False) -> Codes:
+        """The sparsifier's selection from ``pre`` (this batch's ``pre_activations``), plain
+        values without autograd. ``grad`` = ∂L/∂x, used only by sparsifiers that weigh it
+        (gtopk); ``update=True`` (the trainer's step) lets the sparsifier update its training
+        statistics."""
         effect = None
         if grad is not None and self.sparsifier.uses_grad:
             effect = self.effect(grad.reshape(-1, self.cfg.d_in))
-        return self.attach(pre, self.sparsifier.select(pre, effect, update=update))
+        return self.sparsifier.select(pre, effect, update=update)
 
-    def attach(self, pre: kernels.PreActivations, codes: Codes) -> Codes:
-        """``codes`` selected from ``pre``, their values given the encoder's sparse backward
-        (``kernels.encode_selected``) when autograd is on."""
+    def attach(self, pre: kernels.PreActivations, *selections: Codes | None) -> list[Codes | None]:
+        """``selections`` made from ``pre``, their values given the encoder's sparse backward
+        (``kernels.encode_selected``) when autograd is on. The selections that are not ragged
+        (no ``lengths``: TopK's codes, the auxiliary losses') share one backward pass over
+        their concatenation; a ragged one (Mutual, Feature Choice) gets its own, which skips
+        its padding. None stays None."""
         if not torch.is_grad_enabled():
-            return codes
-        values = kernels.encode_selected(pre.x, self.W_enc, self.b_enc, self.b_dec, codes.values, codes.indices,
-                                         impl=self.cfg.impl, lengths=codes.lengths)
-        return codes._replace(values=values)
+            return list(selections)
+        out = list(selections)
+        flat = [i for i, c in enumerate(selections) if c is not None and c.lengths is None]
+        for i, c in enumerate(selections):
+            if c is not None and (c.lengths is not None or len(flat) == 1):
+                out[i] = c._replace(values=self._selected(pre, c.values, c.indices, c.lengths))
+        if len(flat) > 1:
+            values = self._selected(pre, torch.cat([selections[i].values for i in flat], 1),
+                                    torch.cat([selections[i].indices for i in flat], 1), None)
+            parts = values.split([selections[i].values.shape[1] for i in flat], 1)
+            for i, v in zip(flat, parts):
+                out[i] = selections[i]._replace(values=v)
+        return out
+
+    def _selected(self, pre: kernels.PreActivations, values: Tensor, indices: Tensor, lengths: Tensor | None):
+        return kernels.encode_selected(pre.x, self.W_enc, self.b_enc, self.b_dec, values, indices,
+                                       impl=self.cfg.impl, lengths=lengths)
 
     def decode(self, codes: Codes) -> Float[Tensor, "batch d_in"]:
         """The reconstruction ``Σ_j f_j·W_dec[j] + b_dec`` of sparse ``codes``."""

@@ -66,28 +66,30 @@ class Encoded(NamedTuple):
 def encode_with_aux(sae: SAE, x: Tensor, grad: Tensor | None = None, weights: Tensor | None = None,
                     k_aux: int = 0, update: bool = False) -> Encoded:
     """``sae.encode(x, grad, update=update)`` and, with ``weights``, the auxiliary selection
-    (``aux_select``) from the same pre-activations: the trainer's encoding step."""
+    (``aux_select``) from the same pre-activations, both given the sparse backward in one
+    ``sae.attach``: the trainer's encoding step."""
     pre = sae.pre_activations(x)
-    codes = sae.encode(x, grad, pre=pre, update=update)
-    return Encoded(codes, None if weights is None else aux_select(sae, pre, weights, k_aux))
+    codes = sae.select(pre, grad, update=update)
+    aux = None if weights is None else aux_select(pre, weights, k_aux)
+    return Encoded(*sae.attach(pre, codes, aux))
 
 
-def aux_select(sae: SAE, pre: kernels.PreActivations, weights: Tensor, k_aux: int) -> Codes | None:
+def aux_select(pre: kernels.PreActivations, weights: Tensor, k_aux: int) -> Codes | None:
     """The auxiliary losses' selection: per token the top ``k_aux`` of ``weights ⊙ ReLU(pre)``
     among the latents with a positive weight, ties to the lower index, valued at the plain
-    ``ReLU(pre)`` with the encoder's sparse backward (ranking ``weights ⊙ pre`` keeps the same
-    positive entries). AuxK passes the dead mask as ``weights``, aux_zipf graded weights.
-    ``pre``: the batch's pre-activations that ``sae.encode`` selected from (their dense
-    matrix, where it was made, or a product over the eligible columns alone); call it before
-    encoding another batch. None when no latent is eligible or ``k_aux`` is 0."""
+    ``ReLU(pre)`` (ranking ``weights ⊙ pre`` keeps the same positive entries), without
+    autograd (``SAE.attach`` gives the values their backward). AuxK passes the dead mask as
+    ``weights``, aux_zipf graded weights. ``pre``: the batch's pre-activations the code was
+    selected from (their dense matrix, where it was made, or a product over the eligible
+    columns alone); call it before encoding another batch. None when no latent is eligible
+    or ``k_aux`` is 0."""
     eligible = (weights > 0).nonzero().flatten()  # ascending, so the tie rule carries over
     if len(eligible) == 0 or k_aux <= 0:
         return None
     with torch.no_grad():
         pre_e = pre.columns(eligible)  # [B, n_eligible]
         pos = kernels.topk_lower_index(pre_e * weights[eligible], min(k_aux, len(eligible)))[1]
-        codes = Codes(pre_e.gather(1, pos).relu_(), eligible[pos])
-    return sae.attach(pre, codes)
+        return Codes(pre_e.gather(1, pos).relu_(), eligible[pos])
 
 
 def auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, aux: Codes | None, n_dead: int, k_aux: int,
