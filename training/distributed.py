@@ -34,13 +34,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from saekit.activations import fill_permutation
 from saekit.errors import ConfigError
 from saekit.sparsity import SPARSIFIERS
+from saekit.training.losses import sum_sq, total_variance
 from saekit.types import Batch
-
 
 # ---- the process group ------------------------------------------------------------------------
 
@@ -74,8 +75,6 @@ def init(device: str = "cpu", timeout_s: float = 1800) -> DistContext:
     single-rank context and initialises nothing."""
     if not launched_by_torchrun():
         return DistContext()
-    import torch.distributed as dist
-
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     cuda = device.startswith("cuda")
     if cuda:
@@ -86,8 +85,6 @@ def init(device: str = "cpu", timeout_s: float = 1800) -> DistContext:
 
 
 def shutdown(ctx: DistContext) -> None:
-    import torch.distributed as dist
-
     if ctx.active and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -96,8 +93,6 @@ def broadcast_object(ctx: DistContext, obj=None):
     """Rank 0's ``obj`` on every rank (pickled; for configs, errors and checkpoint states)."""
     if not ctx.active:
         return obj
-    import torch.distributed as dist
-
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -133,8 +128,6 @@ class Collective:
 
     def total_variance(self, x: Tensor) -> Tensor:
         """``Σ‖x − mean(x)‖²`` over the global batch (the FVU denominator)."""
-        from saekit.training.losses import total_variance
-
         return total_variance(x)
 
     def mean_rows(self, x: Tensor) -> Tensor:
@@ -148,14 +141,10 @@ class DataParallel(Collective):
         self.world, self.rank = ctx.world, ctx.rank
 
     def sum_(self, t: Tensor) -> Tensor:
-        import torch.distributed as dist
-
         dist.all_reduce(t)
         return t
 
     def sum_grads_(self, params) -> None:
-        import torch.distributed as dist
-
         works = []
         for p in params:
             if p.grad is None:  # every rank must enter every all-reduce
@@ -165,8 +154,6 @@ class DataParallel(Collective):
             w.wait()
 
     def broadcast_(self, tensors) -> None:
-        import torch.distributed as dist
-
         with torch.no_grad():
             for t in tensors:
                 dist.broadcast(t, src=0)
@@ -176,16 +163,12 @@ class DataParallel(Collective):
         return bool(self.sum_(t).item() > 0)
 
     def total_variance(self, x: Tensor) -> Tensor:
-        from saekit.training.losses import sum_sq
-
         return self.sum_(sum_sq(x - self.mean_rows(x)))
 
     def mean_rows(self, x: Tensor) -> Tensor:
         return self.sum_(x.sum(0)) / (len(x) * self.world)  # ranks hold equal row counts
 
     def _device(self):
-        import torch.distributed as dist
-
         return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
 
 
@@ -216,8 +199,6 @@ class ShardedFillReader:
     def _load(self, f: int) -> Batch:
         """This rank's rows of fill ``f`` in step order; ``x`` and ``grad`` (g-SAE) move
         through the same exchange, so every gradient stays beside its activation."""
-        import torch.distributed as dist
-
         world, rank = self.comm.world, self.comm.rank
         rows, offset, n = self.source.fill_part(f, rank, world)
         n_rows, device = len(rows.x), rows.x.device
@@ -251,8 +232,6 @@ def _exchange(rows: Tensor, send_counts: list[int], recv_counts: list[int], orde
     """One ``all_to_all``: send ``rows`` (grouped by destination rank, ``send_counts`` each),
     receive ``sum(recv_counts)`` rows, and put them in need order (``received[i]`` goes to
     row ``order[i]``)."""
-    import torch.distributed as dist
-
     received = rows.new_empty(sum(recv_counts), rows.shape[1])
     dist.all_to_all_single(received, rows, recv_counts, send_counts)
     out = torch.empty_like(received)
@@ -273,8 +252,6 @@ def gather_objects(ctx: DistContext, obj) -> list:
     """Every rank's ``obj``, in rank order, on every rank."""
     if not ctx.active:
         return [obj]
-    import torch.distributed as dist
-
     out = [None] * ctx.world
     dist.all_gather_object(out, obj)
     return out

@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
-from saekit.activations import (CachedActivations, HookSpec, ModelActivations, TensorActivations,
-                                hook_folder, resolve_hook, resolve_hooks, write_cache)
+from saekit import data, models
+from saekit.activations import (CachedActivations, HookSpec, ModelActivations, TensorActivations, hook_folder,
+                                resolve_hook, resolve_hooks, write_cache)
 from saekit.errors import ConfigError, SaekitError
 from saekit.files import atomic_write_text
+from saekit.models import load_model
 from saekit.sae import SAE
-from saekit.types import SAEConfig
 from saekit.training import distributed, preflight
 from saekit.training.config import DataOptions, TrainConfig
 from saekit.training.summary import summarize
 from saekit.training.trainer import FillReader, Job, Trainer, fit, fit_jobs, init_b_dec_
-from saekit.types import Batch
+from saekit.types import Batch, SAEConfig
 
 
 def _model_source(model, d: DataOptions, seed: int, with_grads: bool = False):
@@ -32,8 +35,6 @@ def _model_source(model, d: DataOptions, seed: int, with_grads: bool = False):
 
 
 def _model_activations(model, hooks: list[HookSpec], d: DataOptions, seed: int, with_grads: bool = False):
-    from saekit import data
-
     tokens = data.token_batches(model.tokenizer, d.dataset, d.seq_len, batch_size=32, seed=seed,
                                heldout_frac=d.heldout_frac)  # never a held-out document
     return ModelActivations(model, hooks, tokens, max(1, d.fill_tokens // (d.seq_len - 1)), with_grads)
@@ -121,9 +122,6 @@ def _run(cfg: TrainConfig, ctx) -> dict:
 def _open_source(cfg: TrainConfig, device: str):
     """``(model, source, hooks, model_name, fill_tokens)``: a cache's source, or the model
     (whose source is built once the ranks know their hooks: ``source`` is then ``None``)."""
-    from saekit import models
-    from saekit.models import load_model
-
     d = cfg.data
     model = source = None
     if d.from_cache:
@@ -185,8 +183,6 @@ def _loggers(cfg: TrainConfig, out: Path):
     Weights & Biases when asked (offline unless WANDB_MODE says otherwise)."""
     sinks = [] if cfg.run.progress else [_print_row]
     if cfg.run.wandb:
-        import os
-
         try:
             import wandb
         except ImportError:
@@ -201,9 +197,6 @@ def cache_activations(d: DataOptions, out: str, seed: int = 0, progress: bool = 
                       with_grads: bool = False) -> Path:
     """Harvest ``d.total_tokens`` activations at ``d.hook`` into ``out`` (``saekit cache``);
     ``with_grads`` also stores ∂L/∂x for g-SAE training."""
-    from saekit import models
-    from saekit.models import load_model
-
     model = load_model(d.model, d.device)
     hook, source = _model_source(model, d, seed, with_grads)
     shard = source.seqs_per_fill * (d.seq_len - 1)
@@ -213,8 +206,6 @@ def cache_activations(d: DataOptions, out: str, seed: int = 0, progress: bool = 
             "seq_len": d.seq_len, "seed": seed, "with_grads": with_grads}
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=n_shards * shard, unit="tok", unit_scale=True, desc="harvesting")
     try:
         return write_cache(source, out, n_shards, meta, bar)

@@ -20,6 +20,9 @@ from torch import Tensor
 
 from saekit.errors import ConfigError
 from saekit.metrics import fvu, l0_per_token
+from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
+from saekit.training.run import train_sae
+from saekit.types import SAEConfig
 
 
 @dataclass
@@ -104,10 +107,6 @@ def score(sae, o: SyntheticOptions, truth: GroundTruth, n_eval: int = 16384) -> 
 def bench(o: SyntheticOptions, variants=("topk", "mutual_choice", "feature_choice"), d_sae: int = 1024,
           k: int = 8, n_train: int = 262_144, steps: int = 2000, batch: int = 4096, lr: float = 2e-3) -> list[dict]:
     """Train each variant at the same mean L0 (k) on the same data; one row of scores each."""
-    from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
-    from saekit.training.run import train_sae
-    from saekit.types import SAEConfig
-
     truth = ground_truth(o)
     x = sample(o, truth, n_train)
     rows = []

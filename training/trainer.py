@@ -19,15 +19,17 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from saekit.activations import fill_permutation
 from saekit.errors import ConfigError, SaekitError
+from saekit.kernels import check_impl
 from saekit.sae import SAE
-from saekit.types import FIRING_THRESHOLD, Batch
 from saekit.training import checkpoint as ckpt
 from saekit.training.config import TrainConfig
 from saekit.training.distributed import Collective
 from saekit.training.losses import auxk_loss, encode_with_aux, fvu_loss, zipf_weights
+from saekit.types import FIRING_THRESHOLD, Batch
 
 log = logging.getLogger("saekit.training")
 
@@ -67,8 +69,6 @@ class StepStats:
 def _check_kernels(sae: SAE) -> None:
     """Refuse, before step 1, a kernel setting the first encoder call would refuse (impl on
     this device; k above the fused TopK encoder's limit, for the sparsifiers that run it)."""
-    from saekit.kernels import check_impl
-
     c = sae.cfg
     try:
         check_impl(c.impl, sae.W_dec.device, c.k if sae.sparsifier.row_topk else 0)
@@ -269,8 +269,6 @@ def fit_jobs(jobs: list[Job], on_log: Callable[[dict], None] | None = None,
     step = min(j.trainer.step for j in jobs)
     bar = None
     if cfg.run.progress if progress is None else progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=total * cfg.data.batch_size, initial=step * cfg.data.batch_size,
                    unit="tok", unit_scale=True, desc="training", dynamic_ncols=True)
     t0 = time.time()
