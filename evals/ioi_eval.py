@@ -173,7 +173,7 @@ def eval_node(model, node: Node, p: Prepared, saes: dict) -> dict:
     for label, sae in saes.items():
         ns = axes.NodeSAE(sae, sl)
         block = eval_sae_at_node(ns, run, a, x, x_cf, p, truth, changes, norms, base)
-        if sae.cfg.sparsity == "gtopk":
+        if type(sae.sparsifier).uses_grad:
             res["saes"][label] = {"selection": "TopK (g-SAE without gradients)", **block}
             g = {w: p.grads(model, w, node.layer, node.pos) for w in ("fit", "eval", *D.ATTRIBUTES)}
             res["saes"][label + GRAD_SUFFIX] = {

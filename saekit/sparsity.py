@@ -122,6 +122,13 @@ class MutualChoice(nn.Module):
     kept per training batch and ``f = pre·1[pre > θ]`` (``mc_mode="threshold"``);
     ``mc_mode="batch"`` keeps the batch rule at inference too.
 
+    BatchTopK (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders", §3) is the same rule —
+    the top k·B activations of the batch in training, one global threshold θ at inference —
+    so ``sparsity="batchtopk"`` is this class under a second name. Where saekit differs from
+    that paper: the paper estimates θ as the average of the smallest kept positive activation
+    over training batches; saekit's θ is an exponential moving average of each batch's
+    smallest kept value (``threshold_decay``, 0.9), an average weighted to the last batches.
+
     The batch-wide selection is ``PreActivations.global_topk`` (not a full sort; on CPUs
     with AMX through a bf16 product); the codes carry
     ``lengths``, so decoding and the backward pass work on the k·B entries only (the
@@ -232,6 +239,7 @@ class FeatureChoice(nn.Module):
 # about it in three class attributes, ``uses_grad``, ``batch_level`` and ``row_topk`` (TopK's).
 SPARSIFIERS: dict[str, type[nn.Module]] = {
     "topk": TopK, "gtopk": GradientTopK, "mutual_choice": MutualChoice, "feature_choice": FeatureChoice,
+    "batchtopk": MutualChoice,  # BatchTopK (Bussmann et al. 2024) is Mutual Choice's rule: one implementation
 }
 
 

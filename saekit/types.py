@@ -21,7 +21,7 @@ from saekit.errors import ConfigError
 # sparse_autoencoder counts dead latents the same way): float noise is not firing.
 FIRING_THRESHOLD = 1e-3
 
-SparsityName = Literal["topk", "gtopk", "mutual_choice", "feature_choice"]
+SparsityName = Literal["topk", "gtopk", "mutual_choice", "feature_choice", "batchtopk"]
 ImplName = Literal["auto", "torch", "triton", "screen"]
 
 
@@ -65,7 +65,7 @@ class SAEConfig:
     k: int = 32
     """Latents kept per token (TopK)."""
     sparsity: SparsityName = "topk"
-    """Sparsifier: topk, gtopk (g-SAE), mutual_choice, feature_choice."""
+    """Sparsifier: topk, gtopk (g-SAE), mutual_choice, feature_choice, batchtopk (the same rule as mutual_choice)."""
     hook_name: str = field(default="", metadata=_NOT_AN_OPTION)
     """Full TransformerLens hook name the SAE reads, e.g. blocks.5.attn.hook_z."""
     model_name: str = field(default="", metadata=_NOT_AN_OPTION)

@@ -38,8 +38,11 @@ def test_mask_to_codes_round_trips():
     assert torch.equal(codes.dense(9), a * mask)
 
 
-def test_mutual_choice_keeps_exactly_k_times_batch():
-    sae = sae_of("mutual_choice").train()
+@pytest.mark.parametrize("sparsity", ["mutual_choice", "batchtopk"])
+def test_mutual_choice_keeps_exactly_k_times_batch(sparsity):
+    """Mutual Choice, and BatchTopK (the same rule, one implementation): exactly k·B of the
+    batch's largest activations, over all tokens and latents together."""
+    sae = sae_of(sparsity).train()
     x = torch.randn(64, 32)
     codes = sae.encode(x)
     assert int((codes.values > 0).sum()) == 4 * 64
@@ -224,7 +227,8 @@ def test_aux_zipf_equals_auxk_when_only_dead_latents_qualify():
     assert (w2[:-30] == 0).all() and (w2[-20:] == 1).all()
 
 
-@pytest.mark.parametrize("sparsity, aux", [("mutual_choice", "auxk"), ("feature_choice", "zipf"), ("topk", "zipf")])
+@pytest.mark.parametrize("sparsity, aux", [("mutual_choice", "auxk"), ("feature_choice", "zipf"), ("topk", "zipf"),
+                                         ("batchtopk", "auxk")])
 def test_variants_train_end_to_end_through_the_cli(sparsity, aux, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--sparsity", sparsity, "--aux", aux, "--out", str(out), *TINY]) == 0

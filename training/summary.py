@@ -44,6 +44,6 @@ def summarize(sae, trainer, cfg, model=None) -> dict:
                **ce.as_dict(), "eval_tokens": len(acts),
                "eval_split": data.describe_heldout(cfg.data.dataset, cfg.data.heldout_frac),
                "steps": trainer.step, "hook": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}
-    if sae.cfg.sparsity == "gtopk":  # the figures above select as TopK: its rule without labels
+    if type(sae.sparsifier).uses_grad:  # the figures above select as TopK: its rule without labels
         summary["with_model_gradients"] = with_model_gradients(model, sae, tokens)
     return summary
