@@ -22,7 +22,7 @@ Nothing here is home-made transport: process groups, all-reduce and all-to-all c
 - **Only rank 0 writes** files and logs (with ``--distribute-hooks`` each rank writes the
   folders of the SAEs it owns).
 
-Batch-level sparsifiers (``mutual_choice``, ``feature_choice``) select across the whole
+Batch-level sparsifiers (``batch_level``: ``mutual_choice``/``batchtopk``, ``feature_choice``) select across the whole
 batch; they are refused under data parallelism with a one-line error (run them in one
 process, or spread hooks with ``--distribute-hooks``).
 """
