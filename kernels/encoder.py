@@ -123,6 +123,16 @@ class PreActivations:
             return pre_columns(self.xc, self.W_enc, self.b_enc, cols)
 
     @torch.no_grad()
+    def topk_among(self, cols: Tensor, k: int, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per row the ``k`` largest pre-activations among latents ``cols`` (ascending; k <=
+        len(cols)), ranked by ``weights ⊙ pre`` where weights [len(cols)] are given, ties to
+        the lower index, ReLU on the values: (values [B, k], latent indices [B, k]). The
+        auxiliary losses' selection (AuxK: the dead latents; aux_zipf: weighted)."""
+        pre_c = self.columns(cols)  # [B, len(cols)]
+        pos = topk_lower_index(pre_c if weights is None else pre_c * weights, k)[1]
+        return pre_c.gather(1, pos).relu_(), cols[pos]
+
+    @torch.no_grad()
     def topk(self, k: int) -> tuple[Tensor, Tensor]:
         """Per row the ``k`` largest pre-activations, ties to the lower index, ReLU on the
         values: (values [B, k] sorted descending, indices [B, k]); reference.encode_topk."""
@@ -335,8 +345,7 @@ def encode_topk_aux(
     dead = dead_mask.nonzero().flatten()  # ascending, so the tie rule carries over
     k_aux = min(k_aux, len(dead))
     if k_aux:
-        aux_values, pos = topk_lower_index(pre.columns(dead), k_aux)
-        aux_values, aux_indices = aux_values.relu_(), dead[pos]
+        aux_values, aux_indices = pre.topk_among(dead, k_aux)
     else:
         aux_values, aux_indices = x.new_empty(x.shape[0], 0), dead.new_empty(x.shape[0], 0)
     both = _attach(pre, torch.cat([values, aux_values], 1), torch.cat([indices, aux_indices], 1), k)

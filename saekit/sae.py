@@ -129,19 +129,19 @@ class SAE(nn.Module):
         (no ``lengths``: TopK's codes, the auxiliary losses') share one backward pass over
         their concatenation; a ragged one (Mutual, Feature Choice) gets its own, which skips
         its padding. None stays None."""
-        if not torch.is_grad_enabled():
-            return list(selections)
         out = list(selections)
-        flat = [i for i, c in enumerate(selections) if c is not None and c.lengths is None]
+        if not torch.is_grad_enabled():
+            return out
+        joint = [i for i, c in enumerate(selections) if c is not None and c.lengths is None]
+        joint = joint if len(joint) > 1 else []
         for i, c in enumerate(selections):
-            if c is not None and (c.lengths is not None or len(flat) == 1):
+            if c is not None and i not in joint:
                 out[i] = c._replace(values=self._selected(pre, c.values, c.indices, c.lengths))
-        if len(flat) > 1:
-            values = self._selected(pre, torch.cat([selections[i].values for i in flat], 1),
-                                    torch.cat([selections[i].indices for i in flat], 1), None)
-            parts = values.split([selections[i].values.shape[1] for i in flat], 1)
-            for i, v in zip(flat, parts):
-                out[i] = selections[i]._replace(values=v)
+        if joint:
+            values = self._selected(pre, torch.cat([out[i].values for i in joint], 1),
+                                    torch.cat([out[i].indices for i in joint], 1), None)
+            for i, v in zip(joint, values.split([out[i].values.shape[1] for i in joint], 1)):
+                out[i] = out[i]._replace(values=v)
         return out
 
     def _selected(self, pre: kernels.PreActivations, values: Tensor, indices: Tensor, lengths: Tensor | None):

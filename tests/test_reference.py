@@ -94,3 +94,21 @@ def test_columns_and_dense_agree_and_a_stale_workspace_is_refused():
     kernels.PreActivations(x * 2, W_enc, b_enc, b_dec, "torch", 8).dense()  # the next batch's
     with pytest.raises(RuntimeError, match="overwritten"):
         pre.dense()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_topk_among_some_latents_is_the_reference(weighted):
+    """The auxiliary losses' selection: the top k among some latents (ranked by weights ⊙ pre
+    where weights are given), valued at ReLU(pre), ties to the lower index."""
+    x, W_enc, b_enc, b_dec = weights(ties=True)
+    cols = torch.arange(3, 1024, 4)
+    w = torch.linspace(0.1, 1.0, len(cols)) if weighted else None
+    dense = ref.pre_activations(x, W_enc, b_enc, b_dec)
+    want_pos = ref.topk(dense[:, cols] if w is None else dense[:, cols] * w, 8)[1]
+    for made_dense in (False, True):  # from a product over the columns, and from the dense matrix
+        pre = kernels.PreActivations(x, W_enc, b_enc, b_dec, "torch", 8)
+        if made_dense:
+            pre.dense()
+        values, indices = pre.topk_among(cols, 8, w)
+        assert torch.equal(indices, cols[want_pos])
+        torch.testing.assert_close(values, dense.gather(1, indices).relu(), rtol=1e-5, atol=1e-5)

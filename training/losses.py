@@ -86,10 +86,7 @@ def aux_select(pre: kernels.PreActivations, weights: Tensor, k_aux: int) -> Code
     eligible = (weights > 0).nonzero().flatten()  # ascending, so the tie rule carries over
     if len(eligible) == 0 or k_aux <= 0:
         return None
-    with torch.no_grad():
-        pre_e = pre.columns(eligible)  # [B, n_eligible]
-        pos = kernels.topk_lower_index(pre_e * weights[eligible], min(k_aux, len(eligible)))[1]
-        return Codes(pre_e.gather(1, pos).relu_(), eligible[pos])
+    return Codes(*pre.topk_among(eligible, min(k_aux, len(eligible)), weights[eligible]))
 
 
 def auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, aux: Codes | None, n_dead: int, k_aux: int,
