@@ -9,7 +9,8 @@ TopK SAE must compute, written into a reused buffer (a fresh 200 MB output would
 faults to the floor and flatter the ratio), with W_enc stored either way round; the faster
 counts. The floors and the step are timed in turns, round after round (medians), so that the
 machine's drift hits them alike; with ``--sparsity`` other than topk, a TopK step of the same
-shape joins the rounds and the table gives the step's time over TopK's. Prints a table; the last line is
+shape joins the rounds and the table gives the step's time over TopK's (standard, gated and
+jumprelu run their dense step: no sparse kernels). Prints a table; the last line is
 ``tokens_per_s=<n> floor_tokens_per_s=<n>``.
 
 On a CPU with AMX the default step (``impl="auto"``) takes the screened encoder
@@ -34,6 +35,7 @@ from saekit.kernels.encoder import encoder_impl
 from saekit.sae import SAE, SAEConfig
 from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
 from saekit.training.trainer import Trainer
+from saekit.types import ELEMENTWISE
 
 
 def peak_rss_mib() -> float:
@@ -81,7 +83,7 @@ def step_trainers(args: argparse.Namespace, x: torch.Tensor) -> tuple[SAE, Train
     # Another sparsifier's step is compared with a TopK step timed in the same rounds.
     topk = make_trainer(args, "topk")[2] if args.sparsity != "topk" else None
     topk_screens = encoder_impl(args.impl, x, sae.W_enc, args.k) == "screen"
-    screened = topk_screens and args.sparsity != "gtopk"  # the selections that screen
+    screened = topk_screens and args.sparsity not in ("gtopk", *ELEMENTWISE)  # the selections that screen
     plain = make_trainer(args, args.sparsity, "torch")[2] if screened else None  # the step on the fp32 product
     # ... and another sparsifier is compared with the TopK step on the fp32 product as well
     topk_plain = make_trainer(args, "topk", "torch")[2] if topk is not None and topk_screens else None

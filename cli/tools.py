@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
 import simple_parsing as sp
 
 from saekit.errors import SaekitError
+from saekit.types import SparsityName
 
 
 @dataclass
@@ -16,8 +18,8 @@ class BenchOptions:
 
     suite: Literal["synthetic"] = sp.field(default="synthetic", positional=True)
     """The benchmark: synthetic (SAE variants on data with known features)."""
-    variants: str = "topk,mutual_choice,feature_choice"
-    """Comma-separated sparsifiers to train."""
+    variants: str = "topk,mutual_choice,feature_choice,matryoshka,standard,gated,jumprelu"
+    """Comma-separated architectures to train (any --sparsity name)."""
     d_sae: int = 1024
     """Latents per SAE."""
     k: int = 8
@@ -32,11 +34,10 @@ def cmd_bench(args) -> None:
 
     o, b = args.synthetic, args.bench
     variants = [v.strip() for v in b.variants.split(",") if v.strip()]
-    from saekit.sparsity import SPARSIFIERS
-
-    unknown = [v for v in variants if v not in SPARSIFIERS]
+    names = typing.get_args(SparsityName)
+    unknown = [v for v in variants if v not in names]
     if unknown:
-        raise SaekitError(f"unknown variants {unknown}; choose from {sorted(SPARSIFIERS)}")
+        raise SaekitError(f"unknown variants {unknown}; choose from {sorted(names)}")
     print(format_table(bench(o, variants, d_sae=b.d_sae, k=b.k, steps=b.steps), o))
 
 

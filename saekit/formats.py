@@ -65,7 +65,7 @@ def load_sae(path, device: str | torch.device = "cpu"):
         if t.shape != expected[name].shape:
             raise SAEFileError(f"{folder}: tensor {name} has shape {tuple(t.shape)}, "
                                f"cfg.json implies {tuple(expected[name].shape)}")
-    missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in w]
+    missing = [n for n in expected if not n.startswith("sparsifier.") and n not in w]
     if missing:
         raise SAEFileError(f"{folder}: weights file lacks {missing}")
     sae.load_state_dict(w, strict=False)

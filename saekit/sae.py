@@ -1,4 +1,6 @@
-"""One SAE module; the variants differ only in their sparsifier (``saekit.sparsity``).
+"""One SAE module; the architectures differ only in their activation: a selection among
+latents (``saekit.sparsity``: TopK, g-TopK, Mutual/Feature Choice, BatchTopK, Matryoshka) or
+an elementwise rule (``saekit.elementwise``: standard ReLU, JumpReLU, Gated).
 
     pre = (x − b_dec) @ W_enc + b_enc        # [.., d_sae]
     f   = sparsify(pre)                       # most entries exactly 0
@@ -30,7 +32,8 @@ from saekit import kernels
 from saekit.errors import SAEFileError
 from saekit.files import CFG, SAEKIT_WEIGHTS, SAELENS_WEIGHTS, atomic_save_tensors, atomic_write_text
 from saekit.saelens import to_saelens
-from saekit.sparsity import make_sparsifier
+from saekit.elementwise import RULES, ElementwiseRule
+from saekit.sparsity import make_sparsifier, mask_to_codes
 from saekit.types import FIRING_THRESHOLD, Codes, SAEConfig, SAEOutput, SparsityName, VariantOptions
 
 __all__ = ["FIRING_THRESHOLD", "SAE", "Codes", "SAEConfig", "SAEOutput", "SparsityName", "VariantOptions"]
@@ -39,32 +42,72 @@ _ROW_BLOCK = 512  # decoder rows per block in remove_parallel_grad_
 
 
 def _W_enc_to_file(module, state_dict, prefix, local_metadata) -> None:
-    """State dicts hold ``W_enc [d_in, d_sae]`` (SAELens' key and shape), not the storage."""
+    """State dicts hold ``W_enc [d_in, d_sae]`` (SAELens' key and shape), not the storage, and
+    the encoder bias under the architecture's SAELens name (gated: ``b_gate``)."""
     state_dict[prefix + "W_enc"] = state_dict.pop(prefix + "W_enc_T").t()
+    if module.bias_name != "b_enc":
+        state_dict[prefix + module.bias_name] = state_dict.pop(prefix + "b_enc")
 
 
 def _W_enc_from_file(module, state_dict, prefix, *args) -> None:
     if prefix + "W_enc" in state_dict:  # contiguous, also for load_state_dict(assign=True)
         state_dict[prefix + "W_enc_T"] = state_dict.pop(prefix + "W_enc").t().contiguous()
+    if prefix + module.bias_name in state_dict and module.bias_name != "b_enc":
+        state_dict[prefix + "b_enc"] = state_dict.pop(prefix + module.bias_name)
+
+
+# Encoder row norm at the start of the elementwise architectures, and decoder row norm of the
+# standard SAE, whose rows train freely (SAELens' decoder_init_norm, W_enc = W_decᵀ). Half of
+# these SAEs' latents fire at the start; unit encoder rows would make x̂ dozens of times too
+# large (an FVU of ~40 on the embedded model's hook_z) and spend the first hundreds of steps on it.
+ELEMENTWISE_INIT_NORM = 0.1
 
 
 class SAE(nn.Module):
-    """A sparse autoencoder. ``cfg`` fixes its shape, sparsifier and the hook it reads."""
+    """A sparse autoencoder. ``cfg`` fixes its shape, its activation (a selection of
+    ``saekit.sparsity`` or an elementwise rule of ``saekit.elementwise``) and the hook it reads."""
 
     def __init__(self, cfg: SAEConfig, seed: int | None = None):
         super().__init__()
         cfg.check_complete()
         self.cfg = cfg
+        rule = RULES.get(cfg.sparsity)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec)  # [d_sae, d_in], unit rows
-        self.W_enc_T = nn.Parameter(W_dec.clone())  # W_enc stored as its rows; Gao et al. init
+        W_enc_T = W_dec.clone()  # W_enc stored as its rows [d_sae, d_in]; W_enc = W_decᵀ (Gao et al.)
+        if rule is not None:  # most latents fire at the start: a small encoder keeps x̂ near x
+            W_enc_T *= ELEMENTWISE_INIT_NORM
+            if not rule.unit_decoder:
+                W_dec *= ELEMENTWISE_INIT_NORM
+        self.W_dec = nn.Parameter(W_dec)  # [d_sae, d_in], unit rows (but standard's)
+        self.W_enc_T = nn.Parameter(W_enc_T)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
-        self.sparsifier = make_sparsifier(cfg)
+        if rule is not None:  # an elementwise rule: its parameters on the SAE, under SAELens' names
+            self.sparsifier = rule(cfg)
+            for name, init in self.sparsifier.init_params(cfg.d_sae).items():
+                self.register_parameter(name, nn.Parameter(init))
+        else:
+            self.sparsifier = make_sparsifier(cfg)
         self.register_state_dict_post_hook(_W_enc_to_file)
         self.register_load_state_dict_pre_hook(_W_enc_from_file)
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether each latent fires on its own (standard, jumprelu, gated: a dense,
+        differentiable rule) rather than by a selection among latents (the TopK family)."""
+        return isinstance(self.sparsifier, ElementwiseRule)
+
+    @property
+    def unit_decoder(self) -> bool:
+        """Whether training keeps decoder rows at unit norm (all but the standard SAE)."""
+        return not self.elementwise or self.sparsifier.unit_decoder
+
+    @property
+    def bias_name(self) -> str:
+        """The encoder bias's name in state dicts and files (SAELens': gated calls it ``b_gate``)."""
+        return self.sparsifier.bias_name if self.elementwise else "b_enc"
 
     @property
     def W_enc(self) -> Float[Tensor, "d_in d_sae"]:
@@ -105,11 +148,23 @@ class SAE(nn.Module):
         with torch.no_grad():
             return torch.mm(grad.to(self.W_dec.dtype), self.W_dec.T).abs_()
 
+    def encoder_product(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:
+        """``h = (x − b_dec) @ W_enc``, differentiable: what an elementwise rule reads."""
+        return torch.mm(x - self.b_dec, self.W_enc)
+
+    def activate(self, h: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch d_sae"]:
+        """An elementwise rule's activations ``f`` from ``h`` (``encoder_product``), differentiable."""
+        return self.sparsifier(h, self.b_enc, {n: getattr(self, n) for n in self.sparsifier.params})
+
     def encode(self, x: Float[Tensor, "... d_in"], grad: Tensor | None = None, *,
                pre: kernels.PreActivations | None = None, update: bool = False) -> Codes:
         """The sparse code of ``x``'s rows (``x.reshape(-1, d_in)``), its values carrying the
-        encoder's sparse backward: ``attach(pre, select(...))``."""
+        encoder's backward: for a selection ``attach(pre, select(...))``, for an elementwise
+        rule the nonzero entries of ``encode_dense`` (``grad`` and ``update`` are unused)."""
         x = x.reshape(-1, self.cfg.d_in)
+        if self.elementwise:
+            f = self.activate(self.encoder_product(x))
+            return mask_to_codes(f, f > 0)
         pre = self.pre_activations(x) if pre is None else pre
         return self.attach(pre, self.select(pre, grad, update=update))[0]
 
@@ -155,12 +210,19 @@ class SAE(nn.Module):
 
     def forward(self, x: Float[Tensor, "... d_in"], grad: Tensor | None = None) -> SAEOutput:
         """Reconstruction (``x``'s leading shape) and sparse code (one row per vector) of ``x``."""
+        if self.elementwise:  # decoded densely: no sparse kernels for these
+            f = self.activate(self.encoder_product(x.reshape(-1, self.cfg.d_in)))
+            return SAEOutput(self.decode_dense(f).reshape(x.shape), mask_to_codes(f, f > 0))
         codes = self.encode(x, grad)
         return SAEOutput(self.decode(codes).reshape(x.shape), codes)
 
     def encode_dense(self, x: Float[Tensor, "... d_in"], grad: Tensor | None = None) -> Float[Tensor, "... d_sae"]:
         """Dense feature activations ``f`` (zeros where a latent is off), ``x``'s leading shape."""
-        return self.encode(x, grad).dense(self.cfg.d_sae).reshape(*x.shape[:-1], self.cfg.d_sae)
+        if self.elementwise:
+            f = self.activate(self.encoder_product(x.reshape(-1, self.cfg.d_in)))
+        else:
+            f = self.encode(x, grad).dense(self.cfg.d_sae)
+        return f.reshape(*x.shape[:-1], self.cfg.d_sae)
 
     def decode_dense(self, f: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
         """``f @ W_dec + b_dec`` for dense activations ``f``."""
@@ -186,6 +248,12 @@ class SAE(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
+    def clamp_threshold_(self) -> None:
+        """Keep JumpReLU's thresholds at or above 0 (a no-op for other architectures)."""
+        if "threshold" in self._parameters:
+            self.threshold.clamp_min_(0)
+
+    @torch.no_grad()
     def remove_parallel_grad_(self) -> None:
         """Drop the component of each decoder row's gradient parallel to the row, so a step
         moves along the unit sphere (Gao et al. 2024, §A)."""
@@ -200,12 +268,13 @@ class SAE(nn.Module):
     # ---- files --------------------------------------------------------------------------
     def save(self, path, format: Literal["saekit", "saelens"] = "saekit") -> None:
         """Write the SAE into folder ``path``: ``"saekit"`` (cfg.json + sae.safetensors with the
-        sparsifier's buffers) or ``"saelens"`` (cfg.json + sae_weights.safetensors, TopK only),
-        each file to a temporary name first, then renamed into place."""
+        sparsifier's buffers: the state dict) or ``"saelens"`` (cfg.json + sae_weights.safetensors,
+        TopK only), each file to a temporary name first, then renamed into place."""
         path = Path(path)
-        weights = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        state = self.state_dict()
+        weights = {k: v for k, v in state.items() if not k.startswith("sparsifier.")}
         if format == "saekit":
-            atomic_save_tensors(path / SAEKIT_WEIGHTS, {**weights, **self.extra_state()})
+            atomic_save_tensors(path / SAEKIT_WEIGHTS, state)
             atomic_write_text(path / CFG, json.dumps({"format": "saekit", **self.cfg.to_dict()}, indent=1))
         elif format == "saelens":
             if self.cfg.sparsity != "topk":
@@ -214,10 +283,6 @@ class SAE(nn.Module):
             atomic_write_text(path / CFG, json.dumps(to_saelens(self.cfg.to_dict()), indent=1))
         else:
             raise SAEFileError(f"unknown format {format!r}; use 'saekit' or 'saelens'")
-
-    def extra_state(self) -> dict[str, Tensor]:
-        """Sparsifier buffers (inference thresholds etc.) saved beside the weights."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith("sparsifier.")}
 
     def __repr__(self) -> str:
         c = self.cfg

@@ -3,7 +3,9 @@
 A sparsifier turns a batch's pre-activations into a sparse code, and does nothing else: it
 never sees the SAE, runs no autograd and does no auxiliary work. It is a small ``nn.Module``
 (so it can hold buffers such as inference thresholds, saved with the SAE) chosen by name
-from ``SAEConfig.sparsity``: ``topk``, ``gtopk``, ``mutual_choice``, ``feature_choice``.
+from ``SAEConfig.sparsity``: ``topk``, ``gtopk``, ``mutual_choice`` (also named ``batchtopk``,
+and ``matryoshka``, whose difference is in its loss), ``feature_choice``. The architectures
+whose latents fire each on its own (standard, JumpReLU, Gated) are ``saekit.elementwise``.
 
     codes = sparsifier.select(pre, effect=None, update=False)
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from saekit.elementwise import RULES
 from saekit.kernels import PreActivations, topk_lower_index
 from saekit.types import FIRING_THRESHOLD, Codes, SAEConfig
 
@@ -240,7 +243,13 @@ class FeatureChoice(nn.Module):
 SPARSIFIERS: dict[str, type[nn.Module]] = {
     "topk": TopK, "gtopk": GradientTopK, "mutual_choice": MutualChoice, "feature_choice": FeatureChoice,
     "batchtopk": MutualChoice,  # BatchTopK (Bussmann et al. 2024) is Mutual Choice's rule: one implementation
+    "matryoshka": MutualChoice,  # BatchTopK's selection; its nested prefix losses are in training.losses
 }
+
+
+# Every architecture's activation class by name, selections and elementwise rules alike: what
+# the data path and data parallelism ask of it (uses_grad, batch_level) reads from here.
+ACTIVATIONS: dict[str, type] = {**SPARSIFIERS, **RULES}
 
 
 def make_sparsifier(cfg: SAEConfig) -> nn.Module:

@@ -21,13 +21,16 @@ from saekit.errors import ConfigError
 # sparse_autoencoder counts dead latents the same way): float noise is not firing.
 FIRING_THRESHOLD = 1e-3
 
-SparsityName = Literal["topk", "gtopk", "mutual_choice", "feature_choice", "batchtopk"]
+SparsityName = Literal["topk", "gtopk", "mutual_choice", "feature_choice", "batchtopk", "matryoshka",
+                       "standard", "jumprelu", "gated"]
 ImplName = Literal["auto", "torch", "triton", "screen"]
+# The architectures whose latents fire each on its own (saekit.elementwise.RULES); the others select.
+ELEMENTWISE = ("standard", "jumprelu", "gated")
 
 
 @dataclass
 class VariantOptions:
-    """Settings of the gtopk, mutual_choice and feature_choice sparsifiers."""
+    """Settings of the gtopk, mutual_choice, feature_choice and jumprelu architectures."""
 
     beta: float = 1.0
     """gtopk: weight of the gradient term in the selection score."""
@@ -43,10 +46,14 @@ class VariantOptions:
     """feature_choice with zipf capacity: steps between re-rankings by frequency."""
     threshold_decay: float = 0.9
     """mutual/feature_choice: decay of the moving averages behind the inference thresholds."""
+    bandwidth: float = 0.05
+    """jumprelu: width ε of the rectangle kernel in the threshold's straight-through gradient (units of the pre-activations)."""  # noqa: E501 (one-line field docstring)
 
     def __post_init__(self):
         if self.beta < 0 or not 0 <= self.threshold_decay < 1 or self.rerank_every < 1:
             raise ConfigError("need beta >= 0, 0 <= threshold_decay < 1, rerank_every >= 1")
+        if not self.bandwidth > 0:
+            raise ConfigError(f"--bandwidth must be positive, not {self.bandwidth}")
 
 
 # A field the command line does not offer (training reads it from the hook).
@@ -63,9 +70,9 @@ class SAEConfig:
     d_sae: int = 0
     """Number of latents; 0 means expansion × d_in."""
     k: int = 32
-    """Latents kept per token (TopK)."""
+    """Latents kept per token (the TopK family; mean over the batch for batchtopk; unused by standard, jumprelu, gated)."""  # noqa: E501
     sparsity: SparsityName = "topk"
-    """Sparsifier: topk, gtopk (g-SAE), mutual_choice, feature_choice, batchtopk (the same rule as mutual_choice)."""
+    """Architecture: topk, gtopk (g-SAE), mutual_choice, feature_choice, batchtopk (the same rule as mutual_choice), matryoshka (batchtopk with nested prefix losses), standard (ReLU + L1), jumprelu, gated."""  # noqa: E501
     hook_name: str = field(default="", metadata=_NOT_AN_OPTION)
     """Full TransformerLens hook name the SAE reads, e.g. blocks.5.attn.hook_z."""
     model_name: str = field(default="", metadata=_NOT_AN_OPTION)
@@ -75,7 +82,7 @@ class SAEConfig:
     impl: ImplName = "auto"
     """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact selections (screen) where AMX makes them faster."""  # noqa: E501 (one-line field docstring)
     variant: VariantOptions = field(default_factory=VariantOptions)
-    """Settings of the gtopk, mutual_choice and feature_choice sparsifiers."""
+    """Settings of the gtopk, mutual_choice, feature_choice and jumprelu architectures."""
 
     def __post_init__(self):
         for name in ("d_in", "d_sae"):

@@ -177,10 +177,14 @@ def test_every_sparsifier_is_registered_once_and_states_its_needs():
     path and data parallelism ask of it."""
     import typing
 
+    from saekit.elementwise import RULES
     from saekit.sparsity import SPARSIFIERS
     from saekit.types import SparsityName
 
-    assert set(typing.get_args(SparsityName)) == set(SPARSIFIERS)
+    assert set(typing.get_args(SparsityName)) == set(SPARSIFIERS) | set(RULES)
+    assert not set(SPARSIFIERS) & set(RULES)
+    for cls in RULES.values():
+        assert all(isinstance(getattr(cls, a), bool) for a in ("uses_grad", "batch_level", "row_topk", "unit_decoder"))
     for cls in SPARSIFIERS.values():
         assert all(isinstance(getattr(cls, a), bool) for a in ("uses_grad", "batch_level", "row_topk")), cls
         assert callable(cls.select)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from saekit.errors import ConfigError
-from saekit.types import SAEConfig
+from saekit.types import ELEMENTWISE, SAEConfig
 
 
 class _Joined(str):
@@ -77,8 +77,8 @@ class OptimOptions:
     """Fraction of the run, at the end, over which the rate decays linearly to 0."""
     adam_eps: float = 6.25e-10
     """Adam epsilon (OpenAI's TopK value)."""
-    aux: Literal["auxk", "zipf", "none"] = "auxk"
-    """Auxiliary loss: auxk (dead latents), zipf (dead and underused latents), none."""
+    aux: Literal["auto", "auxk", "zipf", "none"] = "auto"
+    """Auxiliary loss of the TopK family: auxk (dead latents), zipf (dead and underused latents), none; auto = auxk, and none for standard, jumprelu and gated (their recipes have none)."""
     aux_coef: float = 1 / 32
     """Weight α of the auxiliary loss."""
     aux_norm: Literal["residual", "input"] = "residual"
@@ -93,6 +93,14 @@ class OptimOptions:
     """aux zipf: share of lowest-ranked latents left out of the Zipf fit."""
     zipf_gamma: float = 0.5
     """aux zipf: a latent is underused below gamma times its fitted frequency."""
+    l1_coef: float = 0.0
+    """standard and gated: weight λ of the L1 penalty (docs/methods.md); 0 means the architecture's default."""
+    l0_coef: float = 0.0
+    """jumprelu: weight λ of the L0 penalty (docs/methods.md); 0 means the default."""
+    sparsity_warmup_frac: float = 0.05
+    """standard, gated, jumprelu: share of the run, at the start, over which the sparsity penalty's weight rises linearly from 0."""
+    matryoshka_sizes: str = ""
+    """matryoshka: nested prefix sizes, comma-separated and increasing (128,512,2048); d_sae is added last if missing; empty means d_sae/16, d_sae/4, d_sae."""
 
     def __post_init__(self):
         if self.lr < 0:
@@ -103,6 +111,31 @@ class OptimOptions:
             raise ConfigError(f"--warmup-steps must be at least 0, not {self.warmup_steps}")
         if self.dead_tokens < 1:
             raise ConfigError(f"--dead-tokens must be positive, not {self.dead_tokens}")
+        if self.l1_coef < 0 or self.l0_coef < 0:
+            raise ConfigError("--l1-coef and --l0-coef must be at least 0 (0 picks the default)")
+        if not 0 <= self.sparsity_warmup_frac <= 1:
+            raise ConfigError(f"--sparsity-warmup-frac must be between 0 and 1, not {self.sparsity_warmup_frac}")
+        if self.matryoshka_sizes:
+            self.prefix_sizes(None)  # refuse a malformed list now
+
+    def prefix_sizes(self, d_sae: int | None) -> list[int]:
+        """matryoshka's nested prefix sizes for ``d_sae`` latents, the last being ``d_sae``
+        (``d_sae`` None: only check the list's form)."""
+        try:
+            sizes = [int(t) for t in self.matryoshka_sizes.split(",")] if self.matryoshka_sizes else []
+        except ValueError:
+            raise ConfigError(f"--matryoshka-sizes must be comma-separated integers, e.g. 128,512,2048, not "
+                              f"{self.matryoshka_sizes!r}") from None
+        if any(b <= a for a, b in zip(sizes, sizes[1:])) or any(n < 1 for n in sizes):
+            raise ConfigError(f"--matryoshka-sizes must be positive and increasing, not {self.matryoshka_sizes!r}")
+        if d_sae is None:
+            return sizes
+        if not sizes:
+            sizes = sorted({max(1, d_sae // 16), max(1, d_sae // 4)} - {d_sae})
+        if sizes and sizes[-1] > d_sae:
+            raise ConfigError(f"--matryoshka-sizes {self.matryoshka_sizes} goes past d_sae={d_sae}; "
+                              "keep every size at most d_sae")
+        return sizes + [d_sae] if not sizes or sizes[-1] != d_sae else sizes
 
 
 @dataclass
@@ -149,6 +182,18 @@ class TrainConfig:
     def __post_init__(self):
         if self.expansion < 1:
             raise ConfigError(f"--expansion must be at least 1, not {self.expansion}")
+        if self.sae.sparsity in ELEMENTWISE and self.optim.aux in ("auxk", "zipf"):
+            raise ConfigError(f"--aux {self.optim.aux} trains the dead latents of TopK-family SAEs; a "
+                              f"{self.sae.sparsity} SAE trains without it: use --aux auto or none")
+        if self.sae.sparsity == "matryoshka" and self.sae.d_sae:  # else checked once d_in is known
+            self.optim.prefix_sizes(self.sae.d_sae)
+
+    @property
+    def aux(self) -> str:
+        """The auxiliary loss this run trains with: ``optim.aux`` with ``auto`` resolved."""
+        if self.optim.aux != "auto":
+            return self.optim.aux
+        return "none" if self.sae.sparsity in ELEMENTWISE else "auxk"
 
     def sae_for(self, d_in: int, hook_name: str, hook_shape: tuple[int, ...], model_name: str) -> SAEConfig:
         """The config of the SAE this run trains at one hook: ``sae`` with its open shape
@@ -176,6 +221,7 @@ class TrainConfig:
         for k in ("out", "resume", "progress", "wandb", "log_every", "checkpoint_every", "distribute_hooks"):
             d["run"].pop(k)
         d["data"].pop("device")
+        d["optim"]["aux"] = self.aux  # auto and what it stands for are the same run
         return d
 
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from saekit.activations import fill_permutation
 from saekit.errors import ConfigError
-from saekit.sparsity import SPARSIFIERS
+from saekit.sparsity import ACTIVATIONS
 from saekit.training.losses import sum_sq, total_variance
 from saekit.types import Batch
 
@@ -100,7 +100,7 @@ def broadcast_object(ctx: DistContext, obj=None):
 
 def check_supported(sparsity: str, batch_size: int, world: int) -> None:
     """Refuse what data parallelism cannot reproduce exactly."""
-    if SPARSIFIERS[sparsity].batch_level:
+    if ACTIVATIONS[sparsity].batch_level:
         raise ConfigError(f"--sparsity {sparsity} selects across the whole batch and is not supported "
                           "with data-parallel torchrun; run it in one process or add --distribute-hooks")
     if batch_size % world:

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from saekit import kernels
+from saekit.elementwise import step
 from saekit.sae import SAE
 from saekit.types import Codes
 
@@ -138,3 +139,67 @@ def zipf_weights(freq: Tensor, dead: Tensor, tail_frac: float = 0.2, gamma: floa
         w = torch.where(under, (1 - freq / (gamma * expected)).clamp(0, 1), w)
         w = torch.maximum(w, dead.float())
     return w
+
+
+# ---- the elementwise architectures' penalties (saekit.elementwise) ---------------------------
+# Default weights λ, chosen on the embedded model's default job (blocks.*.attn.hook_z, d_sae
+# 2048, 4M tokens) to land near the TopK default's L0 of 32: docs/methods.md.
+DEFAULT_L1 = {"standard": 0.1, "gated": 0.1}
+DEFAULT_L0 = 0.003
+
+
+def _decoder_norms(sae: SAE) -> Tensor:
+    return sae.W_dec.norm(dim=1)  # [d_sae]
+
+
+def l1_penalty(sae: SAE, x: Tensor, h: Tensor, f: Tensor, coef: float, denom: Tensor, n_tokens: int) -> dict:
+    """The standard SAE's sparsity term (Anthropic's "April update", Conerly et al. 2024; SAELens'
+    ``standard``): ``λ · Σ_b Σ_j f_bj ‖W_dec[j]‖``, weighted by the decoder norms because the
+    rows train freely. saekit's normalisation: divided by ``sqrt(n_tokens · Σ‖x − mean(x)‖²)``
+    (the batch's token count times its RMS distance from the mean), so that λ, like the FVU, does
+    not depend on the activations' scale; the recipe's own form is λ·E[Σ f‖d‖] on inputs
+    normalised to a fixed mean norm."""
+    return {"l1": coef * (f.sum(0) * _decoder_norms(sae)).sum() / (n_tokens * denom).sqrt()}
+
+
+def l0_penalty(sae: SAE, x: Tensor, h: Tensor, f: Tensor, coef: float, denom: Tensor, n_tokens: int) -> dict:
+    """JumpReLU's sparsity term (Rajamanoharan et al. 2024b, eq. 10): ``λ · mean_b Σ_j H(z_bj − θ_j)``,
+    the mean L0, with the straight-through gradient of θ (``saekit.elementwise.step``)."""
+    z = h + sae.b_enc
+    return {"l0": coef * step(z, sae.threshold, sae.sparsifier.bandwidth).sum() / n_tokens}
+
+
+def gated_penalty(sae: SAE, x: Tensor, h: Tensor, f: Tensor, coef: float, denom: Tensor, n_tokens: int) -> dict:
+    """The Gated SAE's terms beside the reconstruction (Rajamanoharan et al. 2024a, eq. 8): the
+    L1 penalty on the gate's ``ReLU(π_gate)`` (weighted by decoder norms as SAELens does; they are
+    1 here, as in the paper, so the weight changes nothing) and the auxiliary reconstruction
+    ``‖x − (ReLU(π_gate) W_dec + b_dec)‖²`` through the frozen decoder (no gradient to
+    ``W_dec``, ``b_dec``), normalised like the FVU (divided by ``Σ‖x − mean(x)‖²``); the L1 is
+    normalised as ``l1_penalty``'s."""
+    gate = (h + sae.b_enc).relu()
+    x_frozen = torch.addmm(sae.b_dec.detach(), gate, sae.W_dec.detach())
+    l1 = l1_penalty(sae, x, h, gate, coef, denom, n_tokens)["l1"]
+    return {"l1": l1, "gate_fvu": squared_error(x_frozen, x) / denom}
+
+
+# The penalty terms of each elementwise architecture; its weight λ is OptimOptions.l1_coef or l0_coef.
+PENALTIES = {"standard": l1_penalty, "jumprelu": l0_penalty, "gated": gated_penalty}
+
+
+def prefix_fvu_loss(sae: SAE, x: Tensor, codes: Codes, sizes: list[int], denom: Tensor) -> tuple[Tensor, dict]:
+    """Matryoshka's reconstruction (Bussmann et al. 2025, "Learning Multi-Level Features with
+    Matryoshka Sparse Autoencoders", §3; Nabeshima 2024): for each prefix size ``m`` in
+    ``sizes`` (increasing, the last ``d_sae``), the FVU of the reconstruction from latents
+    ``0..m−1`` alone, ``x̂_m = Σ_{j<m} f_j W_dec[j] + b_dec``; the loss is their sum. Returns the
+    full reconstruction ``x̂`` and the terms ``fvu`` (the full one, as other architectures log
+    it) and ``prefix_fvu`` (the sum over the shorter prefixes). The latents of each group
+    ``[m_{g−1}, m_g)`` are decoded once and the reconstructions summed cumulatively."""
+    zero = torch.zeros_like(sae.b_dec)
+    x_hat, lo, prefixes = sae.b_dec, 0, []
+    for hi in sizes:
+        in_group = (codes.indices >= lo) & (codes.indices < hi)
+        x_hat = x_hat + kernels.decode_sparse(codes.values * in_group, codes.indices, sae.W_dec, zero,
+                                              impl=sae.cfg.impl, lengths=codes.lengths)
+        prefixes.append(squared_error(x_hat, x) / denom)
+        lo = hi
+    return x_hat, {"fvu": prefixes[-1], "prefix_fvu": sum(prefixes[:-1], x.new_zeros(()))}

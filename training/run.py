@@ -20,7 +20,7 @@ from saekit.errors import ConfigError, SaekitError
 from saekit.files import atomic_write_text
 from saekit.models import load_model
 from saekit.sae import SAE
-from saekit.sparsity import SPARSIFIERS
+from saekit.sparsity import ACTIVATIONS
 from saekit.training import distributed, preflight
 from saekit.training.config import DataOptions, TrainConfig
 from saekit.training.summary import summarize
@@ -97,7 +97,7 @@ def _run(cfg: TrainConfig, ctx) -> dict:
     if not mine:  # more ranks than hooks: nothing for this one
         return {}
     if source is None:
-        source = _model_activations(model, mine, d, cfg.run.seed, with_grads=SPARSIFIERS[cfg.sae.sparsity].uses_grad)
+        source = _model_activations(model, mine, d, cfg.run.seed, with_grads=ACTIVATIONS[cfg.sae.sparsity].uses_grad)
     comm = distributed.DataParallel(ctx) if dp else distributed.Collective()
     readers = [distributed.ShardedFillReader(source.view(h.name) if multi else source, d.batch_size,
                                              fill_tokens, cfg.run.seed, comm) if dp
@@ -132,14 +132,14 @@ def _open_source(cfg: TrainConfig, device: str):
             raise ConfigError("--from-cache holds one hook's activations; train several hooks from the model")
         hooks, model_name = [HookSpec(meta["hook_name"], tuple(meta["hook_shape"]))], meta["model_name"]
         fill_tokens = source.fill_tokens
-        if SPARSIFIERS[cfg.sae.sparsity].uses_grad and not meta.get("with_grads"):
+        if ACTIVATIONS[cfg.sae.sparsity].uses_grad and not meta.get("with_grads"):
             raise ConfigError(f"--sparsity {cfg.sae.sparsity} needs gradients; the cache {d.from_cache} has none "
                               "(make one with `saekit cache --with-grads`)")
     else:
         model = load_model(d.model, device)
         hooks, model_name = resolve_hooks(model, d.hook), models.model_name(model)
         fill_tokens = max(1, d.fill_tokens // (d.seq_len - 1)) * (d.seq_len - 1)
-    if len(hooks) > 1 and SPARSIFIERS[cfg.sae.sparsity].uses_grad:
+    if len(hooks) > 1 and ACTIVATIONS[cfg.sae.sparsity].uses_grad:
         raise ConfigError(f"--sparsity {cfg.sae.sparsity} harvests gradients for one hook at a time; "
                           "train each hook in its own run")
     if fill_tokens < d.batch_size:
@@ -274,6 +274,8 @@ def train_sae(acts: Tensor | Iterable[Tensor | Batch], cfg: TrainConfig | None =
         init_b_dec_(sae, batch_at, cfg.optim.b_dec_init, reader.per_fill)
     else:  # an iterable's batches are read once: b_dec starts from the first alone
         init_b_dec_(sae, lambda step: first, cfg.optim.b_dec_init, 1)
+    if out:  # metrics.jsonl and checkpoints are written as training goes
+        Path(out).mkdir(parents=True, exist_ok=True)
     fit(trainer, batch_at, Path(out) if out else None)
     sae.eval()  # inference rules from here on (Mutual/Feature Choice: the saved thresholds)
     if out:

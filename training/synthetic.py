@@ -104,9 +104,12 @@ def score(sae, o: SyntheticOptions, truth: GroundTruth, n_eval: int = 16384) -> 
             "fvu": fvu(x, out.x_hat), "l0": l0_per_token(out.codes.values).sum().item() / n_eval}
 
 
-def bench(o: SyntheticOptions, variants=("topk", "mutual_choice", "feature_choice"), d_sae: int = 1024,
+def bench(o: SyntheticOptions, variants=("topk", "mutual_choice", "feature_choice", "matryoshka", "standard",
+                                          "gated", "jumprelu"), d_sae: int = 1024,
           k: int = 8, n_train: int = 262_144, steps: int = 2000, batch: int = 4096, lr: float = 2e-3) -> list[dict]:
-    """Train each variant at the same mean L0 (k) on the same data; one row of scores each."""
+    """Train each variant on the same data; one row of scores each. The TopK family trains at
+    mean L0 ``k``; standard, gated and jumprelu at their default penalty weights, so their L0
+    is what the penalty gives (the row shows it)."""
     truth = ground_truth(o)
     x = sample(o, truth, n_train)
     rows = []

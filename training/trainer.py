@@ -28,7 +28,8 @@ from saekit.sae import SAE
 from saekit.training import checkpoint as ckpt
 from saekit.training.config import TrainConfig
 from saekit.training.distributed import Collective
-from saekit.training.losses import auxk_loss, encode_with_aux, fvu_loss, zipf_weights
+from saekit.training.losses import (DEFAULT_L0, DEFAULT_L1, PENALTIES, auxk_loss, encode_with_aux, fvu_loss,
+                                    prefix_fvu_loss, zipf_weights)
 from saekit.types import FIRING_THRESHOLD, Batch
 
 log = logging.getLogger("saekit.training")
@@ -61,6 +62,7 @@ class StepStats:
     loss: float
     fvu: float
     aux: float
+    penalty: float  # the terms beside FVU and aux: L1 / L0 / gated's frozen-decoder FVU / matryoshka's prefixes
     l0: float
     dead_frac: float
     lr: float
@@ -95,6 +97,7 @@ class Trainer:
         # benchmarks/RESULTS.md, "Figures moved from docstrings")
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.base_lr, eps=o.adam_eps, fused=True)
         self.k_aux = o.k_aux or max(1, sae.cfg.d_in // 2)
+        self.prefix_sizes = o.prefix_sizes(sae.cfg.d_sae) if sae.cfg.sparsity == "matryoshka" else None
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_dec.device)
         self.freq = torch.zeros(sae.cfg.d_sae, device=sae.W_dec.device)  # EMA of firing rate (aux zipf)
         self.step = 0
@@ -106,11 +109,45 @@ class Trainer:
     def aux_weights(self) -> Tensor | None:
         """Which latents the auxiliary loss may use, and how much (see ``encode``)."""
         o = self.cfg.optim
-        if o.aux == "auxk":
+        if self.cfg.aux == "auxk":
             return self.dead_mask().float()
-        if o.aux == "zipf":
+        if self.cfg.aux == "zipf":
             return zipf_weights(self.freq, self.dead_mask(), o.zipf_tail_frac, o.zipf_gamma)
         return None
+
+    def penalty_coef(self) -> float:
+        """This step's weight λ of an elementwise architecture's sparsity penalty: the set (or
+        default) λ, risen linearly from 0 over the first ``sparsity_warmup_frac`` of the run."""
+        o, name = self.cfg.optim, self.sae.cfg.sparsity
+        coef = (o.l0_coef or DEFAULT_L0) if name == "jumprelu" else (o.l1_coef or DEFAULT_L1[name])
+        warmup = o.sparsity_warmup_frac * self.total_steps
+        return coef * min(1.0, (self.step + 1) / warmup) if warmup > 0 else coef
+
+    def _selection_terms(self, x: Tensor, grad: Tensor | None, denom: Tensor):
+        """The TopK family's step: the code (and the auxiliary selection) through the sparse
+        kernels; FVU (matryoshka: summed over its prefixes) and AuxK / aux_zipf."""
+        sae, o = self.sae, self.cfg.optim
+        weights = self.aux_weights()
+        n_aux = int((weights > 0).sum()) if weights is not None else 0
+        codes, aux = encode_with_aux(sae, x, grad, weights if n_aux else None, min(self.k_aux, n_aux), update=True)
+        if self.prefix_sizes:
+            x_hat, terms = prefix_fvu_loss(sae, x, codes, self.prefix_sizes, denom)
+        else:
+            x_hat = sae.decode(codes)
+            terms = fvu_loss(x, x_hat, denom)
+        if weights is not None:
+            terms |= auxk_loss(sae, x, x_hat, aux, n_aux, self.k_aux, o.aux_coef, denom, o.aux_norm,
+                                self.comm.total_variance)
+        return terms, codes.values, codes.indices
+
+    def _elementwise_terms(self, x: Tensor, denom: Tensor):
+        """The standard, jumprelu and gated step: dense activations, FVU and the penalty."""
+        sae = self.sae
+        h = sae.encoder_product(x)  # [B, d_sae]
+        f = sae.activate(h)
+        terms = fvu_loss(x, sae.decode_dense(f), denom)
+        terms |= PENALTIES[sae.cfg.sparsity](sae, x, h, f, self.penalty_coef(), denom, len(x) * self.comm.world)
+        return terms, f, None
 
     def train_step(self, x: Tensor, grad: Tensor | None = None) -> StepStats:
         sae, o = self.sae, self.cfg.optim
@@ -118,25 +155,23 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         sae.train()
-        weights = self.aux_weights()
-        n_aux = int((weights > 0).sum()) if weights is not None else 0
-        codes, aux = encode_with_aux(sae, x, grad, weights if n_aux else None, min(self.k_aux, n_aux), update=True)
-        x_hat = sae.decode(codes)
         denom = self.comm.total_variance(x)  # of the global batch: each rank's terms are partial sums
-        terms = fvu_loss(x, x_hat, denom)
-        if weights is not None:
-            terms |= auxk_loss(sae, x, x_hat, aux, n_aux, self.k_aux, o.aux_coef, denom, o.aux_norm,
-                                self.comm.total_variance)
+        if sae.elementwise:
+            terms, values, indices = self._elementwise_terms(x, denom)
+        else:
+            terms, values, indices = self._selection_terms(x, grad, denom)
         loss = sum(terms.values())
         with torch.no_grad():  # one reduction for the logged terms and the firing counts
-            on = codes.values > 0  # for L0
-            fired = codes.values > FIRING_THRESHOLD  # for the dead counters and frequencies
-            counts = torch.bincount(codes.indices[fired], minlength=sae.cfg.d_sae)
+            on = values > 0  # for L0
+            fired = values > FIRING_THRESHOLD  # for the dead counters and frequencies
+            # dense activations (indices None) count by column; sparse codes by latent index
+            counts = fired.sum(0) if indices is None else torch.bincount(indices[fired], minlength=sae.cfg.d_sae)
             aux = terms.get("aux", loss * 0)
-            packed = self.comm.sum_(torch.cat([torch.stack([loss, terms["fvu"], aux, on.sum().float()]).detach(),
-                                               counts.float()]))
-            loss_all, fvu_all, aux_all, n_on = packed[:4].tolist()
-            counts = packed[4:].long()
+            penalty = sum((t for n, t in terms.items() if n not in ("fvu", "aux")), loss * 0)
+            packed = self.comm.sum_(torch.cat([
+                torch.stack([loss, terms["fvu"], aux, penalty, on.sum().float()]).detach(), counts.float()]))
+            loss_all, fvu_all, aux_all, penalty_all, n_on = packed[:5].tolist()
+            counts = packed[5:].long()
             n_tok = len(x) * self.comm.world
         if not math.isfinite(loss_all):  # every rank sees the same sum, so all stop together
             raise TrainingDiverged(f"loss became {loss_all} at step {self.step}; lower --lr "
@@ -144,16 +179,19 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.comm.sum_grads_(sae.parameters())
-        sae.remove_parallel_grad_()
+        if sae.unit_decoder:
+            sae.remove_parallel_grad_()
         self.opt.step()
-        sae.set_decoder_norm_()
+        if sae.unit_decoder:
+            sae.set_decoder_norm_()
+        sae.clamp_threshold_()
         with torch.no_grad():  # latents that fired this batch are alive again
             self.tokens_since_fired += n_tok
             self.tokens_since_fired[counts > 0] = 0
             self.freq.mul_(0.99).add_(counts.float() / n_tok, alpha=0.01)
         self.step += 1
         n_dead = int(self.dead_mask().sum())
-        return StepStats(loss_all, fvu_all, aux_all, n_on / n_tok, n_dead / sae.cfg.d_sae, lr)
+        return StepStats(loss_all, fvu_all, aux_all, penalty_all, n_on / n_tok, n_dead / sae.cfg.d_sae, lr)
 
     # ---- state for checkpoints ------------------------------------------------------------
     def state_dict(self) -> dict:
