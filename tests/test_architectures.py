@@ -3,6 +3,7 @@ Matryoshka (BatchTopK with nested prefix losses). Each test checks the architect
 defining property against its formula written out here."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -202,12 +203,22 @@ def test_new_architectures_train_end_to_end_through_the_cli(sparsity, tmp_path, 
     assert "explained variance" in capsys.readouterr().out
     sae = load_sae(out)
     assert sae.cfg.sparsity == sparsity
-    rows = [__import__("json").loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["fvu"] < 1  # beats predicting b_dec alone
     assert rows[-1]["penalty"] > 0  # the architecture's own loss term was trained
-    summary = __import__("json").loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["explained_variance"] <= 1
     x = torch.randn(8, sae.cfg.d_in)
     again = SAE(dataclasses.replace(sae.cfg))
     again.load_state_dict(sae.state_dict())
     assert torch.equal(again.eval()(x).x_hat, sae(x).x_hat)
+
+
+def test_bench_synthetic_has_a_row_for_each_new_architecture():
+    from saekit.training.synthetic import SyntheticOptions, bench
+
+    o = SyntheticOptions(d=16, n_true=48, mean_active=3, noise=0.0)
+    rows = {r["variant"]: r for r in bench(o, NEW, d_sae=64, k=3, n_train=4096, steps=60, batch=256, lr=5e-3)}
+    assert set(rows) == set(NEW)
+    for name, r in rows.items():
+        assert r["fvu"] < 0.5 and r["mmcs"] > 0.85, (name, r)  # random directions: MMCS < 0.8 (test_synthetic)
