@@ -156,15 +156,19 @@ class SAE(nn.Module):
         """An elementwise rule's activations ``f`` from ``h`` (``encoder_product``), differentiable."""
         return self.sparsifier(h, self.b_enc, {n: getattr(self, n) for n in self.sparsifier.params})
 
+    def _rule_f(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "batch d_sae"]:
+        """An elementwise rule's dense activations of ``x``'s rows (``x.reshape(-1, d_in)``)."""
+        return self.activate(self.encoder_product(x.reshape(-1, self.cfg.d_in)))
+
     def encode(self, x: Float[Tensor, "... d_in"], grad: Tensor | None = None, *,
                pre: kernels.PreActivations | None = None, update: bool = False) -> Codes:
         """The sparse code of ``x``'s rows (``x.reshape(-1, d_in)``), its values carrying the
         encoder's backward: for a selection ``attach(pre, select(...))``, for an elementwise
         rule the nonzero entries of ``encode_dense`` (``grad`` and ``update`` are unused)."""
-        x = x.reshape(-1, self.cfg.d_in)
         if self.elementwise:
-            f = self.activate(self.encoder_product(x))
+            f = self._rule_f(x)
             return mask_to_codes(f, f > 0)
+        x = x.reshape(-1, self.cfg.d_in)
         pre = self.pre_activations(x) if pre is None else pre
         return self.attach(pre, self.select(pre, grad, update=update))[0]
 
@@ -211,7 +215,7 @@ class SAE(nn.Module):
     def forward(self, x: Float[Tensor, "... d_in"], grad: Tensor | None = None) -> SAEOutput:
         """Reconstruction (``x``'s leading shape) and sparse code (one row per vector) of ``x``."""
         if self.elementwise:  # decoded densely: no sparse kernels for these
-            f = self.activate(self.encoder_product(x.reshape(-1, self.cfg.d_in)))
+            f = self._rule_f(x)
             return SAEOutput(self.decode_dense(f).reshape(x.shape), mask_to_codes(f, f > 0))
         codes = self.encode(x, grad)
         return SAEOutput(self.decode(codes).reshape(x.shape), codes)
@@ -219,7 +223,7 @@ class SAE(nn.Module):
     def encode_dense(self, x: Float[Tensor, "... d_in"], grad: Tensor | None = None) -> Float[Tensor, "... d_sae"]:
         """Dense feature activations ``f`` (zeros where a latent is off), ``x``'s leading shape."""
         if self.elementwise:
-            f = self.activate(self.encoder_product(x.reshape(-1, self.cfg.d_in)))
+            f = self._rule_f(x)
         else:
             f = self.encode(x, grad).dense(self.cfg.d_sae)
         return f.reshape(*x.shape[:-1], self.cfg.d_sae)
