@@ -38,10 +38,10 @@ def test_mask_to_codes_round_trips():
     assert torch.equal(codes.dense(9), a * mask)
 
 
-@pytest.mark.parametrize("sparsity", ["mutual_choice", "batchtopk"])
+@pytest.mark.parametrize("sparsity", ["mutual_choice", "batchtopk", "matryoshka"])
 def test_mutual_choice_keeps_exactly_k_times_batch(sparsity):
-    """Mutual Choice, and BatchTopK (the same rule, one implementation): exactly k·B of the
-    batch's largest activations, over all tokens and latents together."""
+    """Mutual Choice, and BatchTopK and Matryoshka (the same selection, one implementation):
+    exactly k·B of the batch's largest activations, over all tokens and latents together."""
     sae = sae_of(sparsity).train()
     x = torch.randn(64, 32)
     codes = sae.encode(x)
