@@ -272,19 +272,18 @@ class SAE(nn.Module):
     # ---- files --------------------------------------------------------------------------
     def save(self, path, format: Literal["saekit", "saelens"] = "saekit") -> None:
         """Write the SAE into folder ``path``: ``"saekit"`` (cfg.json + sae.safetensors with the
-        sparsifier's buffers: the state dict) or ``"saelens"`` (cfg.json + sae_weights.safetensors,
-        TopK only), each file to a temporary name first, then renamed into place."""
+        sparsifier's buffers: the state dict) or ``"saelens"`` (cfg.json + sae_weights.safetensors
+        in SAELens 6's layout for the architecture SAELens runs it as: ``saekit.saelens.to_saelens``),
+        each file to a temporary name first, then renamed into place."""
         path = Path(path)
         state = self.state_dict()
-        weights = {k: v for k, v in state.items() if not k.startswith("sparsifier.")}
         if format == "saekit":
             atomic_save_tensors(path / SAEKIT_WEIGHTS, state)
             atomic_write_text(path / CFG, json.dumps({"format": "saekit", **self.cfg.to_dict()}, indent=1))
         elif format == "saelens":
-            if self.cfg.sparsity != "topk":
-                raise SAEFileError(f"SAELens has no {self.cfg.sparsity!r} architecture; save with format='saekit'")
-            atomic_save_tensors(path / SAELENS_WEIGHTS, weights)
-            atomic_write_text(path / CFG, json.dumps(to_saelens(self.cfg.to_dict()), indent=1))
+            cfg, tensors = to_saelens(self.cfg.to_dict(), state)
+            atomic_save_tensors(path / SAELENS_WEIGHTS, tensors)
+            atomic_write_text(path / CFG, json.dumps(cfg, indent=1))
         else:
             raise SAEFileError(f"unknown format {format!r}; use 'saekit' or 'saelens'")
 

@@ -65,7 +65,7 @@ def prepare_saelens(d: Path) -> None:
     """Tiny SAELens TopK folders $DIR/lens-*, each with one setting saekit refuses."""
     from safetensors.torch import save_file
 
-    changes = {"arch": {"architecture": "jumprelu"}, "no-k": {"k": None},
+    changes = {"arch": {"architecture": "abstopk"}, "no-k": {"k": None},
                "two-k": {"activation_fn_kwargs": {"k": 3}}, "kwargs": {"activation_fn_kwargs": {"k": 2, "temp": 1}},
                "head": {"hook_head_index": 1}, "layer-norm": {"normalize_activations": "layer_norm"},
                "norm-typo": {"normalize_activations": "l2"},
