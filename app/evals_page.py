@@ -4,11 +4,11 @@ with the same figures as their HTML reports (``saekit.evals.report``)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import streamlit as st
 
 from saekit.evals.report import eval_parts, ioi_parts
+from saekit.formats import results_folder
 
 REPORTS = (("Evaluation", "eval", "saekit eval --sae {path}"),
            ("IOI evaluation", "ioi_eval", "saekit eval-ioi --sae {path}"))
@@ -16,7 +16,7 @@ REPORTS = (("Evaluation", "eval", "saekit eval --sae {path}"),
 
 def page(sae_path: str) -> None:
     st.header("Evaluations")
-    folder = Path(sae_path)
+    folder = results_folder(sae_path)  # the SAE's folder; runs/hf/... for hf:// paths
     for (title, stem, command), parts in zip(REPORTS, (eval_parts, ioi_parts)):
         st.subheader(title)
         js = folder / f"{stem}.json"

@@ -12,6 +12,7 @@ import streamlit as st
 from saekit.app import evals_page, features_page, lens_page, steering_page
 from saekit.app.resources import default_sae, load
 from saekit.errors import SaekitError
+from saekit.hub import is_hub
 from saekit.models import model_name
 
 PAGES = ["Features", "Prompt lens", "Steering", "Evaluations"]
@@ -36,7 +37,7 @@ def main() -> None:
                 "folder in the sidebar.")
         return
     if page == "Evaluations":  # reads files only: no model needed
-        if not Path(sae_path).is_dir():
+        if not is_hub(sae_path) and not Path(sae_path).exists():
             st.error(f"No SAE folder at {sae_path}.")
             return
         evals_page.page(sae_path)

@@ -11,10 +11,10 @@ from typing import NamedTuple
 
 import streamlit as st
 
-from saekit import formats
+from saekit import formats, hub
 from saekit.errors import SAEFileError, SaekitError
 from saekit.evals.features import fingerprint, load_stats, stats_path
-from saekit.formats import load_sae
+from saekit.formats import load_sae, results_folder
 from saekit.models import load_model
 from saekit.splice import check_sae_fits
 
@@ -45,8 +45,8 @@ def _sae(path: str, _mtime_key: float):
 
 
 @st.cache_resource(show_spinner="Loading feature statistics ...")
-def _stats(path: str, _mtime_key: float, _sae_obj, fingerprint: str):
-    return load_stats(path, _sae_obj)
+def _stats(path: str, _mtime_key: float, _sae_obj, fingerprint: str, sae_path: str):
+    return load_stats(path, _sae_obj, sae_path)
 
 
 @st.cache_resource
@@ -58,11 +58,12 @@ def model_lock() -> threading.Lock:
 
 def load(sae_path: str, model_name: str | None) -> Loaded:
     """Load and check everything; raises ``SaekitError`` with a one-line, fixable message."""
-    folder = Path(sae_path).expanduser()
-    if not folder.is_dir():
-        raise SAEFileError(f"no SAE folder at {folder}; pass the folder `saekit train --out` wrote "
-                           "(it holds cfg.json and sae.safetensors)")
-    sae = _sae(str(folder), _mtime(folder / "cfg.json"))
+    source = sae_path if hub.is_hub(sae_path) else str(Path(sae_path).expanduser())
+    if not hub.is_hub(source) and not Path(source).exists():
+        raise SAEFileError(f"no SAE folder at {source}; pass the folder `saekit train --out` wrote "
+                           "(it holds cfg.json and sae.safetensors), another SAE file or an hf:// path")
+    folder = results_folder(source)  # where analyze wrote the statistics (the folder itself, mostly)
+    sae = _sae(source, _mtime(Path(source) / "cfg.json" if Path(source).is_dir() else Path(source)))
     name = model_name or sae.cfg.model_name or None
     try:
         model = _model(name)
@@ -74,7 +75,7 @@ def load(sae_path: str, model_name: str | None) -> Loaded:
         if sae not in _FINGERPRINTS:  # the cached SAE never changes: hash its decoder once
             _FINGERPRINTS[sae] = fingerprint(sae)
         fp = _FINGERPRINTS[sae]
-        stats, err = _stats(str(folder), _mtime(stats_path(folder)), sae, fp), None
+        stats, err = _stats(str(folder), _mtime(stats_path(folder)), sae, fp, source), None
     except SAEFileError as e:
         stats, err = None, str(e)
     return Loaded(model, sae, str(folder), stats, err)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import simple_parsing as sp
 
 from saekit.cli.options import DatasetOption, ModelOptions, SAEOption
+from saekit.formats import results_folder
 
 
 @dataclass
@@ -14,7 +15,7 @@ class CompareOption:
     """Other SAEs to score side by side."""
 
     compare: list[str] = sp.field(default_factory=list)
-    """Folders of more SAEs at the same layer, shown beside --sae in the report."""
+    """More SAEs at the same layer (paths as for --sae), shown beside --sae in the report."""
 
 
 def cmd_eval(args) -> None:
@@ -29,7 +30,7 @@ def cmd_eval(args) -> None:
           f"{r['ce_loss_recovered_zero_all']:.3f} (zero abl., all positions) "
           f"{r['ce_loss_recovered_zero_keep_bos']:.3f} (zero abl., BOS kept)  KL {r['kl']:.4f}  "
           f"never fired {r['never_fired_frac']:.3f}  "
-          f"dense {r['dense_frac']:.3f}\nwrote eval.json and eval.html in {a.sae}")
+          f"dense {r['dense_frac']:.3f}\nwrote eval.json and eval.html in {results_folder(a.sae)}")
 
 
 def cmd_eval_ioi(args) -> None:
@@ -39,7 +40,7 @@ def cmd_eval_ioi(args) -> None:
 
     a, m = args.target, args.model
     r = run_eval_ioi(a.sae, args.compare.compare, m.model, args.ioi_eval, m.device)
-    print(format_ioi(r) + f"\nwrote ioi_eval.json and ioi_eval.html in {a.sae}")
+    print(format_ioi(r) + f"\nwrote ioi_eval.json and ioi_eval.html in {results_folder(a.sae)}")
 
 
 def format_ioi(r: dict) -> str:
@@ -75,7 +76,7 @@ def cmd_analyze(args) -> None:
     sae = load_sae(folder, m.device)
     model = load_model(m.model or sae.cfg.model_name or None, m.device)
     stats = analyze(model, sae, o.tokens, dataset=args.data.dataset, progress=o.progress)
-    path = save_stats(stats, folder)
+    path = save_stats(stats, results_folder(folder))
     alive = int((stats.freq > 0).sum())
     print(f"{stats.meta['n_tokens']} tokens in {stats.meta['seconds']:.0f} s: {alive}/{stats.d_sae} latents "
           f"fire, mean frequency {stats.freq.mean().item():.4f}; saved to {path}")

@@ -22,7 +22,7 @@ class SAEOption:
     """Which SAE."""
 
     sae: str = ""
-    """SAE folder (saekit, SAELens or sparsify layout); results are written beside it."""
+    """SAE folder (saekit, SAELens or sparsify layout), Gemma Scope params.npz, Kissane et al. NAME.pt, or hf://ORG/REPO/PATH; results go beside it (hf://: in runs/hf/ORG/REPO/PATH)."""  # noqa: E501
 
     def __post_init__(self):
         if not self.sae:

@@ -261,11 +261,12 @@ def save_stats(stats: FeatureStats, sae_folder) -> Path:
     return path
 
 
-def load_stats(sae_folder, sae=None) -> FeatureStats:
+def load_stats(sae_folder, sae=None, sae_path: str | None = None) -> FeatureStats:
     """Read the statistics beside ``sae_folder``. With ``sae``, raise ``SAEFileError`` when
-    they were made for other weights. Messages name the command that fixes the problem."""
+    they were made for other weights. Messages name the command that fixes the problem (with
+    ``sae_path``, the SAE as the user named it, e.g. an hf:// path, when it is not the folder)."""
     path = stats_path(sae_folder)
-    fix = f"run `saekit analyze --sae {sae_folder}`"
+    fix = f"run `saekit analyze --sae {sae_path or sae_folder}`"
     if not path.is_file():
         raise SAEFileError(f"no feature statistics at {path}; {fix}")
     try:

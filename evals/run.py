@@ -4,7 +4,6 @@ its model, measure, and write the JSON and HTML report beside the SAE (atomicall
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from saekit import data
 from saekit.errors import MismatchError
@@ -13,7 +12,7 @@ from saekit.evals.metrics import evaluate_sae
 from saekit.evals.options import EvalOptions, IOIEvalOptions
 from saekit.evals.report import eval_parts, ioi_parts, write_report
 from saekit.files import atomic_write_text
-from saekit.formats import load_sae
+from saekit.formats import load_sae, results_folder
 from saekit.models import EMBEDDED_NAME, load_model, model_name
 from saekit.splice import check_sae_fits
 
@@ -30,13 +29,14 @@ def model_for(sae, name: str | None = None, device: str = "cpu"):
 
 
 def _load(path):
-    return Path(path), load_sae(path)
+    """(where results go, the SAE): the SAE's folder, or for hf:// and file SAEs formats.results_folder."""
+    return results_folder(path), load_sae(path)
 
 
 def run_eval(sae_path, model: str | None = None, dataset: str | None = None, opts: EvalOptions | None = None,
              device: str = "cpu") -> dict:
     """Standard metrics of the SAE at ``sae_path`` on held-out text; writes ``eval.json`` and
-    ``eval.html`` in its folder and returns the metrics."""
+    ``eval.html`` in its folder (``saekit.formats.results_folder``) and returns the metrics."""
     opts = opts or EvalOptions()
     folder, sae = _load(sae_path)
     m = model_for(sae, model, device)

@@ -59,6 +59,7 @@ def prepare(d: Path) -> None:
     (d / "corrupt-run" / "checkpoints").mkdir(parents=True)
     (d / "corrupt-run" / "checkpoints" / "step_0000004.pt").write_bytes(b"x")
     prepare_saelens(d)
+    prepare_formats(d)
 
 
 def prepare_saelens(d: Path) -> None:
@@ -83,6 +84,31 @@ def prepare_saelens(d: Path) -> None:
         cfg = {"architecture": "topk", "d_in": 4, "d_sae": 8, "k": 2, "dtype": "float32", **change}
         (d / f"lens-{name}" / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
     (d / "lens-bad-factor" / "activation_scaler.json").write_text('{"scaling_factor": -1}')
+
+
+def prepare_formats(d: Path) -> None:
+    """$DIR/fmt-*: the files of the rows on other SAE formats, each with one fault."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    (d / "fmt-no-weights").mkdir()
+    (d / "fmt-no-weights" / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 4, "d_sae": 8, "k": 2}))
+    base = {"W_enc": torch.ones(4, 8), "b_enc": torch.zeros(8), "W_dec": torch.ones(8, 4), "b_dec": torch.zeros(4)}
+    gated = {"W_enc": torch.ones(4, 8), "b_gate": torch.zeros(8), "b_mag": torch.zeros(8), "W_dec": torch.ones(8, 4),
+             "b_dec": torch.zeros(4)}
+    for name, arch, w, extra in (("gated-no-r-mag", "gated", gated, {}),
+                                 ("bad-shape", "standard", {**base, "W_enc": torch.ones(4, 6)}, {}),
+                                 ("tanh-relu", "standard", base, {"activation_fn_str": "tanh-relu"})):
+        (d / f"fmt-{name}").mkdir()
+        save_file(w, d / f"fmt-{name}" / "sae_weights.safetensors")
+        (d / f"fmt-{name}" / "cfg.json").write_text(json.dumps({"architecture": arch, "d_in": 4, "d_sae": 8, **extra}))
+    arrays = {"W_enc": np.ones((4, 8)), "W_dec": np.ones((8, 4)), "b_enc": np.zeros(8), "b_dec": np.zeros(4)}
+    (d / "fmt-gemma-scope-2b-pt-res" / "layer_0").mkdir(parents=True)
+    np.savez(d / "fmt-gemma-scope-2b-pt-res" / "layer_0" / "params.npz", **arrays)
+    (d / "fmt-npz").mkdir()
+    np.savez(d / "fmt-npz" / "params.npz", **arrays, threshold=np.zeros(8))
+    (d / "fmt-kissane").mkdir()
+    torch.save(base, d / "fmt-kissane" / "no-cfg.pt")
 
 
 @pytest.fixture(scope="module")
