@@ -23,9 +23,11 @@ one-line ``SAEFileError`` naming the setting:
   as training classes; their inference save is a ``jumprelu`` folder whose thresholds all
   equal the trained ``topk_threshold`` (``BatchTopKTrainingSAE.process_state_dict_for_saving_inference``),
   which loads as any jumprelu folder; a training checkpoint (cfg ``batchtopk``, a
-  ``topk_threshold`` scalar) loads as that same jumprelu SAE. Pre-6 cfgs name TopK as
-  ``standard`` with ``activation_fn`` ``topk``. Any other architecture (``abstopk``,
-  transcoders, ...) or ``activation_fn`` other than ReLU (TopK's: ``topk``): refused.
+  ``topk_threshold`` scalar) loads as that same jumprelu SAE. Pre-6 cfgs (no
+  ``sae_lens_version`` of 6 or more) name TopK as ``standard`` with ``activation_fn`` ``topk``;
+  a v6 cfg saying so runs as ReLU in SAELens 6, which ignores ``activation_fn``: refused as
+  contradictory. Any other architecture (``abstopk``, transcoders, ...) or ``activation_fn``
+  other than ReLU (TopK's: ``topk``): refused.
 - ``threshold`` (jumprelu): SAELens keeps ``ReLU(p)`` where ``p > threshold``, saekit ``p``;
   the two agree once a negative threshold is raised to 0: ``threshold ← max(threshold, 0)``.
 - ``apply_b_dec_to_input`` false, honoured: ``b_enc ← b_enc + b_dec W_enc`` (saekit then
@@ -68,6 +70,7 @@ one-line ``SAEFileError`` naming the setting:
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -152,7 +155,7 @@ def _architecture(cfg: dict, folder: Path) -> tuple[str, int | None]:
     """SAELens's architecture (pre-6 ``standard`` + ``activation_fn: topk`` is ``topk``) and TopK's k."""
     arch = cfg.get("architecture")
     act = cfg.get("activation_fn", cfg.get("activation_fn_str"))
-    if arch in (None, "standard") and act == "topk":
+    if arch in (None, "standard") and act == "topk" and not _is_v6(cfg):  # v6 would run it as ReLU: refused
         arch = "topk"
     arch = "standard" if arch is None else arch
     if arch not in _TENSORS:
@@ -175,6 +178,13 @@ def _architecture(cfg: dict, folder: Path) -> tuple[str, int | None]:
     if k is None and k2 is None:
         raise SAEFileError(f'{folder}: cfg.json of this SAELens TopK SAE gives no k; add "k": <latents per token>')
     return arch, int(k if k is not None else k2)
+
+
+def _is_v6(cfg: dict) -> bool:
+    """SAELens's own test (``handle_config_defaulting``): a sae_lens_version of 6 or more, at the top or in metadata."""
+    v = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version") or ""
+    major = re.match(r"\d+", str(v))
+    return major is not None and int(major[0]) >= 6
 
 
 def _hook_shape(cfg: dict, hook: str, folder: Path) -> tuple[int, ...]:

@@ -176,6 +176,8 @@ def test_saved_saelens_cfg_states_every_setting_saelens_reads(tmp_path):
     ({"architecture": "transcoder"}, {}, "architecture 'transcoder'"),
     ({"architecture": "topk", "activation_fn_str": "relu"}, {}, "activation_fn 'relu'"),
     ({"architecture": "standard", "activation_fn_str": "tanh-relu", "k": None}, {}, "activation_fn 'tanh-relu'"),
+    # v6 ignores activation_fn and would run this as ReLU; pre-6 (v5 test above) it is TopK
+    ({"architecture": "standard", "activation_fn": "topk"}, {}, "architecture 'standard' with activation_fn 'topk'"),
     ({"normalize_activations": "covariance_whitening"}, {}, "normalize_activations='covariance_whitening'"),
     ({"reshape_activations": "hook_z"}, {}, "reshape_activations='hook_z' on hook 'blocks.0.hook_resid_pre'"),
     ({"activation_fn_kwargs": {"k": K, "temperature": 2}}, {}, "activation_fn_kwargs ['temperature']"),
