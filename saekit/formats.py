@@ -41,7 +41,9 @@ def _from_sparsify(cfg: dict, w: dict, folder: Path) -> tuple[dict, dict]:
         out = {"W_enc": W_enc, "b_enc": w["encoder.bias"], "W_dec": W_dec, "b_dec": w["b_dec"]}
     except KeyError as e:
         raise SAEFileError(f"{folder} looks like a sparsify SAE but has no {e} tensor") from None
-    return {"d_in": d_in, "d_sae": d_sae, "k": int(cfg["k"]), "hook_name": folder.name}, out
+    if not isinstance(cfg.get("k"), int) or cfg["k"] < 1:
+        raise SAEFileError(f'{folder / "cfg.json"} of this sparsify SAE gives no k; add "k": <latents per token>')
+    return {"d_in": d_in, "d_sae": d_sae, "k": cfg["k"], "hook_name": folder.name}, out
 
 
 def _read(path: Path, hook_name: str | None, model_name: str | None) -> tuple[dict, dict]:

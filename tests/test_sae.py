@@ -111,6 +111,9 @@ def test_loads_hand_made_sparsify_folder(tmp_path):
     vals, idx = pre.topk(3)
     expect = torch.zeros(5, d_sae).scatter(1, idx, vals) @ W_dec + b_dec
     torch.testing.assert_close(sae(x).x_hat, expect, atol=1e-5, rtol=1e-5)
+    (tmp_path / "cfg.json").write_text(json.dumps({"expansion_factor": 4, "d_in": d_in}))
+    with pytest.raises(SAEFileError, match="gives no k"):  # was a bare KeyError
+        load_sae(tmp_path)
 
 
 def test_missing_and_corrupt_files_get_specific_errors(tmp_path):
