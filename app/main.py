@@ -48,7 +48,8 @@ def main() -> None:
         st.error(str(e))
         return
     c = loaded.sae.cfg
-    st.sidebar.caption(f"{c.sparsity} SAE, {c.d_sae} latents, k={c.k}, at {c.hook_name} of "
+    k = "" if c.selected_k is None else f", k={c.selected_k}"  # standard, jumprelu, gated: no k
+    st.sidebar.caption(f"{c.sparsity} SAE, {c.d_sae} latents{k}, at {c.hook_name} of "
                        f"{model_name(loaded.model, c.model_name)}")
     {"Features": features_page.page, "Prompt lens": lens_page.page,
      "Steering": steering_page.page}[page](loaded)

@@ -30,7 +30,7 @@ def evaluate_sae(model, sae, tokens: Tensor, batch_size: int = 32) -> dict:
     mean = sae.unflatten_hook(acts.mean(0))
     ce = ce_losses(model, sae, tokens, batch_size, mean=mean)
     out = {**stats, **ce.as_dict(),
-           "hook": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "sparsity": sae.cfg.sparsity}
+           "hook": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae, "k": sae.cfg.selected_k, "sparsity": sae.cfg.sparsity}
     if type(sae.sparsifier).uses_grad:  # the main figures are its label-free rule, TopK (methods.md §5)
         out["with_model_gradients"] = with_model_gradients(model, sae, tokens, batch_size)
     return out

@@ -54,7 +54,8 @@ def eval_parts(r: dict) -> list:
     ce = go.Figure(go.Bar(x=names, y=[r["ce_loss_clean"], r["ce_loss_sae"], r["ce_loss_mean_ablation"],
                                       r.get("ce_loss_zero_ablation_keep_bos"), r.get("ce_loss_zero_ablation_all")]))
     ce.update_layout(title="Next-token loss", yaxis_title="nats")
-    parts = [f"<p>{html.escape(r['hook'])}, {r['sparsity']}, d_sae={r['d_sae']}, k={r['k']}; "
+    k = "" if r.get("k") is None else f", k={r['k']}"  # elementwise SAEs select no k: their L0 is in the table
+    parts = [f"<p>{html.escape(r['hook'])}, {r['sparsity']}, d_sae={r['d_sae']}{k}; "
              f"held-out text: {html.escape(r.get('eval_split', 'not recorded'))}</p>",
              "<p>never_fired_frac: latents with no activation on these tokens (not the training run's dead_frac). "
              "Zero ablation 'all positions' zeroes BOS too (Kissane et al.'s baseline); 'BOS kept' zeroes "

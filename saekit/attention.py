@@ -96,14 +96,19 @@ class DFA(NamedTuple):
     """Direct feature attribution of one latent at one destination token.
 
     ``by_head.sum() == by_source.sum() == x·W_enc[:, i]`` (x: the flattened z at dest), and
-    ``x·W_enc[:, i] + bias`` is the latent's pre-activation (before the sparsifier)."""
+    ``x·W_enc[:, i] + bias = (x − b_dec)·W_enc[:, i] + b_enc[i]`` is the latent's
+    pre-activation, before the sparsifier or the elementwise rule. For a Gated SAE it is the
+    gate's, ``(x − b_dec)·W_enc[:, i] + b_gate[i]``, which decides whether the latent fires
+    (its magnitude path, ``exp(r_mag[i])·(x − b_dec)·W_enc[:, i] + b_mag[i]``, is another
+    affine function of the same projection)."""
 
     by_head: Float[Tensor, "n_heads"]  # noqa: F821 (a jaxtyping axis name, not a forward reference)
     """z_h[dest] · W_enc[h-block, i]."""
     by_source: Float[Tensor, "n_heads T"]
     """A_h[dest, src] · (v_h[src] · W_enc[h-block, i]); sums over src to ``by_head``."""
     bias: float
-    """b_enc[i] − b_dec · W_enc[:, i]: the part of the pre-activation that no token supplies."""
+    """b_enc[i] − b_dec · W_enc[:, i] (gated: b_gate[i] − b_dec · W_enc[:, i]): the part of the
+    pre-activation that no token supplies."""
 
 
 def _as_tokens(model, tokens: Tensor | str) -> Tensor:
@@ -133,7 +138,8 @@ def dfa(model, sae, tokens: Tensor | str, latent: int, dest: int) -> DFA:
         by_head[h]        = z_h[dest] · w_h
         by_source[h, src] = A_h[dest, src] · (v_{kv(h)}[src] · w_h)
 
-    Since ``z_h[dest] = Σ_src A_h[dest, src] v_{kv(h)}[src]``, both sum to ``x·W_enc[:, i]``.
+    Since ``z_h[dest] = Σ_src A_h[dest, src] v_{kv(h)}[src]``, both sum to ``x·W_enc[:, i]``;
+    with ``bias`` they sum to the latent's pre-activation (``DFA``; for a Gated SAE, the gate's).
     v includes the value bias (GPT-2's b_V sits in ``c_attn``; the bridge's ``hook_v`` is
     after it, and the pattern's rows sum to 1), so nothing is left over; measured:
     ``z == A@v`` to the last bit on tiny GPT-2 and grouped-query Llama bridges. An

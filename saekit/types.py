@@ -96,6 +96,13 @@ class SAEConfig:
             raise ConfigError(f"hook_shape {self.hook_shape} does not flatten to d_in={self.d_in}")
         object.__setattr__(self, "hook_shape", tuple(self.hook_shape))
 
+    @property
+    def selected_k(self) -> int | None:
+        """``k`` where the architecture selects k latents a token (mean over the batch for the
+        batch-level ones); None for the elementwise rules (standard, jumprelu, gated), whose
+        ``k`` is unused: their L0 is only measured."""
+        return None if self.sparsity in ELEMENTWISE else self.k
+
     def check_complete(self) -> None:
         """Raise unless the shape is known (``d_in`` and ``d_sae`` positive), as building an SAE needs."""
         if self.d_in < 1 or self.d_sae < 1:

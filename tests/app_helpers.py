@@ -4,6 +4,7 @@ import torch
 
 from saekit.evals.features import analyze, save_stats
 from saekit.sae import SAE, SAEConfig
+from tests.arch_helpers import as_if_trained_
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 
@@ -15,12 +16,13 @@ def make_sae(seed: int = 0, **cfg) -> SAE:
     sae = SAE(SAEConfig(**{**base, **cfg}), seed=seed)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
-    return sae.eval()
+    return as_if_trained_(sae).eval()
 
 
-def analyzed_sae(model, folder, n_tokens: int = 4096) -> str:
-    """Save an SAE in ``folder`` with statistics over ``n_tokens`` tokens; return the path."""
-    sae = make_sae()
+def analyzed_sae(model, folder, n_tokens: int = 4096, sparsity: str = "topk") -> str:
+    """Save an SAE of architecture ``sparsity`` in ``folder`` with statistics over ``n_tokens``
+    tokens; return the path."""
+    sae = make_sae(sparsity=sparsity)
     sae.save(folder)
     save_stats(analyze(model, sae, n_tokens, progress=False), folder)
     return str(folder)

@@ -10,12 +10,16 @@ from streamlit.testing.v1 import AppTest
 
 from saekit.app.launch import command, script_path
 from saekit.errors import ConfigError
+from saekit.types import ELEMENTWISE
 from tests.app_helpers import PROMPT, analyzed_sae, make_sae
+from tests.arch_helpers import NEW
 
 
 @pytest.fixture(scope="module")
-def sae_dir(model, tmp_path_factory):
-    return analyzed_sae(model, tmp_path_factory.mktemp("app") / "sae")
+def sae_dir(model, tmp_path_factory, request):
+    """An analyzed SAE of the architecture ``request.param`` (default topk)."""
+    sparsity = getattr(request, "param", "topk")
+    return analyzed_sae(model, tmp_path_factory.mktemp(f"app-{sparsity}") / "sae", sparsity=sparsity)
 
 
 def run_app(monkeypatch, sae_path: str | None, page: str | None = None) -> AppTest:
@@ -36,9 +40,13 @@ def texts(elements) -> str:
 
 
 # ---- the pages ----------------------------------------------------------------------------
+@pytest.mark.parametrize("sae_dir", ["topk", *NEW], indirect=True)
 def test_features_page_lists_latents_and_shows_a_card(monkeypatch, sae_dir):
     at = run_app(monkeypatch, sae_dir)
     assert not at.error and not at.warning
+    sparsity = json.loads((Path(sae_dir) / "cfg.json").read_text())["sparsity"]
+    caption = texts(at.sidebar.caption)
+    assert f"{sparsity} SAE, 256 latents" in caption and ("k=16" in caption) == (sparsity not in ELEMENTWISE)
     assert at.dataframe[0].value.shape[0] == 256  # one row per latent
     table = at.dataframe[0].value
     latent = int(table.sort_values("frequency").iloc[-1]["latent"])  # surely has contexts
@@ -63,6 +71,7 @@ def test_features_sort_and_search(monkeypatch, sae_dir):
     assert all(token.strip().lower() in (a + b).lower() for a, b in zip(shown["top token"], shown["boosts"]))
 
 
+@pytest.mark.parametrize("sae_dir", ["topk", *NEW], indirect=True)
 def test_prompt_lens_and_click_through_to_the_card(monkeypatch, sae_dir):
     at = run_app(monkeypatch, sae_dir, "Prompt lens")
     table = at.dataframe[0].value
@@ -73,6 +82,7 @@ def test_prompt_lens_and_click_through_to_the_card(monkeypatch, sae_dir):
     assert at.subheader[0].value == f"Latent {latent}"
 
 
+@pytest.mark.parametrize("sae_dir", ["topk", *NEW], indirect=True)
 def test_steering_shows_both_continuations_and_the_ioi_logit_difference(monkeypatch, sae_dir):
     at = run_app(monkeypatch, sae_dir, "Steering")
     at.number_input(key="steer_n").set_value(2).run()
@@ -88,13 +98,14 @@ def test_steering_shows_both_continuations_and_the_ioi_logit_difference(monkeypa
     assert "logit(Mary) − logit(John)" in at.metric[0].label
 
 
-def test_evaluations_page_shows_reports_or_the_command(monkeypatch, sae_dir, tmp_path):
+@pytest.mark.parametrize("sparsity, k", [("topk", 4), ("gated", None)])
+def test_evaluations_page_shows_reports_or_the_command(monkeypatch, sae_dir, tmp_path, sparsity, k):
     at = run_app(monkeypatch, sae_dir, "Evaluations")
     info = texts(at.info)
     assert f"saekit eval --sae {sae_dir}" in info and f"saekit eval-ioi --sae {sae_dir}" in info
     folder = tmp_path / "with_reports"
     shutil.copytree(sae_dir, folder)
-    result = {"hook": "blocks.5.attn.hook_z", "sparsity": "topk", "d_sae": 64, "k": 4, "l0": 16.0, "l0_std": 1.0,
+    result = {"hook": "blocks.5.attn.hook_z", "sparsity": sparsity, "d_sae": 64, "k": k, "l0": 16.0, "l0_std": 1.0,
               "explained_variance": 0.9, "fvu": 0.1, "ce_loss_recovered_zero_all": 0.9,
               "ce_loss_recovered_zero_keep_bos": 0.9, "ce_loss_recovered_mean": 0.8,
               "kl": 0.01, "never_fired_frac": 0.0, "dense_frac": 0.0, "tokens": 100, "l0_hist": [0, 2, 5],
@@ -106,6 +117,8 @@ def test_evaluations_page_shows_reports_or_the_command(monkeypatch, sae_dir, tmp
     at = run_app(monkeypatch, str(folder), "Evaluations")
     assert not at.exception and [i.value for i in at.info] == []
     assert len(at.get("plotly_chart")) == 3  # frequency and L0 histograms, the CE losses
+    head = at.get("html")[0].proto.body
+    assert f"{sparsity}, d_sae=64" in head and ("k=4" in head) == (k is not None) and "k=None" not in head
     assert "ioi_eval.json is not a readable" in texts(at.error) and "saekit eval-ioi --sae" in texts(at.error)
 
 

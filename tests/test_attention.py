@@ -10,6 +10,7 @@ from saekit.attention import (_kv_head_index, dfa, head_attribution, latent_logi
 from saekit.errors import ConfigError, MismatchError
 from saekit.models import load_model
 from saekit.sae import SAE, SAEConfig
+from tests.arch_helpers import ARCHITECTURES
 
 N_HEADS, D_HEAD, D_MODEL = 4, 8, 32
 HOOK = "blocks.1.attn.hook_z"
@@ -61,8 +62,8 @@ def tiny(request, tmp_path_factory):
     return load_model(str(path)), hf.eval()
 
 
-def _sae(hook=HOOK, d_in=N_HEADS * D_HEAD, hook_shape=(N_HEADS, D_HEAD), seed=0):
-    sae = SAE(SAEConfig(d_in=d_in, d_sae=64, k=8, hook_name=hook, hook_shape=hook_shape), seed=seed)
+def _sae(hook=HOOK, d_in=N_HEADS * D_HEAD, hook_shape=(N_HEADS, D_HEAD), seed=0, sparsity="topk"):
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=64, k=8, hook_name=hook, hook_shape=hook_shape, sparsity=sparsity), seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # non-zero biases, so the test sees that DFA leaves them out
         sae.b_enc.copy_(torch.randn(sae.cfg.d_sae, generator=gen))
@@ -72,8 +73,9 @@ def _sae(hook=HOOK, d_in=N_HEADS * D_HEAD, hook_shape=(N_HEADS, D_HEAD), seed=0)
 
 
 # ---- head attribution ---------------------------------------------------------------------
-def test_head_attribution_is_block_norm_share():
-    sae = _sae()
+@pytest.mark.parametrize("sparsity", ARCHITECTURES)
+def test_head_attribution_is_block_norm_share(sparsity):
+    sae = _sae(sparsity=sparsity)
     with torch.no_grad():
         sae.W_dec[3] = 0.0  # a dead decoder row gets zeros, not NaN
         sae.W_dec[5, :D_HEAD] = 0.0  # a latent that writes nothing from head 0
@@ -104,9 +106,15 @@ def test_kv_head_index_is_repeat_interleave():
 
 # ---- DFA ----------------------------------------------------------------------------------
 def _check_dfa_identity(model, sae, tokens, latents, dests):
-    """Σ_h,src DFA == x·W_enc[:, i], with x harvested independently (run_with_hooks)."""
+    """Σ_h,src DFA == x·W_enc[:, i], with x harvested independently (run_with_hooks), and
+    with ``bias`` the pre-activation written out from the state dict: (x − b_dec)·W_enc + the
+    encoder bias under its file name (gated: ``b_gate``, the gate's pre-activation)."""
     x = harvest(model, tokens[None], resolve_hook(model, sae.cfg.hook_name))  # [T-1, d_in], BOS dropped
-    pre = sae.pre_acts(x)  # [T-1, d_sae]
+    state = sae.state_dict()
+    pre = (x - state["b_dec"]) @ state["W_enc"] + state["b_gate" if sae.cfg.sparsity == "gated" else "b_enc"]
+    f = sae.encode_dense(x)  # [T-1, d_sae]
+    assert (f > 0).sum() >= len(x)  # latents fire ...
+    assert bool((pre[f > 0] > 0).all())  # ... only where this pre-activation is positive
     for i in latents:
         for dest in dests:
             r = dfa(model, sae, tokens, i, dest)
@@ -122,9 +130,10 @@ def _check_dfa_identity(model, sae, tokens, latents, dests):
 
 
 @pytest.mark.filterwarnings("error:hook_z differs")  # z == pattern @ v must hold: no warning
-def test_dfa_sums_to_encoder_projection(tiny):
+@pytest.mark.parametrize("sparsity", ARCHITECTURES)
+def test_dfa_sums_to_encoder_projection(tiny, sparsity):
     model, _ = tiny
-    sae = _sae()
+    sae = _sae(sparsity=sparsity)
     tokens = torch.randint(1, model.cfg.d_vocab, (12,), generator=torch.Generator().manual_seed(0))
     tokens[0] = model.tokenizer.bos_token_id
     _check_dfa_identity(model, sae, tokens, latents=[0, 17, 63], dests=[1, 5, 11])
@@ -140,10 +149,11 @@ def test_dfa_uses_fewer_kv_heads_on_gqa(tiny):
 
 
 @pytest.mark.filterwarnings("error:hook_z differs")
-def test_dfa_on_embedded_model(model):
+@pytest.mark.parametrize("sparsity", ARCHITECTURES)
+def test_dfa_on_embedded_model(model, sparsity):
     """The identity on the trained GPT-2 (real b_V), at the hook the DESIGN names."""
     sae = _sae(hook="blocks.5.attn.hook_z", d_in=model.cfg.n_heads * model.cfg.d_head,
-               hook_shape=(model.cfg.n_heads, model.cfg.d_head))
+               hook_shape=(model.cfg.n_heads, model.cfg.d_head), sparsity=sparsity)
     tokens = model.to_tokens("When Mary and John went to the store, John gave a drink to")[0]
     _check_dfa_identity(model, sae, tokens, latents=[2, 40], dests=[3, len(tokens) - 1])
 

@@ -23,7 +23,10 @@ ARGS = ["--d-sae", "256", "-k", "8", "--batch-size", "512", "--fill-tokens", "40
         "--total-tokens", "10240", "--warmup-steps", "5", "--eval-tokens", "0", "--progress", "false",
         "--log-every", "1", "--checkpoint-every", "4"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
+# the data-parallel architectures whose equality with one process is run (each a 2-rank run,
+# ~25 s of start-up): TopK, and Gated, the elementwise rule with the most of its own (b_gate,
+# r_mag, b_mag, the frozen-decoder auxiliary loss)
+DATA_PARALLEL = ["topk", "gated"]
 
 
 def torchrun(*args, **popen):
@@ -58,24 +61,34 @@ def finish(p, timeout=300):
 
 
 def max_diff(a, b):
-    return max((getattr(a, n) - getattr(b, n)).abs().max().item() for n in WEIGHTS)
+    """The largest difference over every tensor of the two SAEs' state dicts (gated's b_gate,
+    r_mag, b_mag and JumpReLU's threshold included)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max((sa[n].float() - sb[n].float()).abs().max().item() for n in sa)
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "run"
-    assert main(["train", "--out", str(out), *ARGS]) == 0
+def sparsity(request):
+    return getattr(request, "param", "topk")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, sparsity):
+    out = tmp_path_factory.mktemp(f"single-{sparsity}") / "run"
+    assert main(["train", "--out", str(out), "--sparsity", sparsity, *ARGS]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    log = finish(torchrun("--out", str(out), *ARGS))
+def two_ranks(tmp_path_factory, sparsity):
+    out = tmp_path_factory.mktemp(f"ddp-{sparsity}") / "run"
+    log = finish(torchrun("--out", str(out), "--sparsity", sparsity, *ARGS))
     return out, log
 
 
-def test_two_ranks_match_one_process(single, two_ranks):
+@pytest.mark.parametrize("sparsity", DATA_PARALLEL, indirect=True, scope="module")
+def test_two_ranks_match_one_process(single, two_ranks, sparsity):
     out, log = two_ranks
     assert max_diff(load_sae(single), load_sae(out)) < 1e-4
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -103,9 +116,10 @@ def test_sigkill_at_a_random_step_then_resume_under_torchrun(two_ranks, tmp_path
     p.communicate()
     assert not (out / "sae.safetensors").exists(), "the run finished before it could be killed"
     finish(torchrun("--out", str(out), "--resume", "true", *ARGS))
-    a, b = load_sae(two_ranks[0]), load_sae(out)
-    for n in WEIGHTS:
-        assert torch.equal(getattr(a, n), getattr(b, n)), n
+    a, b = load_sae(two_ranks[0]).state_dict(), load_sae(out).state_dict()
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
     assert steps == list(range(1, 21))
 
@@ -124,8 +138,10 @@ def test_batch_level_sparsifiers_are_refused_under_data_parallelism():
     from saekit.errors import ConfigError
     from saekit.training.distributed import check_supported
 
-    with pytest.raises(ConfigError, match="selects across the whole batch"):
-        check_supported("mutual_choice", 512, 2)
+    for batch_level in ("mutual_choice", "batchtopk", "matryoshka", "feature_choice"):
+        with pytest.raises(ConfigError, match=f"--sparsity {batch_level} selects across the whole batch"):
+            check_supported(batch_level, 512, 2)
     with pytest.raises(ConfigError, match="divisible by the 2 torchrun processes"):
         check_supported("topk", 511, 2)
-    check_supported("gtopk", 512, 2)
+    for per_token in ("topk", "gtopk", "standard", "jumprelu", "gated"):
+        check_supported(per_token, 512, 2)

@@ -15,6 +15,8 @@ from saekit.metrics import frequency_summary, fvu, l0_per_token, loss_recovered,
 from saekit.models import model_name
 from saekit.sae import SAE, SAEConfig
 from saekit.splice import ce_losses
+from saekit.types import ELEMENTWISE
+from tests.arch_helpers import ARCHITECTURES, as_if_trained_
 
 HOOK = "blocks.3.attn.hook_z"
 
@@ -168,26 +170,39 @@ def test_node_names_parse_and_bad_ones_get_one_line_errors():
 # ---- end to end ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def small_sae(tmp_path_factory, model):
+def small_sae(tmp_path_factory, model, request):
+    """A seeded random hook_z SAE of the architecture ``request.param`` (default topk), saved."""
+    sparsity = getattr(request, "param", "topk")
     shape = (model.cfg.n_heads, model.cfg.d_head)
     sae = SAE(SAEConfig(d_in=math.prod(shape), d_sae=256, k=8, hook_name=HOOK, model_name=model_name(model),
-                        hook_shape=shape), seed=0)
-    path = tmp_path_factory.mktemp("sae") / "small"
-    sae.save(path)
+                        hook_shape=shape, sparsity=sparsity), seed=0)
+    path = tmp_path_factory.mktemp(sparsity) / "small"
+    as_if_trained_(sae).save(path)
     return path
 
 
+@pytest.mark.parametrize("small_sae", ARCHITECTURES, indirect=True)
 def test_saekit_eval_end_to_end(small_sae, capsys):
     assert main(["eval", "--sae", str(small_sae), "--tokens", "2048", "--seq-len", "64"]) == 0
     r = json.loads((small_sae / "eval.json").read_text())
-    assert r["l0"] == pytest.approx(8.0) and 0 <= r["never_fired_frac"] <= 1 and r["tokens"] == 32 * 63
+    sparsity = r["sparsity"]
+    assert sparsity == json.loads((small_sae / "cfg.json").read_text())["sparsity"]
+    if sparsity in ("topk", "gtopk"):
+        assert r["l0"] == pytest.approx(8.0) and r["k"] == 8
+    else:  # a measured L0; k is reported only where the architecture selects k a token
+        assert 0 < r["l0"] < 256 and r["k"] == (None if sparsity in ELEMENTWISE else 8)
+    assert 0 <= r["never_fired_frac"] <= 1 and r["tokens"] == 32 * 63 and -1 < r["explained_variance"] <= 1
     assert "dead_frac" not in r  # the training counters' name; eval.json measures never-fired
     assert r["ce_loss_zero_ablation_keep_bos"] > r["ce_loss_clean"] and r["eval_split"].startswith("saekit corpus")
     html = (small_sae / "eval.html").read_text()
     assert "Firing frequency" in html and (small_sae / "plotly.min.js").exists()
+    assert ("k=8" in html) == (sparsity not in ELEMENTWISE) and "k=None" not in html
     assert "explained variance" in capsys.readouterr().out
 
 
+# eval-ioi of a random dense SAE (standard: ~half the latents fire) ran past 4 minutes unfinished
+# on the 2 shared cores: only TopK here until that is measured and sped up (see the issue)
+@pytest.mark.parametrize("small_sae", ["topk"], indirect=True)
 def test_saekit_eval_ioi_end_to_end(small_sae, capsys):
     argv = ["eval-ioi", "--sae", str(small_sae), "--n", "40", "--n-fit", "80", "--n-table", "20",
             "--node", "L3.END", "L3H3.END"]
@@ -199,7 +214,8 @@ def test_saekit_eval_ioi_end_to_end(small_sae, capsys):
     for kind, per in node["saes"]["small"]["control"]["io"].items():
         assert set(per) == {"2", "4", "8", "16"}  # budgets in latents changed, the same for both edits
         assert all(0 < row["latents_changed"] <= int(b) for b, row in per.items()), kind
-    assert node["saes"]["small"]["l0"] == pytest.approx(8.0)
+    sparsity = json.loads((small_sae / "cfg.json").read_text())["sparsity"]
+    assert node["saes"]["small"]["l0"] == pytest.approx(8.0) if sparsity == "topk" else node["saes"]["small"]["l0"] > 0
     # layer 3 at END is the embedded model's main IOI node: mean-ablating it costs most of the LD
     ap = node["supervised"]["mean"]["approximation"]
     assert ap["ld_mean_ablation"] < 0.5 * ap["ld_clean"] and math.isfinite(ap["sufficiency"])

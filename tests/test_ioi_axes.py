@@ -10,6 +10,7 @@ import torch
 from saekit.evals import axes
 from saekit.evals.nodes import Readout
 from saekit.sae import SAE, SAEConfig
+from tests.arch_helpers import ARCHITECTURES
 
 HOOK = "blocks.3.attn.hook_z"
 
@@ -68,7 +69,7 @@ def _rows(n, on):
     return t
 
 
-def _hand_built_case():
+def _hand_built_case(sparsity="topk"):
     """Four latents, eight fit and eight evaluation prompts; io = a on rows 0-3, b on 4-7.
 
     Fit: latent 0 fires exactly on a (F1 1), latent 1 on three of the four a rows (F1 0.86);
@@ -80,17 +81,21 @@ def _hand_built_case():
     io = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     labels = {"io": io, "s": 1 - io, "pos": torch.tensor([0, 1] * 4)}
     values = {"io": ["a", "b"], "s": ["a", "b"], "pos": ["ABB", "BAB"]}
-    sae = SAE(SAEConfig(d_in=4, d_sae=4, k=4, hook_name=HOOK))
-    with torch.no_grad():  # codes = ReLU(x): the hand-built rows themselves
+    sae = SAE(SAEConfig(d_in=4, d_sae=4, k=4, hook_name=HOOK, sparsity=sparsity))
+    # codes = ReLU(x), the hand-built rows themselves, for every architecture: k = d_sae, zero
+    # inference thresholds, JumpReLU's θ = 1e-3 below the rows' 1s, Gated's r_mag = b_mag = 0
+    with torch.no_grad():
         sae.W_enc.copy_(torch.eye(4)), sae.W_dec.copy_(torch.eye(4))
         sae.b_enc.zero_(), sae.b_dec.zero_()
     return sae.eval(), fit, ev, labels, values
 
 
-def test_reported_f1_is_the_fit_chosen_latents_f1_on_the_evaluation_prompts():
+@pytest.mark.parametrize("sparsity", ARCHITECTURES)
+def test_reported_f1_is_the_fit_chosen_latents_f1_on_the_evaluation_prompts(sparsity):
     from saekit.evals.ioi_eval import eval_sae_at_node
 
-    sae, fit, ev, labels, values = _hand_built_case()
+    sae, fit, ev, labels, values = _hand_built_case(sparsity)
+    assert torch.equal(sae.encode_dense(ev), ev)  # the architecture's own encoder: codes = the rows
     data = SimpleNamespace(labels=labels)
     p = SimpleNamespace(setup=SimpleNamespace(values=values), fit=data, eval=data,
                         cf={a: data for a in labels})

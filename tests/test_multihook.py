@@ -1,5 +1,6 @@
 """Many hooks, one forward: the SAEs equal those of separate single-hook runs."""
 
+import pytest
 import torch
 
 from saekit import load_sae
@@ -9,17 +10,21 @@ ARGS = ["--d-sae", "128", "-k", "4", "--batch-size", "512", "--fill-tokens", "40
         "--total-tokens", "6144", "--warmup-steps", "3", "--eval-tokens", "0", "--progress", "false"]
 
 
-def test_many_hooks_equal_separate_single_hook_runs(tmp_path):
+@pytest.mark.parametrize("sparsity", ["topk", "jumprelu", "gated", "matryoshka"])
+def test_many_hooks_equal_separate_single_hook_runs(tmp_path, sparsity):
+    args = [*ARGS, "--sparsity", sparsity]
     assert main(["train", "--out", str(tmp_path / "many"), "--hook", "blocks.[24].attn.hook_z",
-                 "--hook", "blocks.0.hook_resid_post", *ARGS]) == 0
+                 "--hook", "blocks.0.hook_resid_post", *args]) == 0
     hooks = sorted(p.name for p in (tmp_path / "many").iterdir() if p.is_dir())
     assert hooks == ["blocks.0.hook_resid_post", "blocks.2.attn.hook_z", "blocks.4.attn.hook_z"]
     for h in ("blocks.0.hook_resid_post", "blocks.4.attn.hook_z"):
-        assert main(["train", "--out", str(tmp_path / h), "--hook", h, *ARGS]) == 0
+        assert main(["train", "--out", str(tmp_path / h), "--hook", h, *args]) == 0
         a, b = load_sae(tmp_path / h), load_sae(tmp_path / "many" / h)
-        assert a.cfg.hook_name == b.cfg.hook_name == h
-        for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            assert torch.equal(getattr(a, n), getattr(b, n)), (h, n)
+        assert a.cfg.hook_name == b.cfg.hook_name == h and a.cfg.sparsity == b.cfg.sparsity == sparsity
+        a, b = a.state_dict(), b.state_dict()  # every tensor, the architecture's own parameters included
+        assert a.keys() == b.keys()
+        for n in a:
+            assert torch.equal(a[n], b[n]), (h, n)
 
 
 def test_patterns_expand_in_forward_order(model):

@@ -9,10 +9,11 @@ from saekit.errors import ConfigError, MismatchError
 from saekit.sae import SAE, SAEConfig
 from saekit.steering import (Ablate, Add, Cap, Clamp, generate, hooks, ioi_logit_diff, ioi_names, make,
                              position_index, run_on_reconstruction, steer)
+from tests.arch_helpers import ARCHITECTURES, as_if_trained_
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 HOOKS = {"blocks.5.attn.hook_z": (4, 32), "blocks.3.hook_resid_post": (128,)}
-VARIANTS = ["topk", "gtopk", "mutual_choice", "feature_choice"]
+VARIANTS = ARCHITECTURES
 
 
 def make_sae(hook="blocks.5.attn.hook_z", sparsity="topk", seed=0):
@@ -22,9 +23,7 @@ def make_sae(hook="blocks.5.attn.hook_z", sparsity="topk", seed=0):
     sae = SAE(cfg, seed=seed)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
-        if sparsity in ("mutual_choice", "feature_choice"):  # inference thresholds, as if trained
-            sae.sparsifier.theta.fill_(0.05)
-    return sae.eval()
+    return as_if_trained_(sae).eval()
 
 
 def captured(model, tokens, hook, interventions):
@@ -126,15 +125,23 @@ def test_positions_last_and_chosen(model, tokens):
     assert changed.tolist() == [i == 2 for i in range(T)]
 
 
-def test_splice_matches_the_reconstruction(model, tokens):
+@pytest.mark.parametrize("sparsity", VARIANTS)
+def test_splice_matches_the_reconstruction(model, tokens, sparsity):
     from saekit.splice import reconstruct_hook
+    from saekit.steering import Reconstruct
 
-    sae = make_sae()
+    sae = make_sae(sparsity=sparsity)
+    hook = sae.cfg.hook_name
     with torch.no_grad():
-        expected = model.run_with_hooks(tokens, fwd_hooks=[(sae.cfg.hook_name, reconstruct_hook(sae))])
+        expected = model.run_with_hooks(tokens, fwd_hooks=[(hook, reconstruct_hook(sae))])
         with run_on_reconstruction(model, sae):
             got = model(tokens)
+        spliced, clean = captured(model, tokens, hook, [Reconstruct(sae)])  # what run_on_reconstruction runs
+        flat = sae.flatten_hook(clean[0, 1:])  # [T-1, d_in]
+        x_hat = sae.decode(sae.encode(flat))  # the architecture's own encoder and decoder
     torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(sae.flatten_hook(spliced[0, 1:]), x_hat, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(spliced[0, 1:], clean[0, 1:])  # the splice replaced something
 
 
 def test_generate_returns_both_continuations(model):

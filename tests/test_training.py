@@ -110,8 +110,9 @@ def test_cache_then_train_from_cache_matches_training_from_the_model(tmp_path):
     assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.W_dec, b.W_dec)
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
-    common = [*TINY, "--eval-tokens", "0", "--checkpoint-every", "4", "--total-tokens", "30720"]
+@pytest.mark.parametrize("sparsity", ["topk", "jumprelu", "gated", "matryoshka"])
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, sparsity):
+    common = [*TINY, "--sparsity", sparsity, "--eval-tokens", "0", "--checkpoint-every", "4", "--total-tokens", "30720"]
     assert main(["train", "--out", str(tmp_path / "ref"), *common]) == 0
     out = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "-m", "saekit", "train", "--out", str(out), *common],
@@ -124,8 +125,11 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert not (out / "sae.safetensors").exists(), "the run finished before it could be killed"
     assert main(["train", "--out", str(out), "--resume", *common]) == 0
     a, b = load_sae(tmp_path / "ref"), load_sae(out)
-    for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        assert torch.equal(getattr(a, n), getattr(b, n)), n
+    assert b.cfg.sparsity == sparsity
+    a, b = a.state_dict(), b.state_dict()  # every tensor: gated's b_gate, r_mag, b_mag, JumpReLU's threshold, ...
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # no duplicated rows after the resume
 

@@ -43,7 +43,7 @@ def summarize(sae, trainer, cfg, model=None) -> dict:
     summary = {**stats, "dead_frac": dead_frac, "impl": resolve_impl(sae.cfg.impl, sae.W_dec.device),
                **ce.as_dict(), "eval_tokens": len(acts),
                "eval_split": data.describe_heldout(cfg.data.dataset, cfg.data.heldout_frac),
-               "steps": trainer.step, "hook": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}
+               "steps": trainer.step, "hook": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae, "k": sae.cfg.selected_k}
     if type(sae.sparsifier).uses_grad:  # the figures above select as TopK: its rule without labels
         summary["with_model_gradients"] = with_model_gradients(model, sae, tokens)
     return summary
