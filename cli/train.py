@@ -34,7 +34,8 @@ def cmd_train(args) -> None:
 def format_summary(summary: dict, out: str) -> str:
     if not summary:
         return f"saved to {out}"
-    return (f"SAE at {summary['hook']} (d_sae {summary['d_sae']}, k {summary['k']}), "
+    k = "" if summary["k"] is None else f", k {summary['k']}"  # None: an elementwise SAE selects no k
+    return (f"SAE at {summary['hook']} (d_sae {summary['d_sae']}{k}), "
             f"{summary['eval_tokens']} held-out tokens:\n"
             f"  L0 {summary['l0']:.1f}  explained variance {summary['explained_variance']:.3f}  "
             f"dead fraction (training) {summary['dead_frac']:.3f}\n"

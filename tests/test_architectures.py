@@ -200,7 +200,9 @@ def test_new_architectures_train_end_to_end_through_the_cli(sparsity, tmp_path, 
     out = tmp_path / "run"
     argv = ["train", "--sparsity", sparsity, "--out", str(out), *TINY, "--lr", "3e-3"]
     assert main(argv) == 0
-    assert "explained variance" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "explained variance" in printed
+    assert ("k None" not in printed) and ((", k 8)" in printed) == (sparsity == "matryoshka"))
     sae = load_sae(out)
     assert sae.cfg.sparsity == sparsity
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
