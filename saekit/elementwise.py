@@ -32,6 +32,11 @@ def rectangle(u: Tensor) -> Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
+def _kernel_sum(g: Tensor, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+    """``Σ_b g_bj·(1/ε)·K((z_bj − θ_j)/ε)`` per latent j: the factor both pseudo-derivatives share."""
+    return (g * rectangle((z - theta) / eps)).reshape(-1, z.shape[-1]).sum(0) / eps
+
+
 class _JumpReLU(torch.autograd.Function):
     """``z · 1[z > θ]``; ``∂/∂z = 1[z > θ]``, and the straight-through pseudo-derivative
     ``ð/ðθ = −(θ/ε)·K((z − θ)/ε)`` (Rajamanoharan et al. 2024b, eq. 11)."""
@@ -45,10 +50,7 @@ class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        g_z = g * (z > theta)
-        g_theta = (g * -(theta / eps) * rectangle((z - theta) / eps)).reshape(-1, z.shape[-1]).sum(0)
-        return g_z, g_theta, None
+        return g * (z > theta), -theta * _kernel_sum(g, z, theta, ctx.bandwidth), None
 
 
 class _Step(torch.autograd.Function):
@@ -64,9 +66,7 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        g_theta = (g * -(1 / eps) * rectangle((z - theta) / eps)).reshape(-1, z.shape[-1]).sum(0)
-        return None, g_theta, None
+        return None, -_kernel_sum(g, z, theta, ctx.bandwidth), None
 
 
 def jumprelu(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
