@@ -1,7 +1,8 @@
 """HTML reports with Plotly figures for ``eval.json`` and ``ioi_eval.json``.
 
-A report loads ``plotly.min.js`` from its own folder (written once beside it), so it opens
-offline and two reports in one folder share the script.
+A report loads ``plotly.min.js`` from its own folder or, where that folder has none, from the
+folder above it (``pretrained/saes/`` keeps one copy for all its SAEs); with neither, the
+script is written once beside the report. Reports open offline either way.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ def _fmt(v) -> str:
 def write_report(path: Path, title: str, parts: list) -> None:
     """Write ``parts`` (HTML strings and Plotly figures) as one page at ``path``."""
     path = Path(path)
-    js = path.parent / PLOTLY_JS
-    if not js.exists():
-        atomic_write_text(js, get_plotlyjs())
+    src = PLOTLY_JS
+    if not (path.parent / PLOTLY_JS).exists():
+        if (path.parent.parent / PLOTLY_JS).exists():
+            src = f"../{PLOTLY_JS}"  # a collection of SAE folders shares one 4.6 MB script
+        else:
+            atomic_write_text(path.parent / PLOTLY_JS, get_plotlyjs())
     body = "\n".join(p if isinstance(p, str) else p.to_html(full_html=False, include_plotlyjs=False) for p in parts)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<script src='{PLOTLY_JS}'></script><style>body{{font-family:sans-serif;margin:2em}}"
+            f"<script src='{src}'></script><style>body{{font-family:sans-serif;margin:2em}}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
             f"</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>")
     atomic_write_text(path, page)

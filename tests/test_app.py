@@ -198,3 +198,26 @@ def test_launch_command():
     assert cmd[1:4] == ["-m", "streamlit", "run"] and "8765" in cmd and "127.0.0.1" in cmd
     with pytest.raises(ConfigError, match="port"):
         command(70000, "127.0.0.1")
+
+
+def test_an_hf_sae_opens_from_the_hub_cache_with_its_statistics_under_runs(monkeypatch, sae_dir, tmp_path):
+    """``saekit app --sae hf://...``: the SAE comes from huggingface_hub's cache (offline, laid out
+    as the library lays it out) and its statistics and reports from runs/hf/..., as every command
+    writes them."""
+    from huggingface_hub import constants
+
+    from tests.test_hub import cache_folder
+
+    cache = tmp_path / "cache"
+    cache_folder(cache, "saekit-tests/app", Path(sae_dir), "L5", "d" * 40)  # stats/ stays out
+    shutil.copytree(Path(sae_dir) / "stats", tmp_path / "runs/hf/saekit-tests/app/L5/stats")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    at = run_app(monkeypatch, "hf://saekit-tests/app/L5")
+    assert not at.error and not at.warning  # the statistics were found under runs/hf
+    assert at.dataframe[0].value.shape[0] == 256 and at.subheader[0].value == "Latent 0"
+    at.sidebar.radio(key="page").set_value("Evaluations").run()
+    assert "saekit eval --sae hf://saekit-tests/app/L5" in texts(at.info)
+    at = run_app(monkeypatch, "hf://saekit-tests/absent/L5")
+    assert "is not in the Hugging Face cache" in texts(at.error)

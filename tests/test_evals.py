@@ -283,3 +283,30 @@ def test_ioi_dataset_source_yields_completed_prompts():
         answer = d.rsplit(" ", 1)[1].rstrip(".")
         words = d.replace(".", " ").replace(",", " ").split()
         assert answer in corpus.NAMES and words.count(answer) == 2  # IO: in the clause and as answer
+
+
+def test_reports_share_the_plotly_script_of_the_folder_above(tmp_path):
+    """pretrained/saes/ keeps one plotly.min.js for all its SAE folders: a report finds it one
+    level up and writes no copy; a lone folder gets its own."""
+    from saekit.evals.report import PLOTLY_JS, write_report
+    (tmp_path / "lone").mkdir()
+    write_report(tmp_path / "lone" / "eval.html", "t", ["<p>x</p>"])
+    lone = tmp_path / "lone"
+    assert (lone / PLOTLY_JS).exists() and f"src='{PLOTLY_JS}'" in (lone / "eval.html").read_text()
+    (tmp_path / PLOTLY_JS).write_text("shared")
+    (tmp_path / "a").mkdir()
+    write_report(tmp_path / "a" / "eval.html", "t", ["<p>x</p>"])
+    assert not (tmp_path / "a" / PLOTLY_JS).exists()
+    assert f"src='../{PLOTLY_JS}'" in (tmp_path / "a" / "eval.html").read_text()
+
+
+def test_shipped_reports_load_a_plotly_script_that_is_there():
+    """Every shipped report names a plotly.min.js that exists, and pretrained/ keeps one copy."""
+    from pathlib import Path
+    saes = Path(__file__).resolve().parents[1] / "pretrained" / "saes"
+    pages = sorted(saes.glob("*/*.html"))
+    assert pages
+    for page in pages:
+        src = page.read_text().split("<script src='", 1)[1].split("'", 1)[0]
+        assert (page.parent / src).exists(), f"{page} loads {src}, which is missing"
+    assert len(list(saes.rglob("plotly.min.js"))) == 1

@@ -35,7 +35,9 @@ def hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str, r
 
 
 def cache_folder(cache, repo_id, folder: Path, inside: str, commit: str, ref: str = "main") -> None:
-    hub_cache(cache, repo_id, {f"{inside}/{p.name}": p.read_bytes() for p in folder.iterdir()}, commit, ref)
+    """The files of ``folder`` (not its subfolders) as ``inside/NAME``."""
+    files = {f"{inside}/{p.name}": p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    hub_cache(cache, repo_id, files, commit, ref)
 
 
 def run_offline(tmp_path, cache, args, code=None):
