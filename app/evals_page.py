@@ -7,7 +7,8 @@ import json
 
 import streamlit as st
 
-from saekit.evals.report import eval_parts, ioi_parts
+from saekit.evals.report import eval_parts, ioi_parts, summary_row
+from saekit import formats
 from saekit.formats import results_folder
 
 REPORTS = (("Evaluation", "eval", "saekit eval --sae {path}"),
@@ -36,3 +37,10 @@ def page(sae_path: str) -> None:
                 st.html(part)
             else:
                 st.plotly_chart(part, use_container_width=True)
+
+    shipped = formats.shipped_saes()
+    if shipped:
+        st.subheader("The shipped SAEs side by side")
+        st.caption("From each folder's eval.json and ioi_eval.json (L3.END) in pretrained/saes/; "
+                   "`python benchmarks/shipped_saes.py` prints the same table.")
+        st.dataframe([summary_row(f) for f in shipped], key="shipped_table", hide_index=True)

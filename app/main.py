@@ -10,7 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 from saekit.app import evals_page, features_page, lens_page, steering_page
-from saekit.app.resources import default_sae, load
+from saekit.app.resources import OTHER, load, sae_choices
 from saekit.errors import SaekitError
 from saekit.hub import is_hub
 from saekit.models import model_name
@@ -23,7 +23,15 @@ st.set_page_config(page_title="saekit explorer", layout="wide")
 def sidebar() -> tuple[str, str, str]:
     st.sidebar.title("saekit explorer")
     page = st.sidebar.radio("Page", PAGES, key="page")
-    sae_path = st.sidebar.text_input("SAE folder", value=default_sae(), key="sae_path").strip()
+    shipped, start = sae_choices()
+    options = [*shipped, OTHER]
+    choice = st.sidebar.selectbox("SAE", options, index=options.index(start), key="sae_choice",
+                                  help="The SAEs shipped in pretrained/saes/, or any other SAE.")
+    if choice == OTHER:
+        sae_path = st.sidebar.text_input("SAE folder", value=os.environ.get("SAEKIT_APP_SAE", ""),
+                                         key="sae_path").strip()
+    else:
+        sae_path = shipped[choice]
     model = st.sidebar.text_input("Model", value=os.environ.get("SAEKIT_APP_MODEL", ""), key="model_name",
                                   help="Empty: the model the SAE was trained on (cfg.json model_name).").strip()
     return page, sae_path, model

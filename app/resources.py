@@ -81,10 +81,16 @@ def load(sae_path: str, model_name: str | None) -> Loaded:
     return Loaded(model, sae, str(folder), stats, err)
 
 
-def default_sae() -> str:
-    """``saekit app --sae``, else the first shipped SAE, else empty."""
-    env = os.environ.get("SAEKIT_APP_SAE", "")
-    if env:
-        return env
-    shipped = formats.shipped_saes()
-    return str(shipped[0]) if shipped else ""
+FIRST_SHIPPED = "topk-L3-corpus"  # the picker opens on it where it is shipped
+
+
+def sae_choices() -> tuple[dict[str, str], str]:
+    """The SAE picker: ``({name: folder} of the shipped SAEs, the name to start on)``. The start
+    is ``OTHER`` (a typed path) when ``saekit app --sae`` passed one or nothing is shipped."""
+    shipped = {p.name: str(p) for p in formats.shipped_saes()}
+    if os.environ.get("SAEKIT_APP_SAE") or not shipped:
+        return shipped, OTHER
+    return shipped, FIRST_SHIPPED if FIRST_SHIPPED in shipped else next(iter(shipped))
+
+
+OTHER = "another folder or hf:// path"

@@ -8,6 +8,7 @@ script is written once beside the report. Reports open offline either way.
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -136,3 +137,35 @@ def _budget_text(budget: str, row: dict) -> str:
     """Hover text of one edit: its budget and how many latents it changed on average."""
     changed = f" ({row['latents_changed']:.3g} changed on average)" if "latents_changed" in row else ""
     return f"budget {budget} latents{changed}"
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summary_row(folder: Path) -> dict:
+    """One SAE folder in a row, from the files beside it (nothing is recomputed): the
+    architecture and its sparsity setting (``train_config.json``), ``saekit eval``'s metrics
+    and, at the node L3.END, ``saekit eval-ioi``'s sufficiency, the S-name edit's accuracy
+    with 16 latents changed (the better of the interpretation-aware and -agnostic edits) and
+    the held-out F1 of the best S-name latents. Columns whose file is absent are left out."""
+    folder = Path(folder)
+    cfg = _read(folder / "train_config.json") or {}
+    optim, sae = cfg.get("optim", {}), cfg.get("sae", {})
+    arch = sae.get("sparsity") or (_read(folder / "cfg.json") or {}).get("sparsity", "?")
+    weight = {"standard": "l1_coef", "gated": "l1_coef", "jumprelu": "l0_coef"}.get(arch)
+    setting = (f"λ={optim[weight]}" if optim.get(weight) else "default λ") if weight else f"k={sae.get('k', '?')}"
+    out = {"sae": folder.name, "architecture": arch, "setting": setting}
+    ev = _read(folder / "eval.json")
+    if ev:
+        out |= {"L0": ev["l0"], "explained variance": ev["explained_variance"],
+                "CE recovered (mean abl.)": ev["ce_loss_recovered_mean"], "KL": ev["kl"],
+                "never fired": ev["never_fired_frac"], "dense": ev["dense_frac"]}
+    ioi = _read(folder / "ioi_eval.json")
+    node = (ioi or {}).get("nodes", {}).get("L3.END", {}).get("saes", {}).get(folder.name)
+    if node:
+        s = node["control"]["s"]
+        out |= {"L3.END sufficiency": node["approximation"]["sufficiency"],
+                "S edit @16": max(s["aware"]["16"]["accuracy"], s["agnostic"]["16"]["accuracy"]),
+                "S best F1": node["interpretability"]["s"]["mean_best_f1"]}
+    return out

@@ -122,13 +122,27 @@ def test_evaluations_page_shows_reports_or_the_command(monkeypatch, sae_dir, tmp
     assert "ioi_eval.json is not a readable" in texts(at.error) and "saekit eval-ioi --sae" in texts(at.error)
 
 
-def test_shipped_sae_is_the_default(monkeypatch, sae_dir):
+def test_the_picker_opens_on_a_shipped_sae_and_the_evaluations_page_compares_them(monkeypatch, sae_dir, tmp_path):
     from saekit import formats
 
-    monkeypatch.setattr(formats, "shipped_saes", lambda: [Path(sae_dir)])
+    other = tmp_path / "another"
+    shutil.copytree(sae_dir, other)
+    (other / "eval.json").write_text(json.dumps({"l0": 7.5, "explained_variance": 0.5, "ce_loss_recovered_mean": 0.25,
+                                                 "kl": 0.125, "never_fired_frac": 0.0, "dense_frac": 0.0}))
+    monkeypatch.setattr(formats, "shipped_saes", lambda: [Path(sae_dir), other])
     at = run_app(monkeypatch, None)
-    assert at.sidebar.text_input(key="sae_path").value == sae_dir
+    picker = at.sidebar.selectbox(key="sae_choice")
+    assert picker.options == [Path(sae_dir).name, "another", "another folder or hf:// path"]
+    assert picker.value == Path(sae_dir).name and "sae_path" not in [t.key for t in at.sidebar.text_input]
     assert at.subheader[0].value == "Latent 0"
+    at.sidebar.selectbox(key="sae_choice").set_value("another").run()
+    at.sidebar.radio(key="page").set_value("Evaluations").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["sae"]) == [Path(sae_dir).name, "another"]
+    assert table.set_index("sae").loc["another", "L0"] == 7.5  # read from that folder's eval.json
+    at.sidebar.selectbox(key="sae_choice").set_value("another folder or hf:// path").run()
+    assert at.sidebar.text_input(key="sae_path").value == ""
 
 
 # ---- bad input ----------------------------------------------------------------------------
