@@ -42,21 +42,29 @@ def _raise(*_):
     raise _Stop
 
 
+def hf_path(bridge, component: str) -> str:
+    """The Hugging Face module a bridge component wraps (``blocks.5.attn.o`` ->
+    ``transformer.h.5.attn.c_proj``): top-level components and blocks carry their full HF
+    path as their name, the components inside a block their name relative to their parent."""
+    parts = component.split(".")
+    top = 2 if parts[0] == "blocks" else 1
+    cur = bridge.get_submodule(".".join(parts[:top]))
+    path = cur.name
+    for p in parts[top:]:
+        cur = getattr(cur, p)
+        path += "." + cur.name
+    return path
+
+
 def hf_module_of_hook(bridge, hook_name: str) -> tuple[str, str]:
     """``(path, kind)``: the Hugging Face module behind ``hook_name`` and whether the hook reads
     its input (``"hook_in"``) or its output (``"hook_out"``). A hook inside a component (an
     attention pattern, a norm's scale) maps to the output of its block."""
     point = bridge.hook_dict[hook_name].name  # aliases resolved: blocks.5.attn.o.hook_in
     comp, _, kind = point.rpartition(".")
-    parts = comp.split(".")
-    block = bridge.get_submodule(".".join(parts[:2]))
-    path, cur = block.name, block  # a block's name is its full HF path (transformer.h.5)
     if kind not in ("hook_in", "hook_out"):
-        return path, "hook_out"
-    for p in parts[2:]:
-        cur = getattr(cur, p)
-        path += "." + cur.name  # children's names are relative (attn, c_proj)
-    return path, kind
+        return hf_path(bridge, ".".join(comp.split(".")[:2])), "hook_out"
+    return hf_path(bridge, comp), kind
 
 
 def stopped_at(model, path: str, kind: str, tokens):
@@ -101,14 +109,48 @@ def op_profile(fns: dict, reps: int = 3) -> dict[str, dict[str, float]]:
     return out
 
 
-def print_profile(prof: dict[str, dict[str, float]], rows: int = 14) -> None:
+# Bridge components by kind; {i} runs over the blocks up to the hook's.
+COMPONENTS = {"embeddings": ("embed", "pos_embed"), "layer norms": ("blocks.{i}.ln1", "blocks.{i}.ln2"),
+              "attention": ("blocks.{i}.attn",), "MLP": ("blocks.{i}.mlp",)}
+
+
+def component_times(pairs: dict, reps: int = 3) -> dict[str, dict[str, float]]:
+    """Wall milliseconds a forward spent in each kind of component (``COMPONENTS``), for each
+    ``name: (model, {kind: [module paths]}, fn)`` of ``pairs``. A component cut short by the
+    hook's stop (block L's attention) is not counted."""
+    import time
+
+    out = {}
+    for name, (model, paths, fn) in pairs.items():
+        acc, handles = defaultdict(float), []
+        for kind, ps in paths.items():
+            for p in ps:
+                m, start = model.get_submodule(p), {}
+                handles.append(m.register_forward_pre_hook(lambda *_, s=start: s.update(t=time.perf_counter())))
+                handles.append(m.register_forward_hook(
+                    lambda *_, s=start, k=kind: acc.__setitem__(k, acc[k] + time.perf_counter() - s["t"])))
+        fn()
+        acc.clear()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        acc["whole forward"] = time.perf_counter() - t
+        for h in handles:
+            h.remove()
+        out[name] = {k: v * 1000 / reps for k, v in acc.items()}
+    return out
+
+
+def print_profile(prof: dict[str, dict[str, float]], rows: int = 14,
+                  unit: str = "operator, self CPU ms a call") -> None:
     (a, pa), (b, pb) = prof.items()
     keys = sorted(set(pa) | set(pb), key=lambda k: -abs(pb.get(k, 0) - pa.get(k, 0)))
-    print(f"\n| operator (self CPU ms a call) | {a} | {b} | difference |\n|---|---|---|---|")
+    print(f"\n| {unit} | {a} | {b} | difference |\n|---|---|---|---|")
     for k in keys[:rows]:
         print(f"| {k} | {pa.get(k, 0):.1f} | {pb.get(k, 0):.1f} | {pb.get(k, 0) - pa.get(k, 0):+.1f} |")
-    ta, tb = sum(pa.values()), sum(pb.values())
-    print(f"| all operators | {ta:.1f} | {tb:.1f} | {tb - ta:+.1f} |")
+    if "whole forward" not in pa:
+        ta, tb = sum(pa.values()), sum(pb.values())
+        print(f"| all operators | {ta:.1f} | {tb:.1f} | {tb - ta:+.1f} |")
 
 
 def main(argv=None):
@@ -176,8 +218,13 @@ def main(argv=None):
           f"harvest / bridge stopped by a bare hook: {t_h / t_bare:.2f}x; "
           f"with gradients / without: {times['saekit harvest with gradients (g-SAE)'] / t_h:.2f}x")
     if args.profile:
-        print_profile(op_profile({"raw HF to the hook": fns[f"raw HF forward to the hook ({kind} of {path})"],
-                                  "saekit harvest": fns["saekit harvest"]}))
+        hf_fn, h_fn = fns[f"raw HF forward to the hook ({kind} of {path})"], fns["saekit harvest"]
+        print_profile(op_profile({"raw HF to the hook": hf_fn, "saekit harvest": h_fn}))
+        comps = {k: list(dict.fromkeys(c.format(i=i) for i in range(layer + 1) for c in cs))
+                 for k, cs in COMPONENTS.items()}
+        hf_comps = {k: [hf_path(model, c) for c in cs] for k, cs in comps.items()}
+        ct = component_times({"raw HF to the hook": (hf, hf_comps, hf_fn), "saekit harvest": (model, comps, h_fn)})
+        print_profile(ct, unit="wall ms a forward, by component")
 
 
 if __name__ == "__main__":
