@@ -1,12 +1,26 @@
-"""Harvesting throughput at a hook against a bare forward pass to that layer.
+"""Harvesting throughput at a hook against a raw Hugging Face forward and the bridge's own.
 
-    python benchmarks/harvest.py [--hook blocks.5.attn.hook_z] [--model M]
+    python benchmarks/harvest.py [--hook blocks.5.attn.hook_z] [--model M] [--profile]
 
-Rows: the bare forward through blocks 0..L (``stop_at_layer=L+1``, no hooks), the full
-forward, and saekit's harvest (``saekit.activations.harvest``: hook, stop as soon as it
-fires, drop BOS, flatten), and the harvest of (x, ∂L/∂x) pairs for g-SAEs (full forward,
-summed next-token loss, backward to the hook only). Targets: harvest ≤ 1.15× the bare
-forward; with gradients ≤ 3.5× the harvest without.
+Rows, timed in turns round after round (medians), so the machine's drift hits them alike:
+
+- raw HF forward of the full model: ``transformers`` loads the same folder the bridge wraps
+  (``AutoModelForCausalLM``, its default attention, the bridge's dtype), logits included;
+- raw HF forward to the hook: the same model stopped where saekit stops, by a forward hook
+  that raises on the Hugging Face module behind the hook point (``blocks.5.attn.hook_z`` is
+  the input of ``transformer.h.5.attn.c_proj``); this is the reference of the target;
+- the same with ``attn_implementation="eager"``, the attention arithmetic TransformerBridge
+  runs (it loads the model eager and recomputes attention itself to fire its hooks);
+- the bridge: its forward through blocks 0..L (``stop_at_layer=L+1``, no hooks), its full
+  forward, and the bridge stopped at the hook by a bare ``torch`` pre-hook on the module
+  (no ``run_with_hooks``, nothing of saekit's);
+- saekit's harvest (``saekit.activations.harvest``: hook, stop as soon as it fires, drop BOS,
+  flatten), and the harvest of (x, ∂L/∂x) pairs for g-SAEs (full forward, summed next-token
+  loss, backward to the hook only).
+
+Targets: harvest ≤ 1.1× the raw HF forward to the hook; with gradients ≤ 3.5× the harvest
+without. ``--profile`` adds a torch.profiler table of operator self-time for the raw HF
+forward to the hook against the harvest (what the bridge runs that HF does not).
 """
 
 from __future__ import annotations
@@ -14,13 +28,129 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+from collections import defaultdict
 
 import torch
-from bench_timing import run_times
+from bench_timing import interleaved_times
 
 
-def median_time(fn, reps: int) -> float:
-    return statistics.median(run_times(fn, reps))
+class _Stop(Exception):
+    pass
+
+
+def _raise(*_):
+    raise _Stop
+
+
+def hf_path(bridge, component: str) -> str:
+    """The Hugging Face module a bridge component wraps (``blocks.5.attn.o`` ->
+    ``transformer.h.5.attn.c_proj``): top-level components and blocks carry their full HF
+    path as their name, the components inside a block their name relative to their parent."""
+    parts = component.split(".")
+    top = 2 if parts[0] == "blocks" else 1
+    cur = bridge.get_submodule(".".join(parts[:top]))
+    path = cur.name
+    for p in parts[top:]:
+        cur = getattr(cur, p)
+        path += "." + cur.name
+    return path
+
+
+def hf_module_of_hook(bridge, hook_name: str) -> tuple[str, str]:
+    """``(path, kind)``: the Hugging Face module behind ``hook_name`` and whether the hook reads
+    its input (``"hook_in"``) or its output (``"hook_out"``). A hook inside a component (an
+    attention pattern, a norm's scale) maps to the output of its block."""
+    point = bridge.hook_dict[hook_name].name  # aliases resolved: blocks.5.attn.o.hook_in
+    comp, _, kind = point.rpartition(".")
+    if kind not in ("hook_in", "hook_out"):
+        return hf_path(bridge, ".".join(comp.split(".")[:2])), "hook_out"
+    return hf_path(bridge, comp), kind
+
+
+def stopped_at(model, path: str, kind: str, tokens):
+    """A function running ``model(tokens)`` until module ``path`` is reached (``hook_in``) or
+    has run (``hook_out``)."""
+    module = model.get_submodule(path)
+
+    def run():
+        h = (module.register_forward_pre_hook(_raise) if kind == "hook_in"
+             else module.register_forward_hook(_raise))
+        try:
+            with torch.no_grad():
+                model(tokens)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+    return run
+
+
+def no_grad(fn):
+    def run():
+        with torch.no_grad():
+            fn()
+    return run
+
+
+def op_profile(fns: dict, reps: int = 3) -> dict[str, dict[str, float]]:
+    """Self CPU milliseconds per call of each operator, for each function of ``fns``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, fn in fns.items():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            for _ in range(reps):
+                fn()
+        ops = defaultdict(float)
+        for e in p.key_averages():
+            ops[e.key] += e.self_cpu_time_total / 1000 / reps
+        out[name] = ops
+    return out
+
+
+# Bridge components by kind; {i} runs over the blocks up to the hook's.
+COMPONENTS = {"embeddings": ("embed", "pos_embed"), "layer norms": ("blocks.{i}.ln1", "blocks.{i}.ln2"),
+              "attention": ("blocks.{i}.attn",), "MLP": ("blocks.{i}.mlp",)}
+
+
+def component_times(pairs: dict, reps: int = 3) -> dict[str, dict[str, float]]:
+    """Wall milliseconds a forward spent in each kind of component (``COMPONENTS``), for each
+    ``name: (model, {kind: [module paths]}, fn)`` of ``pairs``. A component cut short by the
+    hook's stop (block L's attention) is not counted."""
+    import time
+
+    out = {}
+    for name, (model, paths, fn) in pairs.items():
+        acc, handles = defaultdict(float), []
+        for kind, ps in paths.items():
+            for p in ps:
+                m, start = model.get_submodule(p), {}
+                handles.append(m.register_forward_pre_hook(lambda *_, s=start: s.update(t=time.perf_counter())))
+                handles.append(m.register_forward_hook(
+                    lambda *_, s=start, k=kind: acc.__setitem__(k, acc[k] + time.perf_counter() - s["t"])))
+        fn()
+        acc.clear()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        acc["whole forward"] = time.perf_counter() - t
+        for h in handles:
+            h.remove()
+        out[name] = {k: v * 1000 / reps for k, v in acc.items()}
+    return out
+
+
+def print_profile(prof: dict[str, dict[str, float]], rows: int = 14,
+                  unit: str = "operator, self CPU ms a call") -> None:
+    (a, pa), (b, pb) = prof.items()
+    keys = sorted(set(pa) | set(pb), key=lambda k: -abs(pb.get(k, 0) - pa.get(k, 0)))
+    print(f"\n| {unit} | {a} | {b} | difference |\n|---|---|---|---|")
+    for k in keys[:rows]:
+        print(f"| {k} | {pa.get(k, 0):.1f} | {pb.get(k, 0):.1f} | {pb.get(k, 0) - pa.get(k, 0):+.1f} |")
+    if "whole forward" not in pa:
+        ta, tb = sum(pa.values()), sum(pb.values())
+        print(f"| all operators | {ta:.1f} | {tb:.1f} | {tb - ta:+.1f} |")
 
 
 def main(argv=None):
@@ -29,29 +159,72 @@ def main(argv=None):
     ap.add_argument("--model", default=None)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--profile", action="store_true", help="also print an operator profile")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
 
     from saekit import data
     from saekit.activations import harvest, harvest_with_grads, resolve_hook
-    from saekit.models import load_model
+    from saekit.models import load_model, resolve_model_name
 
     model = load_model(args.model)
     hook = resolve_hook(model, args.hook)
     layer = int(re.match(r"blocks\.(\d+)\.", args.hook).group(1))
     tokens = next(data.token_batches(model.tokenizer, None, args.seq_len, args.batch))
     n = tokens.numel()
-    with torch.no_grad():
-        t_bare = median_time(lambda: model(tokens, stop_at_layer=layer + 1), args.reps)
-        t_full = median_time(lambda: model(tokens), args.reps)
-    t_harvest = median_time(lambda: harvest(model, tokens, hook), args.reps)
-    t_grads = median_time(lambda: harvest_with_grads(model, tokens, hook), args.reps)
-    print(f"| {args.hook}, batch {args.batch}×{args.seq_len}, {torch.get_num_threads()} threads "
-          "| seconds | tokens/s | × bare |\n|---|---|---|---|")
-    for name, t in [(f"bare forward to layer {layer}", t_bare), ("full forward", t_full),
-                    ("saekit harvest", t_harvest), ("saekit harvest with gradients (g-SAE)", t_grads)]:
-        print(f"| {name} | {t:.4f} | {n / t:,.0f} | {t / t_bare:.2f} |")
-    print(f"with gradients / without: {t_grads / t_harvest:.2f}x")
+    dtype = model.cfg.dtype
+    folder = resolve_model_name(args.model)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    hf_eager = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
+    path, kind = hf_module_of_hook(model, args.hook)
+    bridge_module = model.get_submodule(model.hook_dict[args.hook].name.rpartition(".")[0])
+    bridge_kind = model.hook_dict[args.hook].name.rpartition(".")[2]
+
+    def bridge_bare():  # the bridge alone, stopped at the hook's module: no saekit code
+        h = (bridge_module.register_forward_pre_hook(_raise) if bridge_kind == "hook_in"
+             else bridge_module.register_forward_hook(_raise))
+        try:
+            with torch.no_grad():
+                model(tokens)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+
+    fns = {
+        "raw HF forward, full model": no_grad(lambda: hf(tokens)),
+        f"raw HF forward to the hook ({kind} of {path})": stopped_at(hf, path, kind, tokens),
+        "raw HF forward to the hook, eager attention": stopped_at(hf_eager, path, kind, tokens),
+        f"bridge forward to layer {layer} (stop_at_layer={layer + 1})":
+            no_grad(lambda: model(tokens, stop_at_layer=layer + 1)),
+        "bridge full forward": no_grad(lambda: model(tokens)),
+        "bridge stopped at the hook by a bare torch hook": bridge_bare,
+        "saekit harvest": lambda: harvest(model, tokens, hook),
+        "saekit harvest with gradients (g-SAE)": lambda: harvest_with_grads(model, tokens, hook),
+    }
+    times = {k: statistics.median(v) for k, v in interleaved_times(fns, args.reps).items()}
+    ref = times[f"raw HF forward to the hook ({kind} of {path})"]
+    print(f"| {args.hook}, batch {args.batch}×{args.seq_len}, {dtype}, {torch.get_num_threads()} threads "
+          "| seconds | tokens/s | × raw HF to the hook |\n|---|---|---|---|")
+    for name, t in times.items():
+        print(f"| {name} | {t:.4f} | {n / t:,.0f} | {t / ref:.2f} |")
+    t_h, t_bare = times["saekit harvest"], times["bridge stopped at the hook by a bare torch hook"]
+    print(f"harvest / raw HF forward to the hook: {t_h / ref:.2f}x (target <= 1.1); "
+          f"harvest / bridge stopped by a bare hook: {t_h / t_bare:.2f}x; "
+          f"with gradients / without: {times['saekit harvest with gradients (g-SAE)'] / t_h:.2f}x")
+    if args.profile:
+        hf_fn, h_fn = fns[f"raw HF forward to the hook ({kind} of {path})"], fns["saekit harvest"]
+        print_profile(op_profile({"raw HF to the hook": hf_fn, "saekit harvest": h_fn}))
+        comps = {k: list(dict.fromkeys(c.format(i=i) for i in range(layer + 1) for c in cs))
+                 for k, cs in COMPONENTS.items()}
+        hf_comps = {k: [hf_path(model, c) for c in cs] for k, cs in comps.items()}
+        ct = component_times({"raw HF to the hook": (hf, hf_comps, hf_fn), "saekit harvest": (model, comps, h_fn)})
+        print_profile(ct, unit="wall ms a forward, by component")
 
 
 if __name__ == "__main__":
