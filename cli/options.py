@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saekit.errors import SaekitError
+from saekit.placement import check_placement, parse_device_map
 
 
 @dataclass
@@ -15,6 +16,18 @@ class ModelOptions:
     """A hub name (gpt2) or a local Hugging Face folder; omitted: the SAE's own model (cfg.json model_name) where the command reads an SAE, else the embedded model."""  # noqa: E501
     device: str = "cpu"
     """Torch device for the model (and the SAE)."""
+    device_map: str = ""
+    """Spread a model too large for one device over several: auto, balanced, sequential, a JSON object {"module": device} or a .json file holding one; --device is then the SAE's."""  # noqa: E501
+    n_devices: int = 1
+    """Split the model over this many CUDA GPUs, layers balanced."""
+
+    def __post_init__(self):
+        check_placement(parse_device_map(self.device_map), self.n_devices)
+
+    @property
+    def placement(self) -> dict:
+        """``load_model``'s keyword arguments for --device-map and --n-devices."""
+        return {"device_map": self.device_map, "n_devices": self.n_devices}
 
 
 @dataclass

@@ -28,3 +28,7 @@ class SAEFileError(SaekitError):
 
 class MismatchError(SaekitError):
     """An SAE does not fit the model or hook it is used with."""
+
+
+class DeviceMapError(ModelLoadError):
+    """A device map leaves part of the model without a device."""

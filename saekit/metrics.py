@@ -114,7 +114,8 @@ def reconstruction_stats(sae, acts: Tensor, grads: Tensor | None = None, batch_s
 # ---- next-token loss ----------------------------------------------------------------------
 def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     """Mean next-token cross-entropy of ``logits [b, T, V]`` on ``tokens [b, T]``."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    # tokens sit on the embedding's device, logits on the unembedding's (they differ under --device-map)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))
 
 
 def loss_recovered(clean: float, spliced: float, ablated: float) -> float:

@@ -19,7 +19,7 @@ import transformers
 from huggingface_hub import constants, try_to_load_from_cache
 from transformer_lens.model_bridge import TransformerBridge
 
-from saekit import pretrained
+from saekit import placement, pretrained
 from saekit.errors import ModelLoadError
 
 EMBEDDED_NAME = "saekit-ioi-6l"
@@ -80,9 +80,16 @@ def _in_hub_cache(name: str) -> bool:
 
 
 def load_model(name: str | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32):
+               dtype: torch.dtype = torch.float32, *, device_map: str | dict | None = None, n_devices: int = 1):
     """A ``TransformerBridge`` for ``name``: ``None`` is the embedded model, else a local
-    folder or a hub name. Raises ``ModelLoadError`` with a one-line reason on failure."""
+    folder or a hub name. Raises ``ModelLoadError`` with a one-line reason on failure.
+
+    ``device_map`` (a strategy such as ``"auto"``, a ``{module: device}`` dict, or their
+    ``--device-map`` text) or ``n_devices`` > 1 (CUDA GPUs) spread the model over several
+    devices instead of ``device`` (``saekit.placement``); a dict that leaves a layer out
+    raises ``DeviceMapError`` before anything is loaded."""
+    device_map = placement.parse_device_map(device_map)
+    placement.check_placement(device_map, n_devices)
     target = resolve_model_name(name)
     if not Path(target).is_dir() and not _in_hub_cache(target) and not _hub_reachable():
         # Fail in seconds, not after the hub client's minute of retries.
@@ -90,8 +97,22 @@ def load_model(name: str | None = None, device: str | torch.device = "cpu",
                              f"cannot be reached (no network); omit --model to use the embedded "
                              f"default {EMBEDDED_NAME!r}")
     _quiet_transformers()
+    spread = device_map is not None or n_devices > 1
+    if isinstance(device_map, dict):
+        placement.check_covers(device_map, *placement.model_entries(target))
     try:
-        model = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+        if spread:
+            model = TransformerBridge.boot_transformers(target, device=None, dtype=dtype, device_map=device_map,
+                                                        n_devices=n_devices if n_devices > 1 else None)
+        else:
+            model = TransformerBridge.boot_transformers(target, device=device, dtype=dtype)
+    except (ValueError, RuntimeError) as e:
+        if not spread:
+            raise
+        # transformer-lens and accelerate refuse maps they cannot run (a GPU mixed with cpu/disk,
+        # CUDA absent for --n-devices, an unknown device name): their first sentence, on one line
+        why = str(e).strip().splitlines()[0].split(". ")[0].rstrip(".")
+        raise ModelLoadError(f"could not spread model {name or EMBEDDED_NAME!r} over devices: {why}") from None
     except OSError as e:  # transformers raises OSError for unknown repos and for no network
         offline = "offline" in str(e).lower() or "connect" in str(e).lower() or os.environ.get("HF_HUB_OFFLINE")
         why = "the hub cannot be reached (no network)" if offline else "no such model on the hub"

@@ -50,9 +50,11 @@ def reconstruct_hook(sae, grads: Tensor | None = None):
     gradients; without them it selects as TopK."""
 
     def hook_fn(act: Tensor, hook=None) -> Tensor:
-        x = sae.flatten_hook(act[:, 1:])  # [b, T-1, d_in]
-        g = None if grads is None else sae.flatten_hook(grads[:, 1:]).float()
-        x_hat = sae(x.float(), g).x_hat.to(act.dtype)
+        # the layer may run on another GPU than the SAE (--device-map): there and back
+        dev = sae.W_dec.device
+        x = sae.flatten_hook(act[:, 1:]).to(dev)  # [b, T-1, d_in]
+        g = None if grads is None else sae.flatten_hook(grads[:, 1:]).float().to(dev)
+        x_hat = sae(x.float(), g).x_hat.to(act.device, act.dtype)
         out = act.clone()
         out[:, 1:] = sae.unflatten_hook(x_hat)
         return out

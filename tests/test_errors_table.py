@@ -55,6 +55,9 @@ def prepare(d: Path) -> None:
                               ("resid-sae", "blocks.3.hook_resid_post", ())):
         SAE(SAEConfig(d_in=128, d_sae=64, k=4, hook_name=hook, model_name="saekit-ioi-6l", hook_shape=shape),
             seed=0).save(d / name)
+    five = [*(f"transformer.h.{i}" for i in range(5)), "transformer.wte", "transformer.wpe", "transformer.ln_f",
+            "lm_head"]  # layer 5 left out
+    (d / "five-layers.json").write_text(json.dumps(dict.fromkeys(five, "cpu")))
     ckpt.save(d / "run", {"step": 4}, TrainConfig())
     (d / "corrupt-run" / "checkpoints").mkdir(parents=True)
     (d / "corrupt-run" / "checkpoints" / "step_0000004.pt").write_bytes(b"x")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from saekit.errors import ConfigError
+from saekit.placement import check_placement, parse_device_map
 from saekit.types import ELEMENTWISE, SAEConfig
 
 
@@ -49,6 +50,10 @@ class DataOptions:
     """Device for the model and the SAE."""
     heldout_frac: float = 0.01
     """Local files and hub datasets without a validation/test split: share of documents (by a stable hash) held out of training for the summary and saekit eval."""
+    device_map: str = ""
+    """Spread a model too large for one device over several: auto, balanced, sequential, a JSON object {"module": device} or a .json file holding one (docs/training-at-scale.md); --device is then where the SAE trains."""
+    n_devices: int = 1
+    """Split the model over this many CUDA GPUs, layers balanced (--device-map balanced over N GPUs)."""
 
     def __post_init__(self):
         self.hook = str(self.hook)
@@ -63,6 +68,12 @@ class DataOptions:
             raise ConfigError(f"--heldout-frac must be between 0 and 1 (exclusive), not {self.heldout_frac}")
         if self.total_tokens < self.batch_size:
             raise ConfigError(f"--total-tokens ({self.total_tokens}) is less than one batch ({self.batch_size})")
+        check_placement(parse_device_map(self.device_map), self.n_devices)
+
+    @property
+    def placement(self) -> dict:
+        """``load_model``'s keyword arguments for --device-map and --n-devices."""
+        return {"device_map": self.device_map, "n_devices": self.n_devices}
 
 
 @dataclass
@@ -220,7 +231,8 @@ class TrainConfig:
         # out: a run folder may be moved or copied (to another disk) and resumed there
         for k in ("out", "resume", "progress", "wandb", "log_every", "checkpoint_every", "distribute_hooks"):
             d["run"].pop(k)
-        d["data"].pop("device")
+        for k in ("device", "device_map", "n_devices"):  # where the model runs, not what it computes
+            d["data"].pop(k)
         d["optim"]["aux"] = self.aux  # auto and what it stands for are the same run
         return d
 

@@ -81,6 +81,9 @@ def _run(cfg: TrainConfig, ctx) -> dict:
     writer = ctx.is_main or spread  # ranks that write run folders
     device = ctx.device(d.device)
     _on_writers(ctx, writer, lambda: preflight.check_writable(out))  # before the slow parts
+    if ctx.world > 1 and (d.device_map or d.n_devices > 1):
+        raise ConfigError("--device-map and --n-devices spread one model over several devices in one process; "
+                          "under torchrun each process holds its own: drop them, or run without torchrun")
     torch.manual_seed(cfg.run.seed)
     model, source, hooks, model_name, fill_tokens = _open_source(cfg, device)
     if dp:
@@ -136,7 +139,7 @@ def _open_source(cfg: TrainConfig, device: str):
             raise ConfigError(f"--sparsity {cfg.sae.sparsity} needs gradients; the cache {d.from_cache} has none "
                               "(make one with `saekit cache --with-grads`)")
     else:
-        model = load_model(d.model, device)
+        model = load_model(d.model, device, **d.placement)
         hooks, model_name = resolve_hooks(model, d.hook), models.model_name(model)
         fill_tokens = max(1, d.fill_tokens // (d.seq_len - 1)) * (d.seq_len - 1)
     if len(hooks) > 1 and ACTIVATIONS[cfg.sae.sparsity].uses_grad:
@@ -199,7 +202,7 @@ def cache_activations(d: DataOptions, out: str, seed: int = 0, progress: bool = 
                       with_grads: bool = False) -> Path:
     """Harvest ``d.total_tokens`` activations at ``d.hook`` into ``out`` (``saekit cache``);
     ``with_grads`` also stores ∂L/∂x for g-SAE training."""
-    model = load_model(d.model, d.device)
+    model = load_model(d.model, d.device, **d.placement)
     hook, source = _model_source(model, d, seed, with_grads)
     shard = source.seqs_per_fill * (d.seq_len - 1)
     n_shards = max(1, d.total_tokens // shard)

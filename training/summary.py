@@ -34,7 +34,7 @@ def summarize(sae, trainer, cfg, model=None) -> dict:
     sae.eval()
     dead_frac = trainer.dead_mask().float().mean().item()  # the trainer's counters, not the eval tokens
     if model is None:  # trained from a cache: the model is only needed for the summary
-        model = load_model(cfg.data.model, cfg.data.device)
+        model = load_model(cfg.data.model, cfg.data.device, **cfg.data.placement)
     tokens = eval_tokens(model, cfg)
     hook = resolve_hook(model, sae.cfg.hook_name)
     acts = harvest_batches(model, tokens, hook).to(sae.W_dec.device)
