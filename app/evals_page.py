@@ -7,8 +7,8 @@ import json
 
 import streamlit as st
 
-from saekit.evals.report import eval_parts, ioi_parts, summary_row
 from saekit import formats
+from saekit.evals.report import eval_parts, ioi_parts, summary_row
 from saekit.formats import results_folder
 
 REPORTS = (("Evaluation", "eval", "saekit eval --sae {path}"),

@@ -289,9 +289,9 @@ def test_reports_share_the_plotly_script_of_the_folder_above(tmp_path):
     """pretrained/saes/ keeps one plotly.min.js for all its SAE folders: a report finds it one
     level up and writes no copy; a lone folder gets its own."""
     from saekit.evals.report import PLOTLY_JS, write_report
-    (tmp_path / "lone").mkdir()
-    write_report(tmp_path / "lone" / "eval.html", "t", ["<p>x</p>"])
     lone = tmp_path / "lone"
+    lone.mkdir()
+    write_report(lone / "eval.html", "t", ["<p>x</p>"])
     assert (lone / PLOTLY_JS).exists() and f"src='{PLOTLY_JS}'" in (lone / "eval.html").read_text()
     (tmp_path / PLOTLY_JS).write_text("shared")
     (tmp_path / "a").mkdir()
