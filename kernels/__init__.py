@@ -25,10 +25,31 @@ b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]. Importing this package imports
 triton nor anything that probes a device.
 """
 
-from .decoder import decode_sparse
-from .dispatch import resolve_impl
-from .encoder import PreActivations, TopKResult, check_impl, encode_selected, encode_topk, encode_topk_aux
-from .select import topk_lower_index
+if __name__ == "kernels":
+    # This folder installs as saekit.kernels. It is importable as a bare `kernels` only when the
+    # clone's root is on sys.path (`python -m saekit`, pytest, a notebook started there), and
+    # there it would shadow Hugging Face's `kernels` package, which transformers >= 5.25 imports
+    # whenever it is installed. Hand such an import the installed package; if there is none,
+    # fail as a missing module would.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-__all__ = ["PreActivations", "TopKResult", "check_impl", "decode_sparse", "encode_selected", "encode_topk",
-           "encode_topk_aux", "resolve_impl", "topk_lower_index"]
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels' (this folder is saekit.kernels: import it by that name)",
+                                  name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds
+    _spec.loader.exec_module(_module)
+else:
+    from .decoder import decode_sparse
+    from .dispatch import resolve_impl
+    from .encoder import PreActivations, TopKResult, check_impl, encode_selected, encode_topk, encode_topk_aux
+    from .select import topk_lower_index
+
+    __all__ = ["PreActivations", "TopKResult", "check_impl", "decode_sparse", "encode_selected", "encode_topk",
+               "encode_topk_aux", "resolve_impl", "topk_lower_index"]

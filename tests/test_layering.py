@@ -248,3 +248,25 @@ def test_kernels_import_only_torch_triton_the_stdlib_and_themselves():
                 outside.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
     assert {"torch", "triton"} <= seen  # the imports were read
     assert not outside, "kernels may import only torch, triton and the standard library:\n" + "\n".join(outside)
+
+
+def test_the_kernels_folder_does_not_shadow_an_installed_kernels_package():
+    """From the clone's root (``python -m saekit``, pytest, a notebook) the folder kernels/ is
+    importable as a bare ``kernels``; transformers >= 5.25 imports Hugging Face's ``kernels``
+    package and failed on finding this folder instead. A bare ``kernels`` import from the root
+    must give the installed package, or no module at all when none is installed."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    code = ("import kernels, saekit.kernels as ours, saekit.models\n"
+            "print(kernels.__file__); print(ours.__file__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        assert r.returncode != 0 and "No module named 'kernels' (this folder is saekit.kernels" in r.stderr, r.stderr
+        return
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs, ours = (Path(line) for line in r.stdout.split())
+    assert ours == ROOT / "kernels" / "__init__.py" and theirs.parent != ours.parent
