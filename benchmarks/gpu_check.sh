@@ -61,8 +61,8 @@ if [ "$DRY" = 1 ]; then
            "tests/test_sparse_rows.py::test_triton_sparse_row_kernels_strided_and_empty")
     KERNEL_ARGS=(--small)
     TINY=(--batch-size 256 --fill-tokens 504 --seq-len 64 --expansion 2 -k 8 --progress false)
-    TRAIN_ARGS=(--hook "$HOOKS" --total-tokens 512 --eval-tokens 63 "${TINY[@]}")
-    TORCHRUN_ARGS=(--hook blocks.5.attn.hook_z --total-tokens 512 --eval-tokens 0 "${TINY[@]}")
+    TRAIN_ARGS=(--hook "$HOOKS" --total-tokens 512 --eval-tokens 63 --checkpoint-every 1000000 "${TINY[@]}")
+    TORCHRUN_ARGS=(--hook blocks.5.attn.hook_z --total-tokens 512 --checkpoint-every 1 --eval-tokens 0 "${TINY[@]}")
     # generous: the dry run checks that the code path works, and a shared CPU may be slow
     # (the whole dry run is about a minute of CPU time)
     LIMIT_TESTS=900; LIMIT_KERNELS=900; LIMIT_TRAIN=900; LIMIT_TORCHRUN=900
@@ -73,8 +73,10 @@ else
     SHAPE=gpt2-small
     TESTS=(tests/test_kernels.py tests/test_sparse_rows.py)
     KERNEL_ARGS=()
-    TRAIN_ARGS=(--hook "$HOOKS" --total-tokens 5000000 --progress false)
-    TORCHRUN_ARGS=(--hook blocks.5.attn.hook_z --total-tokens 204800 --eval-tokens 0 --progress false)
+    # no checkpoints in the timed run (12 SAEs with Adam: ~2.7 GB each time); torchrun's run writes two
+    TRAIN_ARGS=(--hook "$HOOKS" --total-tokens 5000000 --checkpoint-every 1000000 --progress false)
+    TORCHRUN_ARGS=(--hook blocks.5.attn.hook_z --total-tokens 204800 --checkpoint-every 25 --eval-tokens 0
+                   --progress false)
     # 90 + 140 + 150 + 60 s, each + 5 s to stop, + the report: under 8 minutes in all
     LIMIT_TESTS=90; LIMIT_KERNELS=140; LIMIT_TRAIN=150; LIMIT_TORCHRUN=60
 fi
