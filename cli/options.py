@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
-from saekit.errors import SaekitError
+from saekit.errors import ConfigError, SaekitError
+from saekit.types import ModelDtypeName
 
 
 @dataclass
 class ModelOptions:
-    """Which model to run, and where."""
+    """Which model to run, where, and in what dtype."""
 
     model: str | None = None
     """A hub name (gpt2) or a local Hugging Face folder; omitted: the SAE's own model (cfg.json model_name) where the command reads an SAE, else the embedded model."""  # noqa: E501
     device: str = "cpu"
     """Torch device for the model (and the SAE)."""
+    dtype: ModelDtypeName = "auto"
+    """The model's dtype (the SAE reads its activations upcast to float32); auto = float32 on CPU, the model config's dtype on CUDA."""  # noqa: E501
+
+    def __post_init__(self):
+        if self.dtype not in typing.get_args(ModelDtypeName):
+            raise ConfigError(f"--dtype must be one of {', '.join(typing.get_args(ModelDtypeName))}, "
+                              f"not {self.dtype!r}")
 
 
 @dataclass
