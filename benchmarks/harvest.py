@@ -1,6 +1,6 @@
 """Harvesting throughput at a hook against a bare forward pass to that layer.
 
-    python benchmarks/harvest.py [--hook blocks.5.attn.hook_z] [--model M]
+    python benchmarks/harvest.py [--hook blocks.5.attn.hook_z] [--model M] [--dtype bfloat16]
 
 Rows: the bare forward through blocks 0..L (``stop_at_layer=L+1``, no hooks), the full
 forward, and saekit's harvest (``saekit.activations.harvest``: hook, stop as soon as it
@@ -27,6 +27,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hook", default="blocks.5.attn.hook_z")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the model's dtype (benchmarks/precision.py compares them side by side)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
@@ -36,7 +38,7 @@ def main(argv=None):
     from saekit.activations import harvest, harvest_with_grads, resolve_hook
     from saekit.models import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, "cpu", args.dtype)
     hook = resolve_hook(model, args.hook)
     layer = int(re.match(r"blocks\.(\d+)\.", args.hook).group(1))
     tokens = next(data.token_batches(model.tokenizer, None, args.seq_len, args.batch))
@@ -46,7 +48,7 @@ def main(argv=None):
         t_full = median_time(lambda: model(tokens), args.reps)
     t_harvest = median_time(lambda: harvest(model, tokens, hook), args.reps)
     t_grads = median_time(lambda: harvest_with_grads(model, tokens, hook), args.reps)
-    print(f"| {args.hook}, batch {args.batch}×{args.seq_len}, {torch.get_num_threads()} threads "
+    print(f"| {args.hook}, batch {args.batch}×{args.seq_len}, {args.dtype}, {torch.get_num_threads()} threads "
           "| seconds | tokens/s | × bare |\n|---|---|---|---|")
     for name, t in [(f"bare forward to layer {layer}", t_bare), ("full forward", t_full),
                     ("saekit harvest", t_harvest), ("saekit harvest with gradients (g-SAE)", t_grads)]:
