@@ -1,6 +1,6 @@
 """Harvesting throughput at a hook against a raw Hugging Face forward and the bridge's own.
 
-    python benchmarks/harvest.py [--hook blocks.5.attn.hook_z] [--model M] [--profile]
+    python benchmarks/harvest.py [--hook blocks.5.attn.hook_z] [--model M] [--dtype bfloat16] [--profile]
 
 Rows, timed in turns round after round (medians), so the machine's drift hits them alike:
 
@@ -159,6 +159,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hook", default="blocks.5.attn.hook_z")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the model's dtype (benchmarks/precision.py compares them side by side)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=7)
@@ -176,7 +178,7 @@ def main(argv=None):
     from saekit.activations import harvest, harvest_with_grads, resolve_hook
     from saekit.models import load_model, resolve_model_name
 
-    model = load_model(args.model)
+    model = load_model(args.model, "cpu", args.dtype)
     hook = resolve_hook(model, args.hook)
     layer = int(re.match(r"blocks\.(\d+)\.", args.hook).group(1))
     tokens = next(data.token_batches(model.tokenizer, None, args.seq_len, args.batch))
