@@ -51,14 +51,6 @@ def ensure_model(shape: str, folder: Path) -> Path:
     return folder
 
 
-def has_option(command: str, option: str) -> bool:
-    """Whether `saekit COMMAND` takes ``option`` (e.g. --dtype, which the precision branch adds)."""
-    from saekit.cli import build_parser
-
-    sub = next(a for a in build_parser()._subparsers._group_actions if hasattr(a, "choices"))
-    return any(option in a.option_strings for a in sub.choices[command]._actions)
-
-
 def peak_gpu_mib(device: str) -> float | None:
     import torch
 
@@ -72,11 +64,8 @@ def cmd_train(a, args: list[str]) -> int:
     from saekit.cli import main
 
     model = ensure_model(a.shape, Path(a.model_dir))
-    dtype_flag = ["--dtype", a.dtype] if a.dtype and has_option("train", "--dtype") else []
-    argv = ["train", "--model", str(model), "--out", a.run, "--device", a.device, *dtype_flag, *args]
-    info = {"shape": a.shape, "argv": argv, "dtype": a.dtype if dtype_flag else "float32",
-            "dtype_note": "" if dtype_flag or not a.dtype else
-            f"asked for {a.dtype}, but saekit train has no --dtype option yet (the precision branch adds it)"}
+    argv = ["train", "--model", str(model), "--out", a.run, "--device", a.device, "--dtype", a.dtype, *args]
+    info = {"shape": a.shape, "argv": argv, "dtype": a.dtype}
     write_json(Path(a.run) / "info.json", info)
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -198,8 +187,6 @@ def train_tables(work: Path) -> list[str]:
                "wall s (load, train, summary)": info.get("wall_s"), "peak GPU MiB": info.get("peak_gpu_mib"),
                "finished": "yes" if info.get("rc") == 0 else "no"}
     lines = [f"`{' '.join(info.get('argv', []))}`", ""] if info else []
-    if info.get("dtype_note"):
-        lines += [f"**dtype**: {info['dtype_note']}.", ""]
     lines += table(list(run_row), [run_row]) + [""]
     lines += table(["hook", "d_in", "d_sae", "k", "tokens", "fvu (last step)", "L0", "explained variance",
                     "dead frac", "CE recovered (mean abl.)"], per_hook)
@@ -300,7 +287,7 @@ def main(argv=None) -> int:
     t.add_argument("--model-dir", required=True)
     t.add_argument("--run", required=True)
     t.add_argument("--device", default="cuda")
-    t.add_argument("--dtype", default="", help="passed as --dtype when saekit train takes it")
+    t.add_argument("--dtype", default="auto", help="saekit train's --dtype (the model's)")
     r = sub.add_parser("torchrun")
     r.add_argument("--shape", default="gpt2-small")
     r.add_argument("--model-dir", required=True)

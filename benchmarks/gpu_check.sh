@@ -43,12 +43,9 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 
-# ===== precision: the dtype of the `saekit train` section =====================================
-# saekit train's --dtype option comes from the precision branch. gpu_check.py passes
-# `--dtype $TRAIN_DTYPE` when saekit train has that option, and otherwise trains in fp32 and
-# says so in the report. Empty: fp32 whatever the options.
+# The dtype of the `saekit train` section (saekit train --dtype): the model and its buffered
+# activations; the SAE trains in float32 from them.
 TRAIN_DTYPE=bfloat16
-# ===============================================================================================
 
 HOOKS='blocks.*.attn.hook_z'
 if [ "$DRY" = 1 ]; then
