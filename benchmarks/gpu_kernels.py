@@ -1,21 +1,36 @@
-"""Fused TopK encoder kernel against F.linear + torch.topk, and full training steps, on one GPU.
+"""Fused TopK encoder against F.linear + torch.topk and the bare cuBLAS GEMM, training steps,
+impl="auto"'s choice and AuxK, on one GPU.
 
     python benchmarks/gpu_kernels.py [--out table.md]     # one H100/H200, a few minutes
     python benchmarks/gpu_kernels.py --small              # tiny shapes on CPU, TRITON_INTERPRET=1
     python benchmarks/gpu_kernels.py --compile-only       # compile every kernel for sm_90, no GPU
 
-For batch 4096, k=32, d_in in {768, 2304}, d_sae in {32768, 131072}, bf16 and fp32, each row:
-  check   fused top-k vs F.linear + torch.topk: share of selected latents that agree, max
-          |value| difference (ties in torch.topk may pick other indices with equal values)
-  (a)     F.linear + torch.topk                 time, peak memory above the inputs
-  (b)     fused kernel (encode_topk impl=triton) time, peak memory
-  (c)     training step (forward, backward, Adam on W_enc, b_enc, W_dec, b_dec):
-          "unfused" = autograd through F.linear + topk + embedding_bag decode,
-          "fused"   = encode_topk + decode_sparse with impl="triton"
-  roofline fraction = 2*B*d_in*d_sae flops / time / measured matmul ceiling of that dtype
-          (fp32 ceiling and kernels use full fp32, as torch does with allow_tf32=False).
+benchmarks/gpu_check.sh runs it as one section of the GPU readiness check. Three tables:
+
+1. The encoder, at d_in 768, d_sae 32768 and 131072, k 32 and 128, batch 4096 and 16384,
+   fp32 and bf16 (--d-in, --d-sae, --k, --batch change the grid). Each row:
+   check    fused top-k vs F.linear + torch.topk: share of selected latents that agree, max
+            |value| difference (ties in torch.topk may pick other indices with equal values)
+   gemm     the bare product (x - b_dec) @ W_enc + b_enc (cuBLAS addmm): the floor any exact
+            TopK encoder pays; time, peak memory above the inputs, roofline fraction
+   linear   F.linear + torch.topk (the plain PyTorch encoder)
+   torch    saekit's encode_topk(impl="torch")
+   triton   saekit's encode_topk(impl="triton"), the fused kernel (never builds [B, d_sae])
+   step     a training step (forward, backward, Adam on W_enc, b_enc, W_dec, b_dec):
+            "unfused" = autograd through F.linear + topk + embedding_bag decode;
+            "torch"/"triton" = encode_topk + decode_sparse with that impl (sparse backward)
+   roofline fraction = 2*B*d_in*d_sae flops / time / measured matmul ceiling of that dtype
+   (fp32 without TF32, as torch does with allow_tf32=False, and the kernels' "ieee" dot).
+2. impl="auto": what encode_topk(impl="auto") runs at each shape on this device
+   (kernels.topk_impl) beside the faster of torch and triton, for the encoder and for the
+   step. The default on CUDA must follow this table: where torch wins, auto must pick torch.
+3. AuxK active: saekit's Trainer step at d_in 2304 (d_sae 36864, k 32, k_aux = d_in/2),
+   with 0% and 10% of latents dead, impl="auto" and "torch".
+
 Times: CUDA events, warm-up, median of --reps. A failing row prints its error and the table
-goes on. `--small` runs the same code on CPU (wall-clock timer, no memory numbers).
+goes on; the markdown (--out) is rewritten after every row, so a run stopped by a time limit
+leaves the rows it finished. `--small` runs the same code on CPU (wall-clock timer, no memory
+numbers).
 """
 
 from __future__ import annotations
@@ -28,13 +43,21 @@ import time
 import traceback
 
 
+def ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",")]
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--compile-only", action="store_true", help="compile the kernels for sm_90 and report registers")
-    ap.add_argument("--out", help="also write the table as markdown to this file")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10, --small 1)")
-    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--out", help="also write the tables as markdown to this file")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5, --small 1)")
+    ap.add_argument("--d-in", type=ints, default=None, help="comma-separated (default 768; --small 24)")
+    ap.add_argument("--d-sae", type=ints, default=None, help="comma-separated (default 32768,131072; --small 200)")
+    ap.add_argument("--k", type=ints, default=None, help="comma-separated (default 32,128; --small 4)")
+    ap.add_argument("--batch", type=ints, default=None, help="comma-separated (default 4096,16384; --small 37)")
+    ap.add_argument("--no-auxk", action="store_true", help="leave out the AuxK table")
     return ap.parse_args()
 
 
@@ -45,7 +68,7 @@ if ARGS.small:  # before anything imports triton or decorates a kernel
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from saekit.kernels import decode_sparse, encode_topk  # noqa: E402
+from saekit.kernels import decode_sparse, encode_topk, topk_impl  # noqa: E402
 
 
 # ---- measurement ------------------------------------------------------------------------
@@ -111,23 +134,27 @@ def make_sae(B, d_in, d_sae, dtype, device):
     return x, {n: torch.nn.Parameter(t.to(device, dtype)) for n, t in p.items()}
 
 
+def gemm(x, p, k):
+    return torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"])  # [B, d_sae]
+
+
 def unfused_topk(x, p, k):
     pre = F.linear(x - p["b_dec"], p["W_enc"].t(), p["b_enc"])  # [B, d_sae]
     v, i = pre.topk(k, dim=1)
     return v.relu(), i
 
 
-def fused_topk(x, p, k):
-    return encode_topk(x, p["W_enc"], p["b_enc"], p["b_dec"], k, impl="triton")
+def saekit_topk(impl):
+    return lambda x, p, k: encode_topk(x, p["W_enc"], p["b_enc"], p["b_dec"], k, impl=impl)
 
 
 def train_step(kind, x, p, opt, k):
     if kind == "unfused":
         v, i = unfused_topk(x, p, k)
         x_hat = F.embedding_bag(i, p["W_dec"], per_sample_weights=v, mode="sum") + p["b_dec"]
-    else:
-        top = encode_topk(x, p["W_enc"], p["b_enc"], p["b_dec"], k, impl="triton")
-        x_hat = decode_sparse(top.values, top.indices, p["W_dec"], p["b_dec"], impl="triton")
+    else:  # "torch" or "triton": saekit's kernels with their sparse backward
+        top = encode_topk(x, p["W_enc"], p["b_enc"], p["b_dec"], k, impl=kind)
+        x_hat = decode_sparse(top.values, top.indices, p["W_dec"], p["b_dec"], impl=kind)
     loss = (x_hat.float() - x.float()).pow(2).sum() / x.shape[0]
     loss.backward()
     opt.step()
@@ -138,17 +165,22 @@ def agreement(x, p, k) -> tuple[float, float]:
     """(share of selected latents in common, max |value| difference of the sorted values)."""
     with torch.no_grad():
         rv, ri = unfused_topk(x, p, k)
-        top = fused_topk(x, p, k)
+        top = saekit_topk("triton")(x, p, k)
     same = (top.indices[:, :, None] == ri[:, None, :]).any(-1).float().mean().item()
     err = (top.values.float() - rv.float()).abs().max().item()
     return same, err
 
 
-# ---- the table ------------------------------------------------------------------------------------
+# ---- the tables ----------------------------------------------------------------------------------
 
-COLUMNS = ["d_in", "d_sae", "dtype", "index agree", "max val err",
-           "(a) ms", "(a) MiB", "(a) roof", "(b) ms", "(b) MiB", "(b) roof",
-           "(c) unfused ms", "(c) unfused MiB", "(c) fused ms", "(c) fused MiB", "error"]
+ENCODER = ["d_in", "d_sae", "k", "B", "dtype", "index agree", "max val err",
+           "gemm ms", "gemm MiB", "gemm roof", "linear+topk ms", "linear+topk MiB",
+           "torch ms", "torch MiB", "triton ms", "triton MiB", "triton roof", "triton / gemm",
+           "step unfused ms", "step unfused MiB", "step torch ms", "step torch MiB",
+           "step triton ms", "step triton MiB", "error"]
+DISPATCH = ["d_in", "d_sae", "k", "B", "dtype", "auto runs", "faster encoder", "faster step", "auto = faster step"]
+AUXK = ["d_in", "d_sae", "k", "k_aux", "B", "impl", "runs", "dead", "step ms", "tokens/s", "step MiB", "aux loss",
+        "error"]
 
 
 def fmt(v) -> str:
@@ -159,26 +191,38 @@ def fmt(v) -> str:
     return str(v)
 
 
-def measure_row(B, d_in, d_sae, dtype, k, device, timer, ceilings) -> dict:
-    row = {"d_in": d_in, "d_sae": d_sae, "dtype": str(dtype).removeprefix("torch.")}
+def table(columns, rows) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(fmt(r[c]) if c in r else "" for c in columns) + " |" for r in rows]
+
+
+def error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+
+
+def measure_row(B, d_in, d_sae, k, dtype, device, timer, ceilings) -> dict:
+    row = {"d_in": d_in, "d_sae": d_sae, "k": k, "B": B, "dtype": str(dtype).removeprefix("torch.")}
     try:
         x, p = make_sae(B, d_in, d_sae, dtype, device)
         row["index agree"], row["max val err"] = agreement(x, p, k)
+        row["auto"] = topk_impl("auto", x, p["W_enc"], k)
         flops = 2 * B * d_in * d_sae
-        for tag, fn in (("(a)", unfused_topk), ("(b)", fused_topk)):
+        for tag, fn in (("gemm", gemm), ("linear+topk", unfused_topk), ("torch", saekit_topk("torch")),
+                        ("triton", saekit_topk("triton"))):
             with torch.no_grad():
                 ms = timer(lambda: fn(x, p, k))
                 row[f"{tag} ms"] = ms
                 row[f"{tag} MiB"] = peak_mib(device, lambda: fn(x, p, k))
             row[f"{tag} roof"] = f"{flops / (ms * 1e-3) / 1e12 / ceilings[dtype]:.0%}"
-        for kind in ("unfused", "fused"):
+        row["triton / gemm"] = row["triton ms"] / row["gemm ms"]
+        for kind in ("unfused", "torch", "triton"):
             opt = torch.optim.Adam(p.values(), lr=1e-5)
             # the lambdas run before `del opt` (which frees Adam's moments before the next kind)
-            row[f"(c) {kind} ms"] = timer(lambda: train_step(kind, x, p, opt, k))  # noqa: F821
-            row[f"(c) {kind} MiB"] = peak_mib(device, lambda: train_step(kind, x, p, opt, k))  # noqa: F821
+            row[f"step {kind} ms"] = timer(lambda: train_step(kind, x, p, opt, k))  # noqa: F821
+            row[f"step {kind} MiB"] = peak_mib(device, lambda: train_step(kind, x, p, opt, k))  # noqa: F821
             del opt
     except Exception as e:  # one bad row must not take the table down
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+        row["error"] = error_text(e)
         traceback.print_exc(file=sys.stderr)
     finally:
         if device.type == "cuda":
@@ -186,49 +230,129 @@ def measure_row(B, d_in, d_sae, dtype, k, device, timer, ceilings) -> dict:
     return row
 
 
-def markdown(rows, header_lines) -> str:
-    lines = list(header_lines)
-    lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|" + "---|" * len(COLUMNS))
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c, "")) if c in r else "" for c in COLUMNS) + " |")
-    return "\n".join(lines)
+def dispatch_row(r: dict) -> dict:
+    """impl="auto"'s choice at row r beside the faster of torch and triton."""
+    out = {c: r[c] for c in ("d_in", "d_sae", "k", "B", "dtype")}
+    faster = lambda a, b: ("triton" if r[a] < r[b] else "torch") if a in r and b in r else None  # noqa: E731
+    out["auto runs"] = r.get("auto")
+    out["faster encoder"] = faster("triton ms", "torch ms")
+    out["faster step"] = faster("step triton ms", "step torch ms")
+    if out["auto runs"] and out["faster step"]:
+        out["auto = faster step"] = "yes" if out["auto runs"] == out["faster step"] else "**NO**"
+    return out
 
 
-def run_table() -> None:
+def auxk_row(B, d_in, d_sae, k, impl, dead_frac, device, timer) -> dict:
+    """One saekit Trainer step with the first ``dead_frac`` of latents marked dead before it,
+    so AuxK runs on them (k_aux = d_in/2, its default)."""
+    from saekit.sae import SAE, SAEConfig
+    from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
+    from saekit.training.trainer import Trainer
+
+    row = {"d_in": d_in, "d_sae": d_sae, "k": k, "B": B, "impl": impl, "dead": f"{dead_frac:.0%}"}
+    try:
+        sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, impl=impl), seed=0).to(device)
+        cfg = TrainConfig(sae=SAEConfig(d_sae=d_sae, k=k, impl=impl),
+                          data=DataOptions(batch_size=B, total_tokens=B * 10**6, fill_tokens=B),
+                          optim=OptimOptions(lr=1e-5, warmup_steps=0), run=RunOptions(progress=False))
+        trainer = Trainer(sae, cfg, total_steps=10**6)
+        x = torch.randn(B, d_in, generator=torch.Generator().manual_seed(0)).to(device)
+        dead = int(dead_frac * d_sae)
+        row["k_aux"] = trainer.k_aux
+        row["runs"] = topk_impl(impl, x, sae.W_enc, k)
+
+        def step():
+            if dead:  # the same latents dead at every step
+                trainer.tokens_since_fired[:dead] = cfg.optim.dead_tokens
+            return trainer.train_step(x)
+
+        row["aux loss"] = step().aux
+        row["step ms"] = timer(step)
+        row["tokens/s"] = B / (row["step ms"] * 1e-3)
+        row["step MiB"] = peak_mib(device, step)
+    except Exception as e:
+        row["error"] = error_text(e)
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def markdown(header, rows, auxk_rows) -> str:
+    lines = list(header)
+    lines += ["## Fused encoder against F.linear + torch.topk and the bare GEMM", ""]
+    lines += table(ENCODER, rows)
+    disp = [dispatch_row(r) for r in rows]
+    lines += ["", '## impl="auto" on this device', "",
+              "`auto runs` is what `encode_topk(impl=\"auto\")` runs at that shape (`saekit.kernels.topk_impl`); "
+              "the faster of torch and triton is by median time. The default on CUDA must follow this table: "
+              "where torch's step is faster, `auto` must run torch (`kernels/dispatch.py`).", ""]
+    lines += table(DISPATCH, disp)
+    agree = [d for d in disp if d.get("auto = faster step")]
+    wrong = [d for d in agree if d["auto = faster step"] != "yes"]
+    lines += ["", f"auto runs the faster step at {len(agree) - len(wrong)} of {len(agree)} measured shapes"
+              + (f"; **change the default at {len(wrong)}**." if wrong else ".")]
+    if auxk_rows is not None:
+        lines += ["", "## AuxK active (saekit Trainer step)", "",
+                  "The first `dead` share of latents is marked dead before every step, so AuxK reconstructs "
+                  "the residual with k_aux of them (`aux loss` > 0 when it ran).", ""]
+        lines += table(AUXK, auxk_rows)
+    return "\n".join(lines) + "\n"
+
+
+def run_tables() -> None:
     small = ARGS.small
     device = torch.device("cpu" if small else "cuda")
     if not small and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --small (CPU, Triton interpreter) or --compile-only")
-    reps = ARGS.reps or (1 if small else 10)
-    timer = Timer(device, reps=reps, warmup=1 if small else 3)
-    B = 37 if small else 4096
-    k = min(ARGS.k, 7) if small else ARGS.k
-    d_ins = (24, 40) if small else (768, 2304)
-    d_saes = (200, 333) if small else (32768, 131072)
-    dtypes = (torch.bfloat16, torch.float32)
+    reps = ARGS.reps or (1 if small else 5)
+    timer = Timer(device, reps=reps, warmup=0 if small else 3)
+    d_ins = ARGS.d_in or ([24] if small else [768])
+    d_saes = ARGS.d_sae or ([200] if small else [32768, 131072])
+    ks = ARGS.k or ([4] if small else [32, 128])
+    batches = ARGS.batch or ([37] if small else [4096, 16384])
+    dtypes = (torch.float32, torch.bfloat16)
     ceilings = {dt: matmul_ceiling(device, dt, timer) for dt in dtypes}
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter)"
     header = [
-        f"# saekit.kernels on {name}: B={B}, k={k}, median of {reps} (CUDA events)" if not small
-        else f"# saekit.kernels --small on {name}: B={B}, k={k}, wall clock, {reps} rep(s)",
+        f"# saekit.kernels on {name}: median of {reps} ({'CUDA events' if not small else 'wall clock'})",
+        "",
         "matmul ceiling: " + ", ".join(f"{str(dt).removeprefix('torch.')} {c:.3g} TFLOP/s"
-                                       for dt, c in ceilings.items()),
+                                       for dt, c in ceilings.items())
+        + f"; torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}",
         "",
     ]
-    rows = []
-    for d_in in d_ins:
-        for d_sae in d_saes:
-            for dtype in dtypes:
-                rows.append(measure_row(B, d_in, d_sae, dtype, k, device, timer, ceilings))
-                done = {c: fmt(rows[-1].get(c)) for c in ("d_in", "d_sae", "dtype", "(b) ms", "error")
-                        if c in rows[-1]}
-                print("row done:", done, file=sys.stderr, flush=True)
-    table = markdown(rows, header)
-    if ARGS.out:
-        with open(ARGS.out, "w") as f:
-            f.write(table + "\n")
-    print(table)
+    rows, auxk_rows = [], None
+
+    def write():
+        text = markdown(header, rows, auxk_rows)
+        if ARGS.out:
+            with open(ARGS.out, "w") as f:
+                f.write(text)
+        return text
+
+    if not ARGS.no_auxk:  # first: its four steps are quick, and a time limit cuts the grid's end
+        auxk_rows = []
+        d_in, k = (40, 4) if small else (2304, 32)
+        d_sae, B = (200, 37) if small else (16 * d_in, 4096)
+        for impl in ("auto", "torch"):
+            for dead in (0.0, 0.1):
+                auxk_rows.append(auxk_row(B, d_in, d_sae, k, impl, dead, device, timer))
+                print("auxk row done:", {c: fmt(auxk_rows[-1].get(c)) for c in ("impl", "dead", "step ms", "error")
+                                         if c in auxk_rows[-1]}, file=sys.stderr, flush=True)
+                write()
+    for B in batches:
+        for d_in in d_ins:
+            for d_sae in d_saes:
+                for k in ks:
+                    for dtype in dtypes:
+                        rows.append(measure_row(B, d_in, d_sae, k, dtype, device, timer, ceilings))
+                        done = {c: fmt(rows[-1].get(c)) for c in ("B", "d_sae", "k", "dtype", "triton ms", "error")
+                                if c in rows[-1]}
+                        print("row done:", done, file=sys.stderr, flush=True)
+                        write()
+    print(write())
 
 
 # ---- offline compilation check ------------------------------------------------------------------
@@ -300,4 +424,4 @@ if __name__ == "__main__":
     if ARGS.compile_only:
         compile_only()
     else:
-        run_table()
+        run_tables()

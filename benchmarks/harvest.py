@@ -1,6 +1,6 @@
 """Harvesting throughput at a hook against a raw Hugging Face forward and the bridge's own.
 
-    python benchmarks/harvest.py [--hook blocks.5.attn.hook_z] [--model M] [--profile]
+    python benchmarks/harvest.py [--hook blocks.5.attn.hook_z] [--model M] [--dtype bfloat16] [--profile]
 
 Rows, timed in turns round after round (medians), so the machine's drift hits them alike:
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import time
 from collections import defaultdict
 
 import torch
@@ -93,19 +94,19 @@ def no_grad(fn):
 
 
 def op_profile(fns: dict, reps: int = 3) -> dict[str, dict[str, float]]:
-    """Self CPU milliseconds per call of each operator, for each function of ``fns``."""
+    """Self CPU milliseconds per call of each operator, for each function of ``fns``; the
+    functions take turns, one profiled call each, round after round."""
     from torch.profiler import ProfilerActivity, profile
 
-    out = {}
-    for name, fn in fns.items():
+    out = {name: defaultdict(float) for name in fns}
+    for fn in fns.values():
         fn()
-        with profile(activities=[ProfilerActivity.CPU]) as p:
-            for _ in range(reps):
+    for _ in range(reps):
+        for name, fn in fns.items():
+            with profile(activities=[ProfilerActivity.CPU]) as p:
                 fn()
-        ops = defaultdict(float)
-        for e in p.key_averages():
-            ops[e.key] += e.self_cpu_time_total / 1000 / reps
-        out[name] = ops
+            for e in p.key_averages():
+                out[name][e.key] += e.self_cpu_time_total / 1000 / reps
     return out
 
 
@@ -114,54 +115,59 @@ COMPONENTS = {"embeddings": ("embed", "pos_embed"), "layer norms": ("blocks.{i}.
               "attention": ("blocks.{i}.attn",), "MLP": ("blocks.{i}.mlp",)}
 
 
-def component_times(pairs: dict, reps: int = 3) -> dict[str, dict[str, float]]:
-    """Wall milliseconds a forward spent in each kind of component (``COMPONENTS``), for each
-    ``name: (model, {kind: [module paths]}, fn)`` of ``pairs``. A component cut short by the
-    hook's stop (block L's attention) is not counted."""
-    import time
-
-    out = {}
+def component_times(pairs: dict, reps: int = 3, clock=time.perf_counter) -> dict[str, dict[str, float]]:
+    """Milliseconds (of ``clock``) a forward spent in each kind of component (``COMPONENTS``),
+    for each ``name: (model, {kind: [module paths]}, fn)`` of ``pairs``, the functions taking
+    turns round after round. A component cut short by the hook's stop (block L's attention)
+    is not counted."""
+    acc, handles = {name: defaultdict(float) for name in pairs}, []
     for name, (model, paths, fn) in pairs.items():
-        acc, handles = defaultdict(float), []
+        fn()
         for kind, ps in paths.items():
             for p in ps:
-                m, start = model.get_submodule(p), {}
-                handles.append(m.register_forward_pre_hook(lambda *_, s=start: s.update(t=time.perf_counter())))
+                m, start, a = model.get_submodule(p), {}, acc[name]
+                handles.append(m.register_forward_pre_hook(lambda *_, s=start: s.update(t=clock())))
                 handles.append(m.register_forward_hook(
-                    lambda *_, s=start, k=kind: acc.__setitem__(k, acc[k] + time.perf_counter() - s["t"])))
-        fn()
-        acc.clear()
-        t = time.perf_counter()
-        for _ in range(reps):
+                    lambda *_, s=start, k=kind, a=a: a.__setitem__(k, a[k] + clock() - s["t"])))
+    for _ in range(reps):
+        for name, (_, _, fn) in pairs.items():
+            t = clock()
             fn()
-        acc["whole forward"] = time.perf_counter() - t
-        for h in handles:
-            h.remove()
-        out[name] = {k: v * 1000 / reps for k, v in acc.items()}
-    return out
+            acc[name]["whole forward"] += clock() - t
+    for h in handles:
+        h.remove()
+    return {name: {k: v * 1000 / reps for k, v in a.items()} for name, a in acc.items()}
 
 
 def print_profile(prof: dict[str, dict[str, float]], rows: int = 14,
                   unit: str = "operator, self CPU ms a call") -> None:
-    (a, pa), (b, pb) = prof.items()
-    keys = sorted(set(pa) | set(pb), key=lambda k: -abs(pb.get(k, 0) - pa.get(k, 0)))
-    print(f"\n| {unit} | {a} | {b} | difference |\n|---|---|---|---|")
+    """A table with a column per function of ``prof`` and the difference last − first."""
+    cols = list(prof.values())
+    first, last = cols[0], cols[-1]
+    keys = sorted(set().union(*cols), key=lambda k: -abs(last.get(k, 0) - first.get(k, 0)))
+    print(f"\n| {unit} | " + " | ".join(prof) + f" | {list(prof)[-1]} − {list(prof)[0]} |")
+    print("|---" * (len(cols) + 2) + "|")
     for k in keys[:rows]:
-        print(f"| {k} | {pa.get(k, 0):.1f} | {pb.get(k, 0):.1f} | {pb.get(k, 0) - pa.get(k, 0):+.1f} |")
-    if "whole forward" not in pa:
-        ta, tb = sum(pa.values()), sum(pb.values())
-        print(f"| all operators | {ta:.1f} | {tb:.1f} | {tb - ta:+.1f} |")
+        print(f"| {k} | " + " | ".join(f"{c.get(k, 0):.1f}" for c in cols)
+              + f" | {last.get(k, 0) - first.get(k, 0):+.1f} |")
+    if "whole forward" not in first:
+        print("| all operators | " + " | ".join(f"{sum(c.values()):.1f}" for c in cols)
+              + f" | {sum(last.values()) - sum(first.values()):+.1f} |")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hook", default="blocks.5.attn.hook_z")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the model's dtype (benchmarks/precision.py compares them side by side)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="also print an operator profile")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time CPU seconds (all threads) instead of wall-clock: steadier on a busy machine")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,7 +178,7 @@ def main(argv=None):
     from saekit.activations import harvest, harvest_with_grads, resolve_hook
     from saekit.models import load_model, resolve_model_name
 
-    model = load_model(args.model)
+    model = load_model(args.model, "cpu", args.dtype)
     hook = resolve_hook(model, args.hook)
     layer = int(re.match(r"blocks\.(\d+)\.", args.hook).group(1))
     tokens = next(data.token_batches(model.tokenizer, None, args.seq_len, args.batch))
@@ -182,19 +188,7 @@ def main(argv=None):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     hf_eager = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
     path, kind = hf_module_of_hook(model, args.hook)
-    bridge_module = model.get_submodule(model.hook_dict[args.hook].name.rpartition(".")[0])
-    bridge_kind = model.hook_dict[args.hook].name.rpartition(".")[2]
-
-    def bridge_bare():  # the bridge alone, stopped at the hook's module: no saekit code
-        h = (bridge_module.register_forward_pre_hook(_raise) if bridge_kind == "hook_in"
-             else bridge_module.register_forward_hook(_raise))
-        try:
-            with torch.no_grad():
-                model(tokens)
-        except _Stop:
-            pass
-        finally:
-            h.remove()
+    bridge_comp, _, bridge_kind = model.hook_dict[args.hook].name.rpartition(".")
 
     fns = {
         "raw HF forward, full model": no_grad(lambda: hf(tokens)),
@@ -203,14 +197,17 @@ def main(argv=None):
         f"bridge forward to layer {layer} (stop_at_layer={layer + 1})":
             no_grad(lambda: model(tokens, stop_at_layer=layer + 1)),
         "bridge full forward": no_grad(lambda: model(tokens)),
-        "bridge stopped at the hook by a bare torch hook": bridge_bare,
+        # the bridge alone, stopped at the hook's module: no saekit code
+        "bridge stopped at the hook by a bare torch hook": stopped_at(model, bridge_comp, bridge_kind, tokens),
         "saekit harvest": lambda: harvest(model, tokens, hook),
         "saekit harvest with gradients (g-SAE)": lambda: harvest_with_grads(model, tokens, hook),
     }
-    times = {k: statistics.median(v) for k, v in interleaved_times(fns, args.reps).items()}
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    times = {k: statistics.median(v) for k, v in interleaved_times(fns, args.reps, clock=clock).items()}
     ref = times[f"raw HF forward to the hook ({kind} of {path})"]
+    unit = "CPU seconds (all threads)" if args.cpu_time else "seconds"
     print(f"| {args.hook}, batch {args.batch}×{args.seq_len}, {dtype}, {torch.get_num_threads()} threads "
-          "| seconds | tokens/s | × raw HF to the hook |\n|---|---|---|---|")
+          f"| {unit} | tokens/s | × raw HF to the hook |\n|---|---|---|---|")
     for name, t in times.items():
         print(f"| {name} | {t:.4f} | {n / t:,.0f} | {t / ref:.2f} |")
     t_h, t_bare = times["saekit harvest"], times["bridge stopped at the hook by a bare torch hook"]
@@ -219,12 +216,15 @@ def main(argv=None):
           f"with gradients / without: {times['saekit harvest with gradients (g-SAE)'] / t_h:.2f}x")
     if args.profile:
         hf_fn, h_fn = fns[f"raw HF forward to the hook ({kind} of {path})"], fns["saekit harvest"]
-        print_profile(op_profile({"raw HF to the hook": hf_fn, "saekit harvest": h_fn}))
+        eager_fn = fns["raw HF forward to the hook, eager attention"]
+        print_profile(op_profile({"raw HF to the hook": hf_fn, "raw HF, eager": eager_fn, "saekit harvest": h_fn}))
         comps = {k: list(dict.fromkeys(c.format(i=i) for i in range(layer + 1) for c in cs))
                  for k, cs in COMPONENTS.items()}
         hf_comps = {k: [hf_path(model, c) for c in cs] for k, cs in comps.items()}
-        ct = component_times({"raw HF to the hook": (hf, hf_comps, hf_fn), "saekit harvest": (model, comps, h_fn)})
-        print_profile(ct, unit="wall ms a forward, by component")
+        ct = component_times({"raw HF to the hook": (hf, hf_comps, hf_fn),
+                              "raw HF, eager": (hf_eager, hf_comps, eager_fn),
+                              "saekit harvest": (model, comps, h_fn)}, clock=clock)
+        print_profile(ct, unit=f"{'CPU' if args.cpu_time else 'wall'} ms a forward, by component")
 
 
 if __name__ == "__main__":

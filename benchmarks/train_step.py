@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="mark this share of latents dead so the AuxK path runs too")
     ap.add_argument("--impl", default="auto", choices=["auto", "torch", "screen"],
                     help="the step's kernels (auto: the screened encoder on CPUs with AMX)")
+    ap.add_argument("--sae-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the step's compute dtype (the floor stays the float32 product; "
+                         "benchmarks/precision.py compares the two side by side)")
     return ap.parse_args(argv)
 
 
@@ -69,7 +72,8 @@ def make_trainer(args: argparse.Namespace, sparsity: str, impl: str | None = Non
     cfg = TrainConfig(sae=SAEConfig(d_sae=args.d_sae, k=args.k, sparsity=sparsity, impl=impl),
                       data=DataOptions(batch_size=args.batch, total_tokens=args.batch * 10**6,
                                        fill_tokens=args.batch),
-                      optim=OptimOptions(lr=1e-4, warmup_steps=0), run=RunOptions(progress=False))
+                      optim=OptimOptions(lr=1e-4, warmup_steps=0, sae_dtype=args.sae_dtype),
+                      run=RunOptions(progress=False))
     return sae, cfg, Trainer(sae, cfg, total_steps=10**6)
 
 
@@ -140,6 +144,7 @@ def result_rows(args: argparse.Namespace, sae: SAE, encoder: str, screened: bool
     return [
         ("threads", torch.get_num_threads()),
         ("shape", f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} {args.sparsity}"),
+        ("step's compute dtype (--sae-dtype)", args.sae_dtype),
         *((f"dense encoder matmul, {name} (s)", f"{t:.4f}") for name, t in t_layouts.items()),
         ("floor: the faster of the two (s)", f"{t_floor:.4f}"),
         ("encoder (impl=" + args.impl + ")", encoder),

@@ -24,7 +24,7 @@ def cmd_eval(args) -> None:
     from saekit.evals.run import run_eval
 
     a, m = args.target, args.model
-    r = run_eval(a.sae, m.model, args.data.dataset, args.eval, m.device, **m.placement)
+    r = run_eval(a.sae, m.model, args.data.dataset, args.eval, m.device, m.dtype, **m.placement)
     print(f"{a.sae}: {r['tokens']} tokens  L0 {r['l0']:.1f} (sd {r['l0_std']:.1f})  explained variance "
           f"{r['explained_variance']:.3f}  CE recovered {r['ce_loss_recovered_mean']:.3f} (mean abl.) "
           f"{r['ce_loss_recovered_zero_all']:.3f} (zero abl., all positions) "
@@ -39,7 +39,7 @@ def cmd_eval_ioi(args) -> None:
     from saekit.evals.run import run_eval_ioi
 
     a, m = args.target, args.model
-    r = run_eval_ioi(a.sae, args.compare.compare, m.model, args.ioi_eval, m.device, **m.placement)
+    r = run_eval_ioi(a.sae, args.compare.compare, m.model, args.ioi_eval, m.device, m.dtype, **m.placement)
     print(format_ioi(r) + f"\nwrote ioi_eval.json and ioi_eval.html in {results_folder(a.sae)}")
 
 
@@ -71,10 +71,12 @@ def cmd_analyze(args) -> None:
     from saekit.evals.features import analyze, save_stats
     from saekit.formats import load_sae
     from saekit.models import load_model
+    from saekit.precision import check_device
 
     o, m, folder = args.analyze, args.model, args.target.sae
+    check_device(m.device)  # before the SAE moves there
     sae = load_sae(folder, m.device)
-    model = load_model(m.model or sae.cfg.model_name or None, m.device, **m.placement)
+    model = load_model(m.model or sae.cfg.model_name or None, m.device, m.dtype, **m.placement)
     stats = analyze(model, sae, o.tokens, dataset=args.data.dataset, progress=o.progress)
     path = save_stats(stats, results_folder(folder))
     alive = int((stats.freq > 0).sum())

@@ -33,7 +33,7 @@ def cmd_hooks(args) -> None:
 
     from saekit.models import load_model, model_name
 
-    model = load_model(args.model.model, args.model.device, **args.model.placement)
+    model = load_model(args.model.model, args.model.device, args.model.dtype, **args.model.placement)
     tokens = torch.tensor([[model.tokenizer.bos_token_id or 0]], device=model.cfg.device)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
@@ -48,7 +48,7 @@ def cmd_ioi(args) -> None:
     from saekit.ioi import score_ioi
     from saekit.models import load_model
 
-    model = load_model(args.model.model, args.model.device, **args.model.placement)
+    model = load_model(args.model.model, args.model.device, args.model.dtype, **args.model.placement)
     o = args.ioi
     s = score_ioi(model, o.n, o.split, o.seed)
     print(f"IOI ({o.split}, {s.n} prompts): accuracy {s.accuracy:.3f}  mean logit diff {s.logit_diff:.2f}")
@@ -66,7 +66,7 @@ def cmd_demo(args) -> None:
     from saekit.training.config import DataOptions, RunOptions, TrainConfig
     from saekit.training.run import run_training
 
-    model = load_model(args.model.model, args.model.device, **args.model.placement)
+    model = load_model(args.model.model, args.model.device, args.model.dtype, **args.model.placement)
     c = model.cfg
     print(f"model {model_name(model)}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads "
           f"of d_head {c.d_head}, vocab {c.d_vocab}")
@@ -78,7 +78,8 @@ def cmd_demo(args) -> None:
     out = Path("runs/demo")
     if (out / "train_config.json").exists():  # the previous demo's run folder
         shutil.rmtree(out)
-    cfg = TrainConfig(data=DataOptions(model=args.model.model, device=args.model.device, **args.model.placement),
+    cfg = TrainConfig(data=DataOptions(model=args.model.model, device=args.model.device, dtype=args.model.dtype,
+                                       **args.model.placement),
                       run=RunOptions(out=str(out)))
     print(f"training a TopK SAE at {cfg.data.hook} (`saekit train --hook {cfg.data.hook}`) ...")
     print(format_summary(run_training(cfg), str(out)))

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
-from saekit.errors import SaekitError
+from saekit.errors import ConfigError, SaekitError
 from saekit.placement import check_placement, parse_device_map
+from saekit.types import ModelDtypeName
 
 
 @dataclass
 class ModelOptions:
-    """Which model to run, and where."""
+    """Which model to run, where, and in what dtype."""
 
     model: str | None = None
     """A hub name (gpt2) or a local Hugging Face folder; omitted: the SAE's own model (cfg.json model_name) where the command reads an SAE, else the embedded model."""  # noqa: E501
     device: str = "cpu"
     """Torch device for the model (and the SAE)."""
+    dtype: ModelDtypeName = "auto"
+    """The model's dtype (the SAE reads its activations upcast to float32); auto = float32 on CPU, the model config's dtype on CUDA."""  # noqa: E501
     device_map: str = ""
     """Spread a model too large for one device over several: auto, balanced, sequential, a JSON object {"module": device} or a .json file holding one; --device is then the SAE's."""  # noqa: E501
     n_devices: int = 1
     """Split the model over this many CUDA GPUs, layers balanced."""
 
     def __post_init__(self):
+        if self.dtype not in typing.get_args(ModelDtypeName):
+            raise ConfigError(f"--dtype must be one of {', '.join(typing.get_args(ModelDtypeName))}, "
+                              f"not {self.dtype!r}")
         check_placement(parse_device_map(self.device_map), self.n_devices)
 
     @property

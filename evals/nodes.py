@@ -118,6 +118,8 @@ def readout(model, data: IOIData, node: Node | None = None, values: Tensor | Non
     bs = logits_batch_size(model, data)
     for i in range(0, len(data), bs):
         x = (data.tokens if resid is None else resid)[i: i + bs].to(model.cfg.device)
+        if resid is not None:  # held in float32 (_capture); the run continues in the model's dtype
+            x = x.to(model.cfg.dtype)
         rows = torch.arange(len(x))
         hooks, start = [], None if resid is None else node.layer
         if node is not None:

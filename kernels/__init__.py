@@ -12,6 +12,7 @@ Public API (each op takes impl="auto" | "torch" | "triton" | "screen"; see resol
     decode_sparse(values, indices, W_dec, b_dec) -> x_hat [B, d_in]
     topk_lower_index(scores, k) -> exact per-row top-k of any scores, ties to the lower index
     resolve_impl(impl, device) -> "torch" | "triton" | "screen"
+    topk_impl(impl, x, W_enc, k) -> the impl encode_topk runs for these arguments ("auto" resolved)
     check_impl(impl, device, topk_k) -> None, or the ValueError a first call would raise
 
 reference.py is the specification of each in plain PyTorch (one screen of code); the fast
@@ -48,8 +49,9 @@ if __name__ == "kernels":
 else:
     from .decoder import decode_sparse
     from .dispatch import resolve_impl
-    from .encoder import PreActivations, TopKResult, check_impl, encode_selected, encode_topk, encode_topk_aux
+    from .encoder import (PreActivations, TopKResult, check_impl, encode_selected, encode_topk, encode_topk_aux,
+                          topk_impl)
     from .select import topk_lower_index
 
     __all__ = ["PreActivations", "TopKResult", "check_impl", "decode_sparse", "encode_selected", "encode_topk",
-               "encode_topk_aux", "resolve_impl", "topk_lower_index"]
+               "encode_topk_aux", "resolve_impl", "topk_impl", "topk_lower_index"]

@@ -40,7 +40,9 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
     """Map a requested `impl` to the one that will run on `device`: "torch", "triton" or
     "screen".
 
-    "auto" -> "triton" on CUDA when triton is importable, else "torch" (the TopK encoder and
+    "auto" -> "triton" on CUDA when triton is importable (provisional: no GPU has measured it;
+    the default on CUDA must follow the impl="auto" table of benchmarks/gpu_check.sh, torch
+    wherever torch's training step is faster), else "torch" (the TopK encoder and
     Mutual/Feature Choice's selections then take "screen" on CPUs with AMX where it pays,
     see encoder.encoder_impl).
     "triton" on a CPU tensor is allowed only under TRITON_INTERPRET=1 (the test setting);

@@ -277,6 +277,13 @@ def _require_sound_screen() -> None:
                          "(a probe product leaves the screen's error bound); use impl='auto' or 'torch'")
 
 
+def topk_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
+    """The impl ``encode_topk(x, W_enc, ..., k, impl=impl)`` runs its selection with, for x
+    [B, d_in]: "torch", "screen" or "triton" (what "auto" resolves to, for benchmarks and
+    logs; raises what encode_topk would raise for an impl it refuses)."""
+    return _topk_impl(impl, encoder_impl(impl, x, W_enc, k), k)
+
+
 def _topk_impl(requested: str, resolved: str, k: int) -> str:
     """The TopK selection's impl: the fused Triton kernel holds k <= TRITON_MAX_K keys a
     row, so "auto" runs the PyTorch selection above that (logged) and "triton" refuses."""

@@ -12,7 +12,9 @@ so a run can resume at any step by recomputing one fill: step ``s`` reads batch
 - ``TensorActivations``: an in-memory ``[n, d_in]`` tensor (``train_sae`` from a notebook).
 
 A fill is a ``Batch``: the activations ``x`` and, for g-SAEs, the loss gradients ``grad``
-beside them (same rows, same order), never one tensor packing both.
+beside them (same rows, same order), never one tensor packing both. Fills keep the dtype the
+model ran in (a cache: the dtype it was harvested in; bf16 halves the buffer's memory); the
+trainer casts each batch to the SAE's dtype at its step.
 
 The BOS position is left out: its activations are outliers the SAE should not spend
 latents on, and splicing leaves that position untouched to match.
@@ -37,6 +39,7 @@ from torch import Tensor
 from saekit.errors import ConfigError, HookError, SAEFileError
 from saekit.files import atomic_save_tensors, atomic_write_text, read_json, read_tensors
 from saekit.metrics import next_token_loss
+from saekit.precision import DTYPES, dtype_name
 from saekit.types import Batch
 
 # model -> {hook name: per-token shape}: saekit's cache, not an attribute on the model
@@ -134,25 +137,31 @@ def capture(model, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
     return box
 
 
-def _tokens_flat(act: Tensor) -> Tensor:
-    """``[b, T, *shape]`` without the BOS position, as ``[b·(T−1), d_in]`` float."""
-    return einops.rearrange(act[:, 1:], "b t ... -> (b t) (...)").float()
+def _tokens_flat(act: Tensor, dtype: torch.dtype | None = torch.float32) -> Tensor:
+    """``[b, T, *shape]`` without the BOS position, as ``[b·(T−1), d_in]`` in ``dtype`` (None:
+    the model's)."""
+    flat = einops.rearrange(act[:, 1:], "b t ... -> (b t) (...)")
+    return flat if dtype is None else flat.to(dtype)
 
 
-def harvest(model, tokens: Tensor, hook: HookSpec) -> Tensor:
-    """Activations at ``hook`` for ``tokens [b, T]`` (BOS position dropped): ``[b·(T−1), d_in]``."""
-    return _tokens_flat(capture(model, tokens, [hook.name])[hook.name])
+def harvest(model, tokens: Tensor, hook: HookSpec, dtype: torch.dtype | None = torch.float32) -> Tensor:
+    """Activations at ``hook`` for ``tokens [b, T]`` (BOS position dropped): ``[b·(T−1), d_in]``,
+    in ``dtype`` (float32 by default, what an SAE reads; None keeps the model's)."""
+    return _tokens_flat(capture(model, tokens, [hook.name])[hook.name], dtype)
 
 
-def harvest_many(model, tokens: Tensor, hooks: list[HookSpec]) -> dict[str, Tensor]:
+def harvest_many(model, tokens: Tensor, hooks: list[HookSpec],
+                 dtype: torch.dtype | None = torch.float32) -> dict[str, Tensor]:
     """``harvest`` at several hooks from one forward pass, stopped once the last has fired:
     ``{name: [b·(T−1), d_in]}``."""
-    return {n: _tokens_flat(a) for n, a in capture(model, tokens, [h.name for h in hooks]).items()}
+    return {n: _tokens_flat(a, dtype) for n, a in capture(model, tokens, [h.name for h in hooks]).items()}
 
 
-def harvest_batches(model, tokens: Tensor, hook: HookSpec, batch_seqs: int = 32) -> Tensor:
+def harvest_batches(model, tokens: Tensor, hook: HookSpec, batch_seqs: int = 32,
+                    dtype: torch.dtype | None = torch.float32) -> Tensor:
     """``harvest`` over ``tokens [n, T]`` in chunks of ``batch_seqs`` sequences."""
-    return torch.cat([harvest(model, tokens[j: j + batch_seqs], hook) for j in range(0, len(tokens), batch_seqs)])
+    return torch.cat([harvest(model, tokens[j: j + batch_seqs], hook, dtype)
+                      for j in range(0, len(tokens), batch_seqs)])
 
 
 def activation_and_grad(model, tokens: Tensor, hook: HookSpec,
@@ -192,11 +201,11 @@ def activation_and_grad(model, tokens: Tensor, hook: HookSpec,
     return box[0].detach(), grad
 
 
-def harvest_with_grads(model, tokens: Tensor, hook: HookSpec) -> Batch:
+def harvest_with_grads(model, tokens: Tensor, hook: HookSpec, dtype: torch.dtype | None = torch.float32) -> Batch:
     """Activations ``x`` and loss gradients ``grad = ∂L/∂x`` at ``hook``, each
-    ``[b·(T−1), d_in]`` (BOS dropped), for g-SAE training."""
+    ``[b·(T−1), d_in]`` (BOS dropped) in ``dtype`` (None: the model's), for g-SAE training."""
     act, grad = activation_and_grad(model, tokens, hook)
-    return Batch(_tokens_flat(act), _tokens_flat(grad))
+    return Batch(_tokens_flat(act, dtype), _tokens_flat(grad, dtype))
 
 
 def fill_permutation(n: int, seed: int, fill: int) -> Tensor:
@@ -210,7 +219,8 @@ class ModelActivations:
     ``token_batches`` must be deterministic; fills are requested in increasing order, and
     skipped fills only advance the token stream (no model forward). With several hooks one
     forward feeds them all (``fills_part``); ``view(name)`` is the source of one hook. Under
-    data-parallel training ``fill_part`` harvests only this rank's share of the sequences."""
+    data-parallel training ``fill_part`` harvests only this rank's share of the sequences.
+    Fills are in the model's dtype."""
 
     def __init__(self, model, hook: HookSpec | list[HookSpec], token_batches: Iterator[Tensor],
                  seqs_per_fill: int, with_grads: bool = False):
@@ -255,9 +265,10 @@ class ModelActivations:
             seqs = self._sequences(i).tensor_split(world)[rank]
             chunks = [seqs[j: j + batch_seqs] for j in range(0, len(seqs), batch_seqs)]
             if self.with_grads:
-                acts = {self.hook.name: Batch.cat([harvest_with_grads(self.model, c, self.hook) for c in chunks])}
+                acts = {self.hook.name: Batch.cat([harvest_with_grads(self.model, c, self.hook, None)
+                                                   for c in chunks])}
             else:
-                parts = [harvest_many(self.model, c, self.hooks) for c in chunks]
+                parts = [harvest_many(self.model, c, self.hooks, None) for c in chunks]
                 acts = {h.name: Batch(torch.cat([p[h.name] for p in parts])) for h in self.hooks}
             self._last = (key, acts)
         return self._last[1]
@@ -297,7 +308,7 @@ class HookView:
 
 class TensorActivations:
     """Fills cut from an in-memory ``[n, d_in]`` tensor, with ``grads`` ``[n, d_in]`` (∂L/∂x)
-    beside it for g-SAEs."""
+    beside it for g-SAEs, in their own dtype."""
 
     def __init__(self, acts: Tensor, fill_tokens: int, grads: Tensor | None = None):
         self.acts, self.fill_tokens = Batch(acts, grads), fill_tokens
@@ -308,7 +319,7 @@ class TensorActivations:
 
     def fill(self, i: int) -> Batch:
         j = i % self.n_fills  # epochs wrap around
-        return self.acts.take(slice(j * self.fill_tokens, (j + 1) * self.fill_tokens)).float()
+        return self.acts.take(slice(j * self.fill_tokens, (j + 1) * self.fill_tokens))
 
     def fill_part(self, i: int, rank: int, world: int) -> tuple[Batch, int, int]:
         """Every rank reads the whole fill (no exchange needed)."""
@@ -317,7 +328,8 @@ class TensorActivations:
 
 
 class CachedActivations:
-    """Fills read from a ``saekit cache`` folder (one fill per shard)."""
+    """Fills read from a ``saekit cache`` folder (one fill per shard), in the dtype the cache
+    holds (``meta.json``'s ``dtype``; float32 for caches written before it was recorded)."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -326,6 +338,11 @@ class CachedActivations:
         self.meta = read_json(self.folder / "meta.json")
         self.n_fills = self.meta["n_shards"]
         self.fill_tokens = self.meta["shard_tokens"]
+        name = self.meta.get("dtype", "float32")
+        if name not in DTYPES:
+            raise SAEFileError(f"{self.folder / 'meta.json'}: unknown dtype {name!r}; a saekit cache holds "
+                               f"{', '.join(DTYPES)}")
+        self.dtype = DTYPES[name]
 
     def fill(self, i: int) -> Batch:
         """Shard ``i``: ``x`` ``[n, d_in]``, with ``grad`` when the cache has gradients."""
@@ -333,8 +350,12 @@ class CachedActivations:
             warnings.warn(f"the cache {self.folder} holds {self.n_fills} fills; training goes "
                           "round it again (cache more tokens to avoid repeating data)", stacklevel=2)
         j = i % self.n_fills
-        t = read_tensors(self.folder / shard_name(j))
-        return Batch(t["acts"], t.get("grads")).float()
+        path = self.folder / shard_name(j)
+        t = read_tensors(path)
+        if t["acts"].dtype != self.dtype:
+            raise SAEFileError(f"{path} holds {dtype_name(t['acts'].dtype)} activations but meta.json says "
+                               f"{dtype_name(self.dtype)}; recreate the cache")
+        return Batch(t["acts"], t.get("grads"))
 
     def fill_part(self, i: int, rank: int, world: int) -> tuple[Batch, int, int]:
         """Every rank reads the whole shard (no exchange needed)."""
@@ -348,18 +369,18 @@ def shard_name(i: int) -> str:
 
 def write_cache(source: ModelActivations, folder, n_shards: int, meta: dict, progress=None) -> Path:
     """Write ``n_shards`` fills of ``source`` as safetensors shards (tensors ``acts`` and,
-    with gradients, ``grads``), then ``meta.json`` (written last: a folder without it is an
-    unfinished cache)."""
+    with gradients, ``grads``, in the dtype the source gives them), then ``meta.json`` with
+    that ``dtype`` (written last: a folder without it is an unfinished cache)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shard_tokens = None
+    shard_tokens = dtype = None
     for i in range(n_shards):
         fill = source.fill(i)
-        shard_tokens = len(fill.x)
+        shard_tokens, dtype = len(fill.x), dtype_name(fill.x.dtype)
         tensors = {"acts": fill.x} if fill.grad is None else {"acts": fill.x, "grads": fill.grad}
         atomic_save_tensors(folder / shard_name(i), tensors)
         if progress is not None:
             progress.update(shard_tokens)
     atomic_write_text(folder / "meta.json", json.dumps(
-        {**meta, "n_shards": n_shards, "shard_tokens": shard_tokens}, indent=1))
+        {**meta, "dtype": dtype, "n_shards": n_shards, "shard_tokens": shard_tokens}, indent=1))
     return folder

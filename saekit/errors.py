@@ -26,6 +26,11 @@ class SAEFileError(SaekitError):
     """An SAE or checkpoint file is missing, corrupt, or of an unknown layout."""
 
 
+class DeviceError(SaekitError):
+    """The device cannot run what was asked: it is not on this machine, or its torch build
+    cannot compute in the dtype asked for."""
+
+
 class MismatchError(SaekitError):
     """An SAE does not fit the model or hook it is used with."""
 

@@ -120,7 +120,11 @@ def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 
 def loss_recovered(clean: float, spliced: float, ablated: float) -> float:
     """(L_ablated − L_spliced) / (L_ablated − L_clean): 1 = the splice loses nothing, 0 = as
-    bad as the ablation (Kissane et al. 2024)."""
+    bad as the ablation (Kissane et al. 2024). NaN where the ablation leaves the loss as it
+    is (a hook the loss does not depend on, e.g. in a randomly initialised model): there is
+    nothing to recover, and the ratio is undefined."""
+    if ablated == clean:
+        return float("nan")
     return (ablated - spliced) / (ablated - clean)
 
 

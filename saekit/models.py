@@ -2,7 +2,7 @@
 
 ``load_model()`` returns saekit's embedded model (``pretrained/``); a local folder in
 Hugging Face format or a hub name (``"gpt2"``) goes through the same
-``TransformerBridge.boot_transformers`` path.
+``TransformerBridge.boot_transformers`` path, in the dtype ``model_dtype`` picks.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from saekit import placement, pretrained
 from saekit.errors import ModelLoadError
+from saekit.precision import DTYPES, as_dtype, check_device, check_dtype_runs
 
 EMBEDDED_NAME = "saekit-ioi-6l"
 log = logging.getLogger("saekit.models")
@@ -79,15 +80,42 @@ def _in_hub_cache(name: str) -> bool:
     return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
+def native_dtype(target: str) -> torch.dtype:
+    """The dtype the model's Hugging Face config declares (``dtype``; ``torch_dtype`` in
+    transformers before 5), where it is one saekit runs (float32, bfloat16, float16); else
+    float32. ``target``: a folder or hub name, as ``resolve_model_name`` gives it."""
+    config = transformers.AutoConfig.from_pretrained(target)
+    declared = getattr(config, "dtype", None) or config.to_dict().get("torch_dtype")
+    if isinstance(declared, str):
+        declared = DTYPES.get(declared.removeprefix("torch."))
+    return declared if declared in DTYPES.values() else torch.float32
+
+
+def model_dtype(dtype: str | torch.dtype, device: str | torch.device, target: str) -> torch.dtype:
+    """The dtype a model runs in: ``dtype`` itself, or for ``"auto"`` float32 on CPU and the
+    config's own (``native_dtype``) on CUDA. On CPU float32 is measured fastest: on a CPU
+    without bf16/fp16 matmul units (AVX2) the half-precision forward is several times slower
+    (benchmarks/RESULTS.md, "Precision"); a GPU runs a model fastest in the dtype it was made in."""
+    chosen = as_dtype(dtype)
+    if chosen is not None:
+        return chosen
+    return native_dtype(target) if torch.device(device).type == "cuda" else torch.float32
+
+
 def load_model(name: str | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, *, device_map: str | dict | None = None, n_devices: int = 1):
+               dtype: str | torch.dtype = "auto", *, device_map: str | dict | None = None, n_devices: int = 1):
     """A ``TransformerBridge`` for ``name``: ``None`` is the embedded model, else a local
-    folder or a hub name. Raises ``ModelLoadError`` with a one-line reason on failure.
+    folder or a hub name, on ``device`` in ``dtype`` (float32, bfloat16, float16 or their
+    names; ``"auto"``: ``model_dtype``). Raises ``ModelLoadError`` with a one-line reason on
+    failure, ``DeviceError`` for a device that is not here or cannot compute in the dtype, and
+    ``ConfigError`` for another dtype.
 
     ``device_map`` (a strategy such as ``"auto"``, a ``{module: device}`` dict, or their
     ``--device-map`` text) or ``n_devices`` > 1 (CUDA GPUs) spread the model over several
     devices instead of ``device`` (``saekit.placement``); a dict that leaves a layer out
     raises ``DeviceMapError`` before anything is loaded."""
+    check_device(device)
+    as_dtype(dtype)  # refuse a bad dtype before anything slow
     device_map = placement.parse_device_map(device_map)
     placement.check_placement(device_map, n_devices)
     target = resolve_model_name(name)
@@ -101,6 +129,8 @@ def load_model(name: str | None = None, device: str | torch.device = "cpu",
     if isinstance(device_map, dict):
         placement.check_covers(device_map, *placement.model_entries(target))
     try:
+        dtype = model_dtype(dtype, device, target)
+        check_dtype_runs(dtype, device)
         if spread:
             model = TransformerBridge.boot_transformers(target, device=None, dtype=dtype, device_map=device_map,
                                                         n_devices=n_devices if n_devices > 1 else None)

@@ -20,8 +20,9 @@ sparse backward. ``encode_dense`` / ``decode_dense`` are the dense forms.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import einops
 import torch
@@ -231,6 +232,25 @@ class SAE(nn.Module):
     def decode_dense(self, f: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
         """``f @ W_dec + b_dec`` for dense activations ``f``."""
         return f @ self.W_dec + self.b_dec
+
+    @contextmanager
+    def computing_in(self, dtype: torch.dtype) -> Iterator["SAE"]:
+        """Within the block the SAE computes in ``dtype`` (mixed precision with float32 master
+        weights): each parameter reads as a ``dtype`` copy made on entry, differentiably, so a
+        backward through what the block computed lands in the parameters themselves, which the
+        optimizer updates and files store. Parameters already in ``dtype`` read as they are
+        (float32: nothing changes). Inputs are the caller's to cast; ``parameters()`` inside the
+        block gives the copies: step the optimizer after it."""
+        params = self._parameters
+        kept = {n: p for n, p in params.items() if p is not None and p.dtype != dtype}
+        try:
+            for n, p in kept.items():
+                # a plain tensor where nn.Module keeps the Parameter: attribute reads (sae.W_dec)
+                # see it, as torch.func.functional_call's reparametrisation does
+                params[n] = p.to(dtype)
+            yield self
+        finally:
+            params.update(kept)
 
     # ---- hook shapes ----------------------------------------------------------------------
     def flatten_hook(self, act: Tensor) -> Tensor:

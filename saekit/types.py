@@ -24,6 +24,9 @@ FIRING_THRESHOLD = 1e-3
 SparsityName = Literal["topk", "gtopk", "mutual_choice", "feature_choice", "batchtopk", "matryoshka",
                        "standard", "jumprelu", "gated"]
 ImplName = Literal["auto", "torch", "triton", "screen"]
+# The dtypes a model runs in (auto: saekit.precision.model_dtype) and an SAE's step computes in.
+ModelDtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+SAEDtypeName = Literal["float32", "bfloat16"]
 # The architectures whose latents fire each on its own (saekit.elementwise.RULES); the others select.
 ELEMENTWISE = ("standard", "jumprelu", "gated")
 

@@ -9,6 +9,8 @@ ranks with a stable descending sort, which keeps the lower index first among equ
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -18,9 +20,27 @@ HAS_TRITON = dispatch.triton_available()
 # tests/conftest.py turns the interpreter on before anything imports triton; only a machine
 # without the triton package (macOS) skips the Triton cases.
 triton_case = pytest.mark.skipif(not HAS_TRITON, reason="the triton package is not installed")
+# Where the kernel tests (test_kernels.py, test_sparse_rows.py) make their tensors: the CPU,
+# or with SAEKIT_TEST_DEVICE=cuda (and TRITON_INTERPRET=0) the GPU, where the Triton kernels
+# are compiled, not interpreted (benchmarks/gpu_check.sh runs them so).
+DEVICE = torch.device(os.environ.get("SAEKIT_TEST_DEVICE", "cpu"))
 # "screen" is the CPU encoder that ranks through a bf16 matmul (kernels/screen.py): on this
 # integer data its bound is ~1e-5 wide, so the tests' exact comparisons hold for it as well.
-IMPLS = ["torch", "screen", pytest.param("triton", marks=triton_case)]
+IMPLS = ["torch", *(["screen"] if DEVICE.type == "cpu" else []), pytest.param("triton", marks=triton_case)]
+
+
+@pytest.fixture
+def on_test_device():
+    """Tensors made without a device go to ``DEVICE`` (a no-op on the CPU)."""
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
+
+
+def gen(seed: int) -> torch.Generator:
+    """A seeded generator on ``DEVICE`` (random data differs between devices; the tests
+    compare each impl with a reference computed on the same data)."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
 # ---- data and the dense reference --------------------------------------------------------
@@ -28,13 +48,13 @@ IMPLS = ["torch", "screen", pytest.param("triton", marks=triton_case)]
 
 def int_sae(d_in, d_sae, B, dtype=torch.float32, seed=0):
     """x, W_enc, b_enc, b_dec, W_dec with small integer entries: exact arithmetic, many ties."""
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     r = lambda *s, lo=-2, hi=3: torch.randint(lo, hi, s, generator=g).to(dtype)  # noqa: E731
     return r(B, d_in), r(d_in, d_sae), r(d_sae), r(d_in, lo=-1, hi=2), r(d_sae, d_in)
 
 
 def randn_sae(d_in, d_sae, B, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     return r(B, d_in), r(d_in, d_sae) / d_in**0.5, r(d_sae) * 0.1, r(d_in) * 0.1, r(d_sae, d_in) / d_in**0.5
 

@@ -29,6 +29,7 @@ def test_metric_functions_match_hand_computed_values():
     assert fvu(x, x_hat) == pytest.approx(0.25)
     assert l0_per_token(torch.tensor([[0.0, 2.0, 0.5], [0.0, 0.0, 0.0]])).tolist() == [2, 0]
     assert loss_recovered(clean=2.0, spliced=2.5, ablated=4.0) == pytest.approx(0.75)
+    assert math.isnan(loss_recovered(clean=2.0, spliced=2.5, ablated=2.0))  # the ablation changes nothing
     s = frequency_summary(torch.tensor([0, 5, 50, 1]), n_tokens=100)
     assert s["never_fired_frac"] == pytest.approx(0.25)  # one latent of four never fired
     assert s["dense_frac"] == pytest.approx(0.25)  # one fires on 50% > 10%

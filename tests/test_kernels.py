@@ -21,11 +21,13 @@ import sys
 import pytest
 import torch
 
-from saekit.kernels import TopKResult, decode_sparse, encode_topk, encode_topk_aux, resolve_impl
+from saekit.kernels import TopKResult, decode_sparse, encode_topk, encode_topk_aux, resolve_impl, topk_impl
 from saekit.kernels import dispatch
 from saekit.kernels.select import pack_keys, topk_lower_index, unpack_keys
-from tests.kernel_helpers import (HAS_TRITON, IMPLS, assert_grads_equal, dense_pre, fire, int_sae, leaves,
-                                  randn_sae, scatter_dense, stable_topk, triton_case)
+from tests.kernel_helpers import (DEVICE, HAS_TRITON, IMPLS, assert_grads_equal, dense_pre, fire, gen, int_sae,
+                                  leaves, on_test_device, randn_sae, scatter_dense, stable_topk, triton_case)
+
+pytestmark = pytest.mark.usefixtures(on_test_device.__name__)
 
 
 # ---- dispatch -----------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def test_keys_round_trip_and_order():
     (64, 64, 8, None),    # k == n
 ])
 def test_topk_lower_index_matches_stable_sort(dtype, n, k, group, n_super):
-    g = torch.Generator().manual_seed(n + k)
+    g = gen(n + k)
     for scores in (torch.randint(-3, 4, (41, n), generator=g).to(dtype),   # ties everywhere
                    torch.randn(41, n, generator=g).to(dtype)):
         v, i = topk_lower_index(scores, k, group=group, n_super=n_super)
@@ -176,7 +178,7 @@ def dense_pipeline(x, W_enc, b_enc, b_dec, W_dec, k):
 @pytest.mark.parametrize("d_in,d_sae,k", [(40, 333, 7), (24, 200, 32)])
 def test_backward_matches_dense_autograd(impl, x_grad, d_in, d_sae, k):
     params = int_sae(d_in, d_sae, 37, seed=d_sae + k)
-    up = torch.randint(-3, 4, (37, d_in), generator=torch.Generator().manual_seed(1)).float()
+    up = torch.randint(-3, 4, (37, d_in), generator=gen(1)).float()
     got_leaves = leaves(*params, x_grad=x_grad)
     want_leaves = leaves(*params, x_grad=x_grad)
     got = fire((sparse_pipeline(impl, *got_leaves, k), got_leaves), up)
@@ -191,7 +193,7 @@ def test_backward_bf16(impl):
     """bf16 params, random data: grads within 3e-2 of the largest (bf16 output rounding) of
     fp32 dense autograd through the same selection."""
     params = randn_sae(40, 333, 37, torch.bfloat16, seed=3)
-    up = torch.randn(37, 40, generator=torch.Generator().manual_seed(2))
+    up = torch.randn(37, 40, generator=gen(2))
     got_leaves = leaves(*params)
     top = encode_topk(*got_leaves[:4], 7, impl=impl)
     x_hat = decode_sparse(top.values, top.indices, got_leaves[4], got_leaves[3], impl=impl)
@@ -214,7 +216,7 @@ def test_backward_bf16(impl):
 def test_encode_topk_aux(impl, n_dead, k_aux):
     d_in, d_sae, k = 40, 333, 7
     params = int_sae(d_in, d_sae, 37, seed=n_dead)
-    g = torch.Generator().manual_seed(n_dead)
+    g = gen(n_dead)
     dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[torch.randperm(d_sae, generator=g)[:n_dead]] = True
     up = torch.randint(-2, 3, (37, d_in), generator=g).float()
@@ -249,7 +251,7 @@ def test_encode_topk_aux_wider_than_the_fused_kernel(impl):
     reference and carries the same sparse backward. Once raised under impl="triton"."""
     d_in, d_sae, k, k_aux, B = 8, 700, 3, dispatch.TRITON_MAX_K + 88, 5
     params = int_sae(d_in, d_sae, B, seed=3)
-    g = torch.Generator().manual_seed(3)
+    g = gen(3)
     dead = torch.zeros(d_sae, dtype=torch.bool)
     dead[torch.randperm(d_sae, generator=g)[:650]] = True
     up, up_aux = (torch.randint(-2, 3, (B, d_in), generator=g).float() for _ in range(2))
@@ -279,9 +281,10 @@ def test_triton_training_keeps_running_once_more_latents_die_than_the_kernel_hol
     from saekit.training.config import OptimOptions, TrainConfig
     from saekit.training.trainer import Trainer
 
-    sae = SAE(SAEConfig(d_in=8, d_sae=700, k=3, impl="triton"), seed=0)
+    with torch.device("cpu"):  # the SAE's init draws from a CPU generator
+        sae = SAE(SAEConfig(d_in=8, d_sae=700, k=3, impl="triton"), seed=0).to(DEVICE)
     trainer = Trainer(sae, TrainConfig(optim=OptimOptions(k_aux=600, dead_tokens=1, warmup_steps=0)), total_steps=3)
-    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(6, 8, generator=gen(0))
     stats = [trainer.train_step(x) for _ in range(3)]
     assert stats[0].aux == 0 and stats[1].dead_frac > 600 / 700
     assert all(s.aux > 0 for s in stats[1:])
@@ -301,6 +304,7 @@ def test_auto_on_cuda_runs_the_torch_encoder_where_k_exceeds_the_fused_kernel(mo
         top = encode_topk(x, W_enc, b_enc, b_dec, k, impl="auto")
     assert torch.equal(top.indices, stable_topk(dense_pre(x, W_enc, b_enc, b_dec), k)[1])
     assert f"k > {dispatch.TRITON_MAX_K}" in " ".join(r.getMessage() for r in caplog.records)
+    assert topk_impl("auto", x, W_enc, k) == "torch" and topk_impl("auto", x, W_enc, k - 1) == "triton"
     if HAS_TRITON:
         with pytest.raises(ValueError, match=f"supports k <= {dispatch.TRITON_MAX_K}") as e:
             encode_topk(x, W_enc, b_enc, b_dec, k, impl="triton")
@@ -317,7 +321,8 @@ def test_trainer_refuses_an_unsupported_kernel_setting_before_step_1(sparsity, r
     from saekit.training.trainer import Trainer
 
     k = dispatch.TRITON_MAX_K + 1
-    sae = SAE(SAEConfig(d_in=8, d_sae=1024, k=k, impl="triton", sparsity=sparsity), seed=0)
+    with torch.device("cpu"):
+        sae = SAE(SAEConfig(d_in=8, d_sae=1024, k=k, impl="triton", sparsity=sparsity), seed=0).to(DEVICE)
     if not refused:
         Trainer(sae, TrainConfig(), total_steps=1)
         return

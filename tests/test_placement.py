@@ -18,8 +18,8 @@ from saekit.training.config import DataOptions, TrainConfig
 OUTER = ["transformer.wte", "transformer.wpe", "transformer.ln_f", "lm_head"]
 # layers 0-2 in memory, 3-5 read from disk at each forward
 SPLIT = {**dict.fromkeys(OUTER, "cpu"), **{f"transformer.h.{i}": "cpu" if i < 3 else "disk" for i in range(6)}}
-ARGS = ["--d-sae", "256", "-k", "8", "--batch-size", "512", "--fill-tokens", "1016", "--seq-len", "128",
-        "--total-tokens", "1024", "--warmup-steps", "2", "--eval-tokens", "127", "--progress", "false"]
+ARGS = ["--d-sae", "256", "-k", "8", "--batch-size", "128", "--fill-tokens", "508", "--seq-len", "128",
+        "--total-tokens", "256", "--warmup-steps", "1", "--eval-tokens", "127", "--progress", "false"]
 
 
 def test_cpu_and_disk_are_two_devices_with_the_same_activations(model):

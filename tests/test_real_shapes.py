@@ -4,7 +4,9 @@ heads over 8 key/value heads), written as Hugging Face folders (saekit.training.
 and loaded by `saekit train --model PATH`, which trains an SAE at every hook_z and one
 residual hook in one run. Then hook shapes, d_in, head attribution and the DFA identities.
 
-A small token budget (3 steps of 256 activations, one 16-sequence fill); ~15 s a model on 2 cores."""
+A small token budget (2 steps of 128 activations from one fill of 10 sequences of 32 tokens)."""
+
+import json
 
 import pytest
 import torch
@@ -17,11 +19,11 @@ from saekit.models import load_model
 from saekit.training.shaped_models import SHAPES, build
 from tests.test_attention import _check_dfa_identity
 
-ARGS = ["--expansion", "2", "-k", "16", "--batch-size", "256", "--total-tokens", "768", "--fill-tokens", "1008",
-        "--seq-len", "64", "--eval-tokens", "0", "--progress", "false"]
+ARGS = ["--expansion", "2", "-k", "16", "--batch-size", "128", "--total-tokens", "256", "--fill-tokens", "310",
+        "--seq-len", "32", "--eval-tokens", "0", "--progress", "false"]
 
 
-@pytest.fixture(scope="module", params=sorted(SHAPES))
+@pytest.fixture(scope="module", params=["gpt2-small", "llama-gqa"])
 def trained(request, tmp_path_factory):
     """(shape, model, run folder, residual hook) after one `saekit train --model PATH` run."""
     shape = SHAPES[request.param]
@@ -54,6 +56,7 @@ def test_hook_shapes_and_d_in(trained):
         assert sae.cfg.d_in == (shape.n_heads * shape.d_head if z else shape.d_model) == shape.d_model
         assert tuple(sae.cfg.hook_shape) == ((shape.n_heads, shape.d_head) if z else (shape.d_model,))
         assert sae.cfg.d_sae == 2 * sae.cfg.d_in and sae.W_dec.shape == (sae.cfg.d_sae, sae.cfg.d_in)
+        assert [json.loads(l)["step"] for l in (run / name / "metrics.jsonl").read_text().splitlines()][-1] == 2
 
 
 def test_head_attribution_at_real_width(trained):

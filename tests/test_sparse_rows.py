@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from saekit.kernels import decode_sparse
-from tests.kernel_helpers import IMPLS, assert_grads_equal, dense_pre, int_sae, leaves, scatter_dense, triton_case
+from tests.kernel_helpers import (IMPLS, assert_grads_equal, dense_pre, gen, int_sae, leaves, on_test_device,
+                                  scatter_dense, triton_case)
+
+pytestmark = pytest.mark.usefixtures(on_test_device.__name__)
 
 
 # ---- decoder --------------------------------------------------------------------------------------------
@@ -20,7 +23,7 @@ from tests.kernel_helpers import IMPLS, assert_grads_equal, dense_pre, int_sae, 
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_decode_sparse_matches_dense(impl, with_bias):
     d_sae, d_in, B, k = 333, 40, 37, 9
-    g = torch.Generator().manual_seed(5)
+    g = gen(5)
     W_dec = torch.randint(-3, 4, (d_sae, d_in), generator=g).float().requires_grad_()
     b_dec = torch.randint(-3, 4, (d_in,), generator=g).float().requires_grad_() if with_bias else None
     values = torch.randint(-3, 4, (B, k), generator=g).float().requires_grad_()
@@ -54,7 +57,7 @@ def test_ragged_decode_skips_padding(impl):
     """With lengths, decoding equals the dense maths over the real entries, and the padding's
     values get zero gradient (without lengths they would get go . W_dec[index])."""
     d_sae, d_in, B, K = 333, 40, 37, 9
-    g = torch.Generator().manual_seed(11)
+    g = gen(11)
     values, indices, lengths, real = ragged_codes(B, K, d_sae, g)
     W_dec = torch.randint(-3, 4, (d_sae, d_in), generator=g).float().requires_grad_()
     b_dec = torch.randint(-3, 4, (d_in,), generator=g).float().requires_grad_()
@@ -80,7 +83,7 @@ def test_ragged_encode_selected_matches_padded(impl):
     from saekit.kernels import encode_selected
 
     d_in, d_sae, B, K = 24, 200, 37, 9
-    g = torch.Generator().manual_seed(12)
+    g = gen(12)
     x, W_enc, b_enc, b_dec, _ = int_sae(d_in, d_sae, B)
     _, indices, lengths, real = ragged_codes(B, K, d_sae, g)
     values = dense_pre(x, W_enc, b_enc, b_dec).relu().gather(1, indices) * real
@@ -97,7 +100,7 @@ def test_ragged_encode_selected_matches_padded(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_decode_sparse_bf16(impl):
     """bf16 in, fp32 accumulation, bf16 out: within 1 bf16 ulp (2**-8 relative) of fp32 maths."""
-    g = torch.Generator().manual_seed(6)
+    g = gen(6)
     W_dec = torch.randn(200, 24, generator=g).bfloat16()
     values = torch.rand(37, 5, generator=g).bfloat16()
     indices = torch.stack([torch.randperm(200, generator=g)[:5] for _ in range(37)])
@@ -110,7 +113,7 @@ def test_decode_sparse_bf16(impl):
 def test_scatter_rows_reuses_its_sort_only_for_the_same_unmodified_indices():
     from saekit.kernels.sparse_rows import scatter_rows_torch
 
-    g = torch.Generator().manual_seed(8)
+    g = gen(8)
     idx = torch.randint(0, 50, (20, 5), generator=g)
     w, dense = torch.randn(20, 5, generator=g), torch.randn(20, 3, generator=g)
 
@@ -133,7 +136,7 @@ def test_triton_sparse_row_kernels_strided_and_empty():
     from saekit.kernels import sparse_rows as sr
     from saekit.kernels.sparse_rows_triton import gather_rows_triton, row_dot_triton, scatter_rows_triton
 
-    g = torch.Generator().manual_seed(7)
+    g = gen(7)
     idx = torch.randint(0, 333, (37, 11), generator=g)
     w = torch.randint(-3, 4, (37, 11), generator=g).float()
     M = torch.randint(-3, 4, (40, 333), generator=g).float().t()  # strided [333, 40], like W_enc.t()

@@ -102,7 +102,8 @@ def test_cache_then_train_from_cache_matches_training_from_the_model(tmp_path):
     args = args[:args.index("--total-tokens")] + ["--total-tokens", "7168"] + args[args.index("--total-tokens") + 2:]
     assert main(["cache", "--out", str(tmp_path / "cache"), "--fill-tokens", "4064", "--batch-size", "512",
                  "--total-tokens", "8128"]) == 0
-    assert json.loads((tmp_path / "cache" / "meta.json").read_text())["n_shards"] == 2
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["n_shards"] == 2 and meta["dtype"] == "float32"
     assert main(["train", "--out", str(tmp_path / "a"), "--eval-tokens", "0", *args]) == 0
     assert main(["train", "--out", str(tmp_path / "b"), "--eval-tokens", "0", "--from-cache", str(tmp_path / "cache"),
                  *args]) == 0

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 from saekit.errors import ConfigError
 from saekit.placement import check_placement, parse_device_map
-from saekit.types import ELEMENTWISE, SAEConfig
+from saekit.types import ELEMENTWISE, ModelDtypeName, SAEConfig, SAEDtypeName
 
 
 class _Joined(str):
@@ -48,6 +49,8 @@ class DataOptions:
     """Activations per shuffled buffer fill (and per cache shard)."""
     device: str = "cpu"
     """Device for the model and the SAE."""
+    dtype: ModelDtypeName = "auto"
+    """The model's dtype, which activations are buffered and cached in (bfloat16: half the memory); auto = float32 on CPU (measured fastest), the model config's dtype on CUDA; --from-cache: the cache's."""
     heldout_frac: float = 0.01
     """Local files and hub datasets without a validation/test split: share of documents (by a stable hash) held out of training for the summary and saekit eval."""
     device_map: str = ""
@@ -69,11 +72,19 @@ class DataOptions:
         if self.total_tokens < self.batch_size:
             raise ConfigError(f"--total-tokens ({self.total_tokens}) is less than one batch ({self.batch_size})")
         check_placement(parse_device_map(self.device_map), self.n_devices)
+        check_choice("--dtype", self.dtype, ModelDtypeName)
 
     @property
     def placement(self) -> dict:
         """``load_model``'s keyword arguments for --device-map and --n-devices."""
         return {"device_map": self.device_map, "n_devices": self.n_devices}
+
+
+def check_choice(option: str, value, choices) -> None:
+    """Refuse a value outside the ``Literal`` ``choices`` (the command line's parser refuses
+    them too; this catches configs built in Python or read from files)."""
+    if value not in typing.get_args(choices):
+        raise ConfigError(f"{option} must be one of {', '.join(typing.get_args(choices))}, not {value!r}")
 
 
 @dataclass
@@ -112,6 +123,8 @@ class OptimOptions:
     """standard, gated, jumprelu: share of the run, at the start, over which the sparsity penalty's weight rises linearly from 0."""
     matryoshka_sizes: str = ""
     """matryoshka: nested prefix sizes, comma-separated and increasing (128,512,2048); d_sae is added last if missing; empty means d_sae/16, d_sae/4, d_sae."""
+    sae_dtype: SAEDtypeName = "float32"
+    """The SAE step's compute dtype; bfloat16 keeps float32 master weights (parameters, Adam, checkpoints and files stay float32) and is slower on CPUs without bf16 matmul units."""
 
     def __post_init__(self):
         if self.lr < 0:
@@ -128,6 +141,7 @@ class OptimOptions:
             raise ConfigError(f"--sparsity-warmup-frac must be between 0 and 1, not {self.sparsity_warmup_frac}")
         if self.matryoshka_sizes:
             self.prefix_sizes(None)  # refuse a malformed list now
+        check_choice("--sae-dtype", self.sae_dtype, SAEDtypeName)
 
     def prefix_sizes(self, d_sae: int | None) -> list[int]:
         """matryoshka's nested prefix sizes for ``d_sae`` latents, the last being ``d_sae``

@@ -29,6 +29,7 @@ process, or spread hooks with ``--distribute-hooks``).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,6 +43,8 @@ from saekit.errors import ConfigError
 from saekit.sparsity import ACTIVATIONS
 from saekit.training.losses import sum_sq, total_variance
 from saekit.types import Batch
+
+log = logging.getLogger("saekit.training.distributed")
 
 # ---- the process group ------------------------------------------------------------------------
 
@@ -81,6 +84,8 @@ def init(device: str = "cpu", timeout_s: float = 1800) -> DistContext:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    if rank == 0:  # which transport runs (benchmarks/gpu_check.sh checks for NCCL)
+        log.info("process group %s, %d process(es)", dist.get_backend(), world)
     return DistContext(rank, world, local, True)
 
 

@@ -46,8 +46,9 @@ class _SquaredError(torch.autograd.Function):
 
 
 def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:
-    """``Σ‖x̂ − x‖²`` over everything; the gradient flows to ``x_hat`` (``x`` is the target)."""
-    return _SquaredError.apply(x_hat, x.detach())
+    """``Σ‖x̂ − x‖²`` over everything, in float32 whatever the inputs' dtype (a bf16 sum of
+    squares would keep 8 bits); the gradient flows to ``x_hat`` (``x`` is the target)."""
+    return _SquaredError.apply(x_hat.float(), x.detach().float())
 
 
 def total_variance(x: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from saekit.activations import (CachedActivations, HookSpec, ModelActivations, T
 from saekit.errors import ConfigError, SaekitError
 from saekit.files import atomic_write_text
 from saekit.models import load_model
+from saekit.precision import as_dtype, check_device, dtype_name
 from saekit.sae import SAE
 from saekit.sparsity import ACTIVATIONS
 from saekit.training import distributed, preflight
@@ -67,6 +68,7 @@ def run_training(cfg: TrainConfig) -> dict:
 
     Under ``torchrun`` the ranks train data-parallel (``saekit.training.distributed``), or
     with ``--distribute-hooks`` each rank trains its share of the hooks on the whole data."""
+    check_device(cfg.data.device)  # before torchrun's process group, which would fail less plainly
     ctx = distributed.init(cfg.data.device)
     try:
         return _run(cfg, ctx)
@@ -85,7 +87,7 @@ def _run(cfg: TrainConfig, ctx) -> dict:
         raise ConfigError("--device-map and --n-devices spread one model over several devices in one process; "
                           "under torchrun each process holds its own: drop them, or run without torchrun")
     torch.manual_seed(cfg.run.seed)
-    model, source, hooks, model_name, fill_tokens = _open_source(cfg, device)
+    model, source, hooks, model_name, fill_tokens, dtype = _open_source(cfg, device)
     if dp:
         distributed.check_supported(cfg.sae.sparsity, d.batch_size, ctx.world)
     multi = len(hooks) > 1
@@ -116,7 +118,8 @@ def _run(cfg: TrainConfig, ctx) -> dict:
     summaries = {}
     for job in jobs:
         job.trainer.sae.save(job.out)
-        summaries[job.name] = summarize(job.trainer.sae, job.trainer, cfg, model) if cfg.run.eval_tokens else {}
+        summaries[job.name] = (summarize(job.trainer.sae, job.trainer, cfg, model, dtype)
+                               if cfg.run.eval_tokens else {})
         atomic_write_text(job.out / "summary.json", json.dumps(summaries[job.name], indent=1))
     if multi:
         _merge_summaries(out, hooks)
@@ -124,8 +127,9 @@ def _run(cfg: TrainConfig, ctx) -> dict:
 
 
 def _open_source(cfg: TrainConfig, device: str):
-    """``(model, source, hooks, model_name, fill_tokens)``: a cache's source, or the model
-    (whose source is built once the ranks know their hooks: ``source`` is then ``None``)."""
+    """``(model, source, hooks, model_name, fill_tokens, dtype)``: a cache's source, or the
+    model (whose source is built once the ranks know their hooks: ``source`` is then
+    ``None``); ``dtype`` is the model's (a cache's: the one it was harvested in)."""
     d = cfg.data
     model = source = None
     if d.from_cache:
@@ -133,13 +137,19 @@ def _open_source(cfg: TrainConfig, device: str):
         meta = source.meta
         if any(c in d.hook for c in ",*?["):
             raise ConfigError("--from-cache holds one hook's activations; train several hooks from the model")
+        asked = as_dtype(d.dtype)
+        if asked is not None and asked != source.dtype:
+            have = dtype_name(source.dtype)
+            raise ConfigError(f"the cache {d.from_cache} holds {have} activations, not --dtype {d.dtype}; omit "
+                              f"--dtype (a cache's own is used) or cache again with --dtype {d.dtype}")
         hooks, model_name = [HookSpec(meta["hook_name"], tuple(meta["hook_shape"]))], meta["model_name"]
-        fill_tokens = source.fill_tokens
+        fill_tokens, dtype = source.fill_tokens, source.dtype
         if ACTIVATIONS[cfg.sae.sparsity].uses_grad and not meta.get("with_grads"):
             raise ConfigError(f"--sparsity {cfg.sae.sparsity} needs gradients; the cache {d.from_cache} has none "
                               "(make one with `saekit cache --with-grads`)")
     else:
-        model = load_model(d.model, device, **d.placement)
+        model = load_model(d.model, device, d.dtype, **d.placement)
+        dtype = model.cfg.dtype
         hooks, model_name = resolve_hooks(model, d.hook), models.model_name(model)
         fill_tokens = max(1, d.fill_tokens // (d.seq_len - 1)) * (d.seq_len - 1)
     if len(hooks) > 1 and ACTIVATIONS[cfg.sae.sparsity].uses_grad:
@@ -147,7 +157,7 @@ def _open_source(cfg: TrainConfig, device: str):
                           "train each hook in its own run")
     if fill_tokens < d.batch_size:
         raise ConfigError(f"a buffer fill holds {fill_tokens} activations, fewer than --batch-size {d.batch_size}")
-    return model, source, hooks, model_name, fill_tokens
+    return model, source, hooks, model_name, fill_tokens, dtype
 
 
 def _job(cfg: TrainConfig, sae_cfg: SAEConfig, state: dict | None, reader, folder: Path, comm,
@@ -200,9 +210,10 @@ def _loggers(cfg: TrainConfig, out: Path):
 
 def cache_activations(d: DataOptions, out: str, seed: int = 0, progress: bool = True,
                       with_grads: bool = False) -> Path:
-    """Harvest ``d.total_tokens`` activations at ``d.hook`` into ``out`` (``saekit cache``);
-    ``with_grads`` also stores ∂L/∂x for g-SAE training."""
-    model = load_model(d.model, d.device, **d.placement)
+    """Harvest ``d.total_tokens`` activations at ``d.hook`` into ``out`` (``saekit cache``),
+    in the model's dtype (``d.dtype``; meta.json records it); ``with_grads`` also stores ∂L/∂x
+    for g-SAE training."""
+    model = load_model(d.model, d.device, d.dtype, **d.placement)
     hook, source = _model_source(model, d, seed, with_grads)
     shard = source.seqs_per_fill * (d.seq_len - 1)
     n_shards = max(1, d.total_tokens // shard)

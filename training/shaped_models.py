@@ -14,6 +14,8 @@ What is kept and what is shrunk, and why:
 - ``gpt2-small``: GPT-2 small's 12 layers, d_model 768, 12 heads of 64 and d_mlp 3072, as
   in ``gpt2``'s config.json. The vocabulary is the embedded model's (1435 tokens, not 50257)
   and the context ``n_ctx`` (default 128, not 1024), so the folder stays ~350 MB.
+- ``gpt2-narrow``: GPT-2 small's 12 layers at d_model 64 (4 heads of 16): the CPU stand-in
+  of ``gpt2-small`` in ``benchmarks/gpu_check.sh --dry-run``.
 - ``llama-gqa``: the attention of Llama 3.2 1B (d_model 2048, 32 query heads of 64 dims
   over 8 key/value heads: grouped-query attention, 4 query heads a key/value head, RoPE,
   RMSNorm, SwiGLU), in 2 layers with d_mlp 2048 instead of 16 layers of 8192: the layers and
@@ -59,6 +61,8 @@ class Shape:
 SHAPES = {
     "gpt2-small": Shape("gpt2", n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, d_mlp=3072),
     "llama-gqa": Shape("llama", n_layers=2, d_model=2048, n_heads=32, n_kv_heads=8, d_mlp=2048),
+    # GPT-2 small's 12 layers at a width a CPU runs in moments: gpu_check.sh --dry-run's stand-in
+    "gpt2-narrow": Shape("gpt2", n_layers=12, d_model=64, n_heads=4, n_kv_heads=4, d_mlp=256),
 }
 
 

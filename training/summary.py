@@ -10,6 +10,7 @@ from saekit.activations import harvest_batches, resolve_hook
 from saekit.kernels import resolve_impl
 from saekit.metrics import reconstruction_stats
 from saekit.models import load_model
+from saekit.precision import dtype_name
 from saekit.splice import ce_losses, with_model_gradients
 
 # What the summary reports of saekit.metrics.reconstruction_stats (eval.json has all).
@@ -30,17 +31,20 @@ def eval_tokens(model, cfg):
     return data.heldout_sequences(model.tokenizer, d.dataset, n_seq, d.seq_len, cfg.run.seed + 1, d.heldout_frac)
 
 
-def summarize(sae, trainer, cfg, model=None) -> dict:
+def summarize(sae, trainer, cfg, model=None, dtype="auto") -> dict:
+    """The summary of a trained ``sae`` (module docstring); ``model`` (or, trained from a cache,
+    the run's model loaded in ``dtype``, the cache's) runs the held-out tokens."""
     sae.eval()
     dead_frac = trainer.dead_mask().float().mean().item()  # the trainer's counters, not the eval tokens
     if model is None:  # trained from a cache: the model is only needed for the summary
-        model = load_model(cfg.data.model, cfg.data.device, **cfg.data.placement)
+        model = load_model(cfg.data.model, cfg.data.device, dtype, **cfg.data.placement)
     tokens = eval_tokens(model, cfg)
     hook = resolve_hook(model, sae.cfg.hook_name)
     acts = harvest_batches(model, tokens, hook).to(sae.W_dec.device)
     stats = summary_stats(sae, acts)
     ce = ce_losses(model, sae, tokens, mean=sae.unflatten_hook(acts.mean(0)))
     summary = {**stats, "dead_frac": dead_frac, "impl": resolve_impl(sae.cfg.impl, sae.W_dec.device),
+               "dtype": dtype_name(model.cfg.dtype), "sae_dtype": cfg.optim.sae_dtype,
                **ce.as_dict(), "eval_tokens": len(acts),
                "eval_split": data.describe_heldout(cfg.data.dataset, cfg.data.heldout_frac),
                "steps": trainer.step, "hook": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae, "k": sae.cfg.selected_k}

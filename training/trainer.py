@@ -1,7 +1,9 @@
 """The one training loop, for every SAE variant.
 
 Each step: encode, decode, sum the loss terms, backward, remove the decoder gradient's
-component parallel to each row, Adam, renormalize decoder rows. Dead latents are counted
+component parallel to each row, Adam, renormalize decoder rows. The batch arrives in the dtype
+it was buffered in and is cast at the step: encoding and decoding run in ``--sae-dtype``
+(``SAE.computing_in``), the loss terms' targets and sums in float32. Dead latents are counted
 in tokens since they last fired (an activation above ``FIRING_THRESHOLD``, 1e-3, as in
 OpenAI's code); AuxK trains on them.
 """
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from saekit.activations import fill_permutation
 from saekit.errors import ConfigError, SaekitError
 from saekit.kernels import check_impl
+from saekit.precision import DTYPES, check_dtype_runs
 from saekit.sae import SAE
 from saekit.training import checkpoint as ckpt
 from saekit.training.config import TrainConfig
@@ -90,6 +93,9 @@ class Trainer:
     def __init__(self, sae: SAE, cfg: TrainConfig, total_steps: int, comm: Collective | None = None):
         self.sae, self.cfg, self.total_steps = sae, cfg, total_steps
         _check_kernels(sae)
+        self.dtype = DTYPES[cfg.optim.sae_dtype]  # the step's compute dtype; the parameters stay as they are
+        if self.dtype != sae.W_dec.dtype:
+            check_dtype_runs(self.dtype, sae.W_dec.device, "--sae-dtype")
         self.comm = comm or Collective()
         o = cfg.optim
         self.base_lr = o.lr or default_lr(sae.cfg.d_sae)
@@ -123,13 +129,15 @@ class Trainer:
         warmup = o.sparsity_warmup_frac * self.total_steps
         return coef * min(1.0, (self.step + 1) / warmup) if warmup > 0 else coef
 
-    def _selection_terms(self, x: Tensor, grad: Tensor | None, denom: Tensor):
-        """The TopK family's step: the code (and the auxiliary selection) through the sparse
-        kernels; FVU (matryoshka: summed over its prefixes) and AuxK / aux_zipf."""
+    def _selection_terms(self, x_in: Tensor, x: Tensor, grad: Tensor | None, denom: Tensor):
+        """The TopK family's step on ``x_in`` (``x`` in the step's dtype): the code (and the
+        auxiliary selection) through the sparse kernels; FVU (matryoshka: summed over its
+        prefixes) and AuxK / aux_zipf, against the float32 target ``x``."""
         sae, o = self.sae, self.cfg.optim
         weights = self.aux_weights()
         n_aux = int((weights > 0).sum()) if weights is not None else 0
-        codes, aux = encode_with_aux(sae, x, grad, weights if n_aux else None, min(self.k_aux, n_aux), update=True)
+        codes, aux = encode_with_aux(sae, x_in, grad, weights if n_aux else None, min(self.k_aux, n_aux),
+                                     update=True)
         if self.prefix_sizes:
             x_hat, terms = prefix_fvu_loss(sae, x, codes, self.prefix_sizes, denom)
         else:
@@ -140,26 +148,31 @@ class Trainer:
                                 self.comm.total_variance)
         return terms, codes.values, codes.indices
 
-    def _elementwise_terms(self, x: Tensor, denom: Tensor):
-        """The standard, jumprelu and gated step: dense activations, FVU and the penalty."""
+    def _elementwise_terms(self, x_in: Tensor, x: Tensor, denom: Tensor):
+        """The standard, jumprelu and gated step on ``x_in``: dense activations, FVU against
+        the float32 ``x`` and the penalty."""
         sae = self.sae
-        h = sae.encoder_product(x)  # [B, d_sae]
+        h = sae.encoder_product(x_in)  # [B, d_sae]
         f = sae.activate(h)
         terms = fvu_loss(x, sae.decode_dense(f), denom)
         terms |= PENALTIES[sae.cfg.sparsity](sae, x, h, f, self.penalty_coef(), denom, len(x) * self.comm.world)
         return terms, f, None
 
     def train_step(self, x: Tensor, grad: Tensor | None = None) -> StepStats:
+        """One step on the batch ``x`` [batch, d_in] (any float dtype; g-SAEs: with ``grad``)."""
         sae, o = self.sae, self.cfg.optim
         lr = self.base_lr * lr_factor(self.step, self.total_steps, o.warmup_steps, o.decay_frac)
         for g in self.opt.param_groups:
             g["lr"] = lr
         sae.train()
+        x = x.float()  # the loss's target: a bf16 batch upcasts exactly
         denom = self.comm.total_variance(x)  # of the global batch: each rank's terms are partial sums
-        if sae.elementwise:
-            terms, values, indices = self._elementwise_terms(x, denom)
-        else:
-            terms, values, indices = self._selection_terms(x, grad, denom)
+        with sae.computing_in(self.dtype):
+            x_in = x.to(self.dtype)  # float32: x itself
+            if sae.elementwise:
+                terms, values, indices = self._elementwise_terms(x_in, x, denom)
+            else:
+                terms, values, indices = self._selection_terms(x_in, x, grad, denom)
         loss = sum(terms.values())
         with torch.no_grad():  # one reduction for the logged terms and the firing counts
             on = values > 0  # for L0
