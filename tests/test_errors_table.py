@@ -148,8 +148,12 @@ def test_row(what, how, expected, scratch, model, monkeypatch, capsys, tmp_path)
 
     real = saekit.models.load_model
 
-    def load_model(name=None, device="cpu", dtype="auto"):  # the session's model where it is the one asked for
-        return model if name is None and device == "cpu" and dtype in ("auto", "float32") else real(name, device, dtype)
+    # the session's model where it is the one asked for
+    def load_model(name=None, device="cpu", dtype="auto", device_map=None, n_devices=1):
+        placement = {"device_map": device_map, "n_devices": n_devices}
+        if name is None and device == "cpu" and dtype in ("auto", "float32") and not device_map and n_devices == 1:
+            return model
+        return real(name, device, dtype, **placement)
 
     monkeypatch.setattr(saekit.models, "load_model", load_model)
     monkeypatch.chdir(tmp_path)

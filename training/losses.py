@@ -46,9 +46,10 @@ class _SquaredError(torch.autograd.Function):
 
 
 def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:
-    """``Σ‖x̂ − x‖²`` over everything, in float32 whatever the inputs' dtype (a bf16 sum of
-    squares would keep 8 bits); the gradient flows to ``x_hat`` (``x`` is the target)."""
-    return _SquaredError.apply(x_hat.float(), x.detach().float())
+    """``Σ‖x̂ − x‖²`` over everything, in at least float32 (a bf16 sum of squares would keep 8
+    bits; float64 stays float64); the gradient flows to ``x_hat`` (``x`` is the target)."""
+    dtype = torch.promote_types(x_hat.dtype, torch.float32)
+    return _SquaredError.apply(x_hat.to(dtype), x.detach().to(dtype))
 
 
 def total_variance(x: Tensor) -> Tensor:
