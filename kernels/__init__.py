@@ -30,8 +30,9 @@ if __name__ == "kernels":
     # This folder installs as saekit.kernels. It is importable as a bare `kernels` only when the
     # clone's root is on sys.path (`python -m saekit`, pytest, a notebook started there), and
     # there it would shadow Hugging Face's `kernels` package, which transformers >= 5.25 imports
-    # whenever it is installed. Hand such an import the installed package; if there is none,
-    # fail as a missing module would.
+    # whenever it is installed. Such an import gets the installed package; where none is
+    # installed it gets this folder, as before (older transformers import it to look for a
+    # version, find none, and leave it alone).
     import importlib.machinery
     import importlib.util
     import os
@@ -40,9 +41,10 @@ if __name__ == "kernels":
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _spec = importlib.machinery.PathFinder.find_spec(
         "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
-    if _spec is None:
-        raise ModuleNotFoundError("No module named 'kernels' (this folder is saekit.kernels: import it by that name)",
-                                  name="kernels")
+else:
+    _spec = None
+
+if _spec is not None:
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds
     _spec.loader.exec_module(_module)
