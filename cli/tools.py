@@ -16,20 +16,27 @@ from saekit.types import SparsityName
 class BenchOptions:
     """Which benchmark, and its training budget."""
 
-    suite: Literal["synthetic"] = sp.field(default="synthetic", positional=True)
-    """The benchmark: synthetic (SAE variants on data with known features)."""
+    suite: Literal["synthetic", "papers"] = sp.field(default="synthetic", positional=True)
+    """The benchmark: synthetic (SAE variants on data with known features) or papers (the seed papers' claims on the embedded model: --quick, --out, --experiments)."""  # noqa: E501
     variants: str = "topk,mutual_choice,feature_choice,matryoshka,standard,gated,jumprelu"
-    """Comma-separated architectures to train (any --sparsity name)."""
+    """synthetic: comma-separated architectures to train (any --sparsity name)."""
     d_sae: int = 1024
-    """Latents per SAE."""
+    """synthetic: latents per SAE."""
     k: int = 8
-    """Mean L0 every variant trains at."""
+    """synthetic: mean L0 every variant trains at."""
     steps: int = 2000
-    """Training steps per variant."""
+    """synthetic: training steps per variant."""
 
 
 def cmd_bench(args) -> None:
-    """Benchmarks of training itself: `saekit bench synthetic` scores each variant on ground truth."""
+    """Benchmarks of training itself: `saekit bench synthetic` scores each variant on ground truth;
+    `saekit bench papers` tests the seed papers' claims on the embedded model."""
+    if args.bench.suite == "papers":
+        from saekit.evals.papers import run_papers
+
+        run_papers(args.papers)
+        print(f"wrote {args.papers.out}/results.md and {args.papers.out}/results.html")
+        return
     from saekit.training.synthetic import bench, format_table
 
     o, b = args.synthetic, args.bench
@@ -64,9 +71,10 @@ def cmd_app(args) -> None:
 
 
 def _bench_groups():
+    from saekit.evals.papers import PapersOptions
     from saekit.training.synthetic import SyntheticOptions
 
-    return [(BenchOptions, "bench"), (SyntheticOptions, "synthetic")]
+    return [(BenchOptions, "bench"), (SyntheticOptions, "synthetic"), (PapersOptions, "papers")]
 
 
 COMMANDS = {"bench": (cmd_bench, _bench_groups), "app": (cmd_app, lambda: [(AppOptions, "app")])}
