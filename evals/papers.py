@@ -12,11 +12,12 @@ verdict that is computed from the numbers by a rule written beside it:
   al. 2024, "Scaling and evaluating sparse autoencoders", §2.3 and Fig. 2); JumpReLU and Gated
   beat ReLU + L1 at equal L0 (Rajamanoharan et al. 2024, JumpReLU paper §5 Fig. 2; Gated paper
   §5.1); BatchTopK beats TopK at equal L0 (Bussmann et al. 2024, §4.1).
-- ``dead`` — dead and under-used latents at 16×, 32× and 64× expansion: TopK without and with
-  AuxK, with aux_zipf, and Mutual Choice and Feature Choice with aux_zipf (the paper's
-  recipe). Claim (Ayonrinde 2024, "Adaptive
-  sparse allocation with Mutual Choice & Feature Choice SAEs", §5): MC and FC leave fewer dead
-  latents and reconstruct better at equal sparsity than TopK.
+- ``dead`` — dead and under-used latents at 16× and 32× expansion (64× with a budget of one's
+  own: from the 16× and 32× runs' times, it alone would take roughly half an hour on 2 CPU
+  cores): TopK without and with AuxK, with aux_zipf, and Mutual Choice and Feature Choice with
+  aux_zipf (the paper's recipe). Claim (Ayonrinde 2024, "Adaptive sparse allocation with
+  Mutual Choice & Feature Choice SAEs", §5): MC and FC leave fewer dead latents and
+  reconstruct better at equal sparsity than TopK.
 - ``gsae`` — g-SAE (Olmo et al. 2024, "Features that make a difference", §4): downstream CE
   recovered and KL at equal k against TopK for several β, scored *without* labels (the
   selection falls back to TopK's rule, the fair comparison) and, reported apart, selecting
@@ -94,7 +95,7 @@ class Budget:
 # Sized for about 60 minutes (full) and under 8 (quick) on a 2-core CPU; tokens are whole
 # steps of 4,096 (full: 124 steps, quick: 31).
 BUDGETS = {
-    "full": Budget(tokens=507_904, eval_tokens=16_384, expansion=8),
+    "full": Budget(tokens=507_904, eval_tokens=16_384, expansion=8, expansions=(16, 32)),
     "quick": Budget(tokens=126_976, eval_tokens=4_096, expansion=4, l0s=(8, 32), penalties=(1, 2),
                     expansions=(16,), betas=(1.0,), steer_latents=8, steer_seqs=4),
 }
