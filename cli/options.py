@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass
 
-from saekit.errors import ConfigError, SaekitError
+from saekit.errors import SaekitError
 from saekit.placement import check_placement, parse_device_map
+from saekit.training.config import check_choice
 from saekit.types import ModelDtypeName
 
 
@@ -26,9 +26,7 @@ class ModelOptions:
     """Split the model over this many CUDA GPUs, layers balanced."""
 
     def __post_init__(self):
-        if self.dtype not in typing.get_args(ModelDtypeName):
-            raise ConfigError(f"--dtype must be one of {', '.join(typing.get_args(ModelDtypeName))}, "
-                              f"not {self.dtype!r}")
+        check_choice("--dtype", self.dtype, ModelDtypeName)
         check_placement(parse_device_map(self.device_map), self.n_devices)
 
     @property
