@@ -389,3 +389,21 @@ def test_with_model_gradients_equals_topk_at_beta_zero_and_differs_at_large_beta
     assert res[50.0]["ce_loss_sae_topk_last"] == res[0.0]["ce_loss_sae_topk_last"]
     assert res[50.0]["ce_loss_sae_with_grads_last"] != res[50.0]["ce_loss_sae_topk_last"]
     assert res[0.0]["positions"] == 6 and res[0.0]["ce_loss_clean_last"] > 0
+
+
+@pytest.mark.parametrize("sparsity", ["mutual_choice", "batchtopk", "matryoshka", "feature_choice"])
+def test_batch_level_selections_start_below_an_fvu_of_one_at_wide_widths(sparsity):
+    """A batch-level selection lets one token take many latents at the start. With Gao et
+    al.'s unit encoder rows that reconstruction overshoots (this batch: FVU ≈ 9); the
+    BatchTopK code's smaller encoder (``batch_level_init_norm``) starts below 1."""
+    from saekit.sae import batch_level_init_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 32, generator=g) * torch.rand(2048, 1, generator=g).add(0.75)  # norms spread ~2x, like hook_z
+    sae = sae_of(sparsity, d_in=32, d_sae=1024, k=8)
+    assert torch.allclose(sae.W_enc_T.norm(dim=1), torch.full((1024,), batch_level_init_norm(32, 1024)))
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+        x_hat = sae.train()(x).x_hat
+    assert (x - x_hat).pow(2).sum() / total_variance(x) < 1
+    assert sae_of("topk", d_in=32, d_sae=1024).W_enc_T.norm(dim=1).sub(1).abs().max() < 1e-5  # TopK keeps Gao et al.'s
