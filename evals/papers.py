@@ -90,6 +90,12 @@ class Budget:
     min_seeds: int = 3
     batch_size: int = 4096
     fill_tokens: int = 131_072  # activations per cache shard
+    ioi_sizes: tuple[int, ...] = (256, 1024, 4096)  # the IOI experiment's d_sae sweep (TopK)
+    ioi_k: int = 32  # the IOI experiment's k (and the L0 its elementwise SAEs are picked near)
+    ioi_n: int = 2000  # IOI evaluation prompts (twice as many fit the dictionaries)
+    attn_k: int = 16  # the attention-output SAEs' k: L0 < 20, as Kissane et al.'s
+    attn_layers: tuple[int, ...] = ()  # their layers; () = every layer
+    revision: int = 2  # raised when saekit's training changes results, so older runs are not reused
 
 
 # Sized for about 60 minutes (full) and under 8 (quick) on a 2-core CPU; tokens are whole

@@ -104,6 +104,8 @@ def figures(results: dict) -> list:
         fig.update_layout(title="Steering effect: mean KL after adding a latent's direction (each point a seed)",
                           yaxis_title="KL (nats)")
         figs.append(fig)
+    for r in results.values():  # experiments that make their own figures
+        figs += r.get("figures", [])
     return figs
 
 
@@ -132,6 +134,8 @@ def sections(results: dict) -> list[tuple[str, list[dict], list[str]]]:
         rows = results["gsae"]["rows"]
         out.append(("g-SAE against TopK (mean ± sd over seeds)", mean_sd(rows, GSAE_COLS, ["arch", "beta"]),
                     GSAE_COLS))
+    for r in results.values():  # experiments that lay out their own tables: [(title, rows, columns)]
+        out += [tuple(t) for t in r.get("tables", [])]
     return out
 
 
