@@ -14,9 +14,11 @@ verdict that is computed from the numbers by a rule written beside it:
   §5.1); BatchTopK beats TopK at equal L0 (Bussmann et al. 2024, §4.1).
 - ``dead`` — dead and under-used latents at 16× and 32× expansion (64× with a budget of one's
   own: from the 16× and 32× runs' times, it alone would take roughly half an hour on 2 CPU
-  cores): TopK without and with AuxK, with aux_zipf, and Mutual Choice and Feature Choice with
-  aux_zipf (the paper's recipe). Claim (Ayonrinde 2024, "Adaptive sparse allocation with
-  Mutual Choice & Feature Choice SAEs", §5): MC and FC leave fewer dead latents and
+  cores): TopK without and with AuxK, and Mutual Choice and Feature Choice with aux_zipf (the
+  paper's recipe); TopK with aux_zipf with a budget of one's own. AuxK and aux_zipf count a
+  latent dead after ``dead_tokens`` without firing, a quarter of a run (saekit's default, 1M
+  tokens, is longer than the run, and AuxK would never switch on). Claim (Ayonrinde 2024,
+  "Adaptive sparse allocation with Mutual Choice & Feature Choice SAEs", §5): MC and FC leave fewer dead latents and
   reconstruct better at equal sparsity than TopK.
 - ``gsae`` — g-SAE (Olmo et al. 2024, "Features that make a difference", §4): downstream CE
   recovered and KL at equal k against TopK for several β, scored *without* labels (the
@@ -82,6 +84,7 @@ class Budget:
     dead_variants: tuple[str, ...] = tuple(DEAD_VARIANTS)
     expansions: tuple[int, ...] = (16, 32, 64)  # dead latents' widths, × d_in
     dead_k: int = 16
+    dead_tokens: int = 131_072  # AuxK's and aux_zipf's dead window there (the default 1M outlasts a run)
     betas: tuple[float, ...] = (0.5, 1.0, 2.0)
     gsae_k: int = 16
     steer_latents: int = 32
@@ -101,9 +104,11 @@ class Budget:
 # Sized for about 60 minutes (full) and under 8 (quick) on a 2-core CPU; tokens are whole
 # steps of 4,096 (full: 124 steps, quick: 31).
 BUDGETS = {
-    "full": Budget(tokens=507_904, eval_tokens=16_384, expansion=8, expansions=(16, 32)),
+    "full": Budget(tokens=507_904, eval_tokens=16_384, expansion=8, expansions=(16, 32),
+                   dead_variants=("topk", "topk+auxk", "mutual_choice+zipf", "feature_choice+zipf")),
     "quick": Budget(tokens=126_976, eval_tokens=4_096, expansion=4, l0s=(8, 32), penalties=(1, 2),
-                    expansions=(16,), betas=(1.0,), steer_latents=8, steer_seqs=4),
+                    expansions=(16,), betas=(1.0,), steer_latents=8, steer_seqs=4, dead_tokens=32_768,
+                    dead_variants=("topk", "topk+auxk", "mutual_choice+zipf", "feature_choice+zipf")),
 }
 
 
@@ -362,7 +367,7 @@ def exp_dead(s: Suite, log, model) -> dict:
             arch, aux = DEAD_VARIANTS[name]
             for seed in range(b.seeds):
                 r = s.train(f"dead-{exp}x-{name}", ATTN_HOOK, seed=seed, d_sae=d_sae, k=b.dead_k, sparsity=arch,
-                            optim={"aux": aux})
+                            optim={"aux": aux, "dead_tokens": b.dead_tokens})
                 f = firing(r["folder"], acts)
                 rows.append({"expansion": exp, "variant": name, "seed": seed, "L0": r["l0"],
                              "explained variance": f["explained_variance"], "never fired": f["never_fired"],
@@ -501,5 +506,5 @@ def quick_budget_for_tests() -> Budget:
     """Toy sizes for the test suite: every experiment's code path in about a minute."""
     return replace(BUDGETS["quick"], tokens=8192, eval_tokens=1024, expansion=2, l0s=(4, 8), expansions=(2,),
                    hooks=(ATTN_HOOK,), selections=("topk",), elementwise=("standard",),
-                   dead_variants=("topk", "mutual_choice+zipf"), dead_k=4, betas=(1.0,), gsae_k=4, steer_latents=2,
-                   steer_seqs=2, seeds=2, min_seeds=2, batch_size=1024, fill_tokens=4096)
+                   dead_variants=("topk", "mutual_choice+zipf"), dead_k=4, dead_tokens=2048, betas=(1.0,), gsae_k=4,
+                   steer_latents=2, steer_seqs=2, seeds=2, min_seeds=2, batch_size=1024, fill_tokens=4096)
