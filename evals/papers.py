@@ -36,8 +36,12 @@ at the middle L0 (32) on the same hook. A claim *holds* when every told comparis
 least one is told, *does not hold* when one is told against it, and otherwise *cannot be told
 at this scale*.
 
-Not built yet (issue 17 lists them): the supervised IOI dictionaries' three axes for every
-architecture, attention-output SAEs at every layer (polysemantic heads, induction features).
+- ``ioi`` — every architecture against supervised IOI dictionaries on Makelov, Lange &
+  Nanda's three axes, trained on the corpus and on IOI prompts, over a sweep of d_sae
+  (``evals/papers_ioi.py``, whose docstring states its claims and rules).
+
+Not built yet (issue 17 lists it): attention-output SAEs at every layer (polysemantic heads,
+induction features).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ PENALTY_GRID = {"standard": ("l1_coef", (0.2, 0.4, 0.8, 1.6)),
                 "jumprelu": ("l0_coef", (0.0025, 0.005, 0.01, 0.02))}
 DEAD_VARIANTS = {"topk": ("topk", "none"), "topk+auxk": ("topk", "auxk"), "topk+zipf": ("topk", "zipf"),
                  "mutual_choice+zipf": ("mutual_choice", "zipf"), "feature_choice+zipf": ("feature_choice", "zipf")}
-EXPERIMENTS = ("frontier", "dead", "gsae")
+EXPERIMENTS = ("frontier", "dead", "gsae", "ioi")
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ class Budget:
     fill_tokens: int = 131_072  # activations per cache shard
     ioi_sizes: tuple[int, ...] = (256, 1024, 4096)  # the IOI experiment's d_sae sweep (TopK)
     ioi_k: int = 32  # the IOI experiment's k (and the L0 its elementwise SAEs are picked near)
-    ioi_n: int = 2000  # IOI evaluation prompts (twice as many fit the dictionaries)
+    ioi_n: int = 1000  # IOI evaluation prompts (twice as many fit the dictionaries)
     attn_k: int = 16  # the attention-output SAEs' k: L0 < 20, as Kissane et al.'s
     attn_layers: tuple[int, ...] = ()  # their layers; () = every layer
     revision: int = 2  # raised when saekit's training changes results, so older runs are not reused
@@ -108,6 +112,7 @@ BUDGETS = {
                    dead_variants=("topk", "topk+auxk", "mutual_choice+zipf", "feature_choice+zipf")),
     "quick": Budget(tokens=126_976, eval_tokens=4_096, expansion=4, l0s=(8, 32), penalties=(1, 2),
                     expansions=(16,), betas=(1.0,), steer_latents=8, steer_seqs=4, dead_tokens=32_768,
+                    ioi_sizes=(128, 512, 2048), ioi_n=500,
                     dead_variants=("topk", "topk+auxk", "mutual_choice+zipf", "feature_choice+zipf")),
 }
 
@@ -121,7 +126,7 @@ class PapersOptions:
     out: str = "runs/papers"
     """Folder for the caches, every run, results.md and results.html; runs already there are reused."""
     experiments: str = ",".join(EXPERIMENTS)
-    """Comma-separated experiments to run: frontier, dead, gsae."""
+    """Comma-separated experiments to run: frontier, dead, gsae, ioi."""
 
     def __post_init__(self):
         unknown = [e for e in self.names() if e not in EXPERIMENTS]
@@ -145,25 +150,28 @@ class Suite:
     caches: dict[str, Path] = field(default_factory=dict)
     heldout: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def cache(self, hook: str) -> Path:
-        """The activation cache of ``hook``, with the loss's gradients, made once."""
-        if hook not in self.caches:
+    def cache(self, hook: str, dataset: str | None = None) -> Path:
+        """The activation cache of ``hook`` on saekit's corpus (or on ``dataset``, e.g. ``"ioi"``),
+        with the loss's gradients, made once."""
+        key = hook if dataset is None else f"{hook}-{dataset}"
+        if key not in self.caches:
             from saekit.training.config import DataOptions
             from saekit.training.run import cache_activations
 
-            folder = self.out / "caches" / hook
+            folder = self.out / "caches" / key
             if not (folder / "meta.json").exists():
                 b = self.budget
                 # one fill more than a run reads: shards hold whole sequences, a little under fill_tokens
-                cache_activations(DataOptions(hook=hook, total_tokens=b.tokens + b.fill_tokens,
+                cache_activations(DataOptions(hook=hook, dataset=dataset, total_tokens=b.tokens + b.fill_tokens,
                                               fill_tokens=b.fill_tokens, batch_size=b.batch_size), str(folder),
                                   with_grads=True, progress=False)  # with gradients for the g-SAEs
-            self.caches[hook] = folder
-        return self.caches[hook]
+            self.caches[key] = folder
+        return self.caches[key]
 
-    def train(self, name: str, hook: str, seed: int = 0, **kw) -> dict:
-        """One SAE from ``hook``'s cache; its summary (``summary.json``), reused if present.
-        ``kw``: SAEConfig fields, and ``optim`` (OptimOptions fields)."""
+    def train(self, name: str, hook: str, seed: int = 0, dataset: str | None = None, **kw) -> dict:
+        """One SAE from ``hook``'s cache (of ``dataset``, default saekit's corpus); its summary
+        (``summary.json``), reused if present. ``kw``: SAEConfig fields, and ``optim``
+        (OptimOptions fields)."""
         from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
         from saekit.training.run import run_training
         from saekit.types import SAEConfig, VariantOptions
@@ -176,7 +184,8 @@ class Suite:
             variant = kw.pop("variant", {})
             b = self.budget
             cfg = TrainConfig(sae=SAEConfig(variant=VariantOptions(**variant), **kw),
-                              data=DataOptions(hook=hook, from_cache=str(self.cache(hook)), total_tokens=b.tokens,
+                              data=DataOptions(hook=hook, from_cache=str(self.cache(hook, dataset)),
+                                               total_tokens=b.tokens,
                                                batch_size=b.batch_size),
                               optim=OptimOptions(**optim),
                               run=RunOptions(out=str(folder), seed=seed, progress=False, log_every=10**9,
@@ -465,6 +474,7 @@ def d_in_of(s: Suite, hook: str) -> int:
 def run_papers(opts: PapersOptions, budget: Budget | None = None, log=print) -> dict:
     """Run the chosen experiments, write ``results.md`` and ``results.html`` in ``opts.out``
     and return ``{experiment: {"rows": [...], "claims": [...]}}``."""
+    from saekit.evals.papers_ioi import exp_ioi
     from saekit.models import load_model
 
     budget = budget or BUDGETS["quick" if opts.quick else "full"]
@@ -481,7 +491,7 @@ def run_papers(opts: PapersOptions, budget: Budget | None = None, log=print) -> 
     for name in opts.names():
         log(f"== {name}")
         fn = {"frontier": lambda: exp_frontier(s, log), "dead": lambda: exp_dead(s, log, model),
-              "gsae": lambda: exp_gsae(s, log, model)}[name]
+              "gsae": lambda: exp_gsae(s, log, model), "ioi": lambda: exp_ioi(s, log, model)}[name]
         results[name] = fn()
     mode = next((name for name, b in BUDGETS.items() if b == budget), "custom")
     meta = {"budget": asdict(budget), "mode": mode, "seconds": time.time() - t,
@@ -507,4 +517,5 @@ def quick_budget_for_tests() -> Budget:
     return replace(BUDGETS["quick"], tokens=8192, eval_tokens=1024, expansion=2, l0s=(4, 8), expansions=(2,),
                    hooks=(ATTN_HOOK,), selections=("topk",), elementwise=("standard",),
                    dead_variants=("topk", "mutual_choice+zipf"), dead_k=4, dead_tokens=2048, betas=(1.0,), gsae_k=4,
-                   steer_latents=2, steer_seqs=2, seeds=2, min_seeds=2, batch_size=1024, fill_tokens=4096)
+                   steer_latents=2, steer_seqs=2, seeds=2, min_seeds=2, batch_size=1024, fill_tokens=4096,
+                   ioi_sizes=(64, 256), ioi_k=8, ioi_n=40)

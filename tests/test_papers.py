@@ -44,8 +44,8 @@ def test_zipf_fit_recovers_a_power_law():
 
 
 def test_unknown_experiments_are_refused():
-    with pytest.raises(ConfigError, match="--experiments takes a comma-separated subset of frontier, dead, gsae"):
-        PapersOptions(experiments="frontier,ioi")
+    with pytest.raises(ConfigError, match="--experiments takes a comma-separated subset of frontier, dead, gsae, ioi"):
+        PapersOptions(experiments="frontier,iio")
 
 
 def test_the_suite_end_to_end_at_toy_sizes(tmp_path):
