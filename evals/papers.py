@@ -34,8 +34,14 @@ at the middle L0 (32) on the same hook. A claim *holds* when every told comparis
 least one is told, *does not hold* when one is told against it, and otherwise *cannot be told
 at this scale*.
 
-Not built yet (issue 17 lists them): the supervised IOI dictionaries' three axes for every
-architecture, attention-output SAEs at every layer (polysemantic heads, induction features).
+- ``attn`` — attention-output SAEs at every layer's ``blocks.L.attn.hook_z`` (Kissane et al.
+  2024, "Interpreting Attention Layer Outputs with Sparse Autoencoders"; evals/papers_attn.py,
+  whose docstring has its rules): CE loss recovered at L0 < 20, polysemantic heads (by an
+  automatic proxy for the paper's manual labels) and induction features whose head attends to
+  the token after the first occurrence.
+
+Not built yet (issue 17 lists it): the supervised IOI dictionaries' three axes for every
+architecture.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ from pathlib import Path
 import torch
 
 from saekit.errors import ConfigError
+from saekit.evals.papers_attn import exp_attn
+from saekit.evals.verdicts import verdict
 from saekit.files import atomic_write_text
 
 ATTN_HOOK = "blocks.3.attn.hook_z"  # the IOI node where mean-ablating the hook costs something
@@ -64,7 +72,7 @@ PENALTY_GRID = {"standard": ("l1_coef", (0.2, 0.4, 0.8, 1.6)),
                 "jumprelu": ("l0_coef", (0.0025, 0.005, 0.01, 0.02))}
 DEAD_VARIANTS = {"topk": ("topk", "none"), "topk+auxk": ("topk", "auxk"), "topk+zipf": ("topk", "zipf"),
                  "mutual_choice+zipf": ("mutual_choice", "zipf"), "feature_choice+zipf": ("feature_choice", "zipf")}
-EXPERIMENTS = ("frontier", "dead", "gsae")
+EXPERIMENTS = ("frontier", "dead", "gsae", "attn")
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,9 @@ class Budget:
 
 
 # Sized for about 60 minutes (full) and under 8 (quick) on a 2-core CPU; tokens are whole
-# steps of 4,096 (full: 124 steps, quick: 31).
+# steps of 4,096 (full: 124 steps, quick: 31). ``attn`` adds 2.4 minutes (full: six layers,
+# about 25 s each for the cache, training, summary and analyses) and under 1 (quick), measured
+# with the 2 cores otherwise idle; while another job shared them it ran 4-8 times slower.
 BUDGETS = {
     "full": Budget(tokens=507_904, eval_tokens=16_384, expansion=8, expansions=(16, 32)),
     "quick": Budget(tokens=126_976, eval_tokens=4_096, expansion=4, l0s=(8, 32), penalties=(1, 2),
@@ -116,7 +126,7 @@ class PapersOptions:
     out: str = "runs/papers"
     """Folder for the caches, every run, results.md and results.html; runs already there are reused."""
     experiments: str = ",".join(EXPERIMENTS)
-    """Comma-separated experiments to run: frontier, dead, gsae."""
+    """Comma-separated experiments to run: frontier, dead, gsae, attn."""
 
     def __post_init__(self):
         unknown = [e for e in self.names() if e not in EXPERIMENTS]
@@ -140,25 +150,31 @@ class Suite:
     caches: dict[str, Path] = field(default_factory=dict)
     heldout: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def cache(self, hook: str) -> Path:
-        """The activation cache of ``hook``, with the loss's gradients, made once."""
-        if hook not in self.caches:
+    def cache(self, hook: str, grads: bool = True) -> Path:
+        """The activation cache of ``hook``, made once: with the loss's gradients (the g-SAEs
+        need them), or with ``grads=False`` activations alone, unless one with gradients is
+        already there, which serves as well. Without the backward pass a shard is several times
+        faster (measured while another job shared the 2 CPU cores: 20-35 s a shard at
+        blocks.5.attn.hook_z, against about 110 s with gradients at blocks.0.attn.hook_z)."""
+        key = hook if grads or (self.out / "caches" / hook / "meta.json").exists() else f"{hook}.acts"
+        if key not in self.caches:
             from saekit.training.config import DataOptions
             from saekit.training.run import cache_activations
 
-            folder = self.out / "caches" / hook
+            folder = self.out / "caches" / key
             if not (folder / "meta.json").exists():
                 b = self.budget
                 # one fill more than a run reads: shards hold whole sequences, a little under fill_tokens
                 cache_activations(DataOptions(hook=hook, total_tokens=b.tokens + b.fill_tokens,
                                               fill_tokens=b.fill_tokens, batch_size=b.batch_size), str(folder),
-                                  with_grads=True, progress=False)  # with gradients for the g-SAEs
-            self.caches[hook] = folder
-        return self.caches[hook]
+                                  with_grads=key == hook, progress=False)
+            self.caches[key] = folder
+        return self.caches[key]
 
-    def train(self, name: str, hook: str, seed: int = 0, **kw) -> dict:
-        """One SAE from ``hook``'s cache; its summary (``summary.json``), reused if present.
-        ``kw``: SAEConfig fields, and ``optim`` (OptimOptions fields)."""
+    def train(self, name: str, hook: str, seed: int = 0, grads: bool = True, **kw) -> dict:
+        """One SAE from ``hook``'s cache (``grads``: the cache with gradients, see ``cache``);
+        its summary (``summary.json``), reused if present. ``kw``: SAEConfig fields, and
+        ``optim`` (OptimOptions fields)."""
         from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
         from saekit.training.run import run_training
         from saekit.types import SAEConfig, VariantOptions
@@ -171,8 +187,8 @@ class Suite:
             variant = kw.pop("variant", {})
             b = self.budget
             cfg = TrainConfig(sae=SAEConfig(variant=VariantOptions(**variant), **kw),
-                              data=DataOptions(hook=hook, from_cache=str(self.cache(hook)), total_tokens=b.tokens,
-                                               batch_size=b.batch_size),
+                              data=DataOptions(hook=hook, from_cache=str(self.cache(hook, grads)),
+                                               total_tokens=b.tokens, batch_size=b.batch_size),
                               optim=OptimOptions(**optim),
                               run=RunOptions(out=str(folder), seed=seed, progress=False, log_every=10**9,
                                              checkpoint_every=10**9, eval_tokens=b.eval_tokens))
@@ -263,15 +279,6 @@ def separated(a: list[float], b: list[float], min_seeds: int) -> int:
     if min(len(a), len(b)) < min_seeds:
         return 0
     return 1 if min(a) > max(b) else -1 if max(a) < min(b) else 0
-
-
-def verdict(signs: list[int]) -> str:
-    """From the told comparisons' signs (+1 the claim's way, −1 against, 0 not told)."""
-    if any(s < 0 for s in signs):
-        return "does not hold"
-    if any(s > 0 for s in signs):
-        return "holds"
-    return "cannot be told at this scale"
 
 
 def interpolate(points: list[tuple[float, float]], l0: float) -> float | None:
@@ -459,7 +466,8 @@ def d_in_of(s: Suite, hook: str) -> int:
 
 def run_papers(opts: PapersOptions, budget: Budget | None = None, log=print) -> dict:
     """Run the chosen experiments, write ``results.md`` and ``results.html`` in ``opts.out``
-    and return ``{experiment: {"rows": [...], "claims": [...]}}``."""
+    and return ``{experiment: {"rows": [...], "claims": [...]}}`` (``attn`` adds its own
+    ``"tables"`` and ``"figures"``)."""
     from saekit.models import load_model
 
     budget = budget or BUDGETS["quick" if opts.quick else "full"]
@@ -476,7 +484,7 @@ def run_papers(opts: PapersOptions, budget: Budget | None = None, log=print) -> 
     for name in opts.names():
         log(f"== {name}")
         fn = {"frontier": lambda: exp_frontier(s, log), "dead": lambda: exp_dead(s, log, model),
-              "gsae": lambda: exp_gsae(s, log, model)}[name]
+              "gsae": lambda: exp_gsae(s, log, model), "attn": lambda: exp_attn(s, log, model)}[name]
         results[name] = fn()
     mode = next((name for name, b in BUDGETS.items() if b == budget), "custom")
     meta = {"budget": asdict(budget), "mode": mode, "seconds": time.time() - t,

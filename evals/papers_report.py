@@ -16,8 +16,7 @@ RULES = ("A difference is told only when the seeds of the two configurations do 
          "holds when every told comparison goes its way and at least one is told; it does not hold "
          "when one is told against it; otherwise it cannot be told at this scale.")
 NOT_YET = ("Not in this suite yet (issue 17): the supervised IOI dictionaries' three axes for every "
-           "architecture (`saekit eval-ioi` computes them for one SAE), and attention-output SAEs at "
-           "every layer (polysemantic heads, induction features).")
+           "architecture (`saekit eval-ioi` computes them for one SAE).")
 
 
 def _cell(v) -> str:
