@@ -40,8 +40,12 @@ at this scale*.
   Nanda's three axes, trained on the corpus and on IOI prompts, over a sweep of d_sae
   (``evals/papers_ioi.py``, whose docstring states its claims and rules).
 
-Not built yet (issue 17 lists it): attention-output SAEs at every layer (polysemantic heads,
-induction features).
+- ``attn`` — attention-output SAEs at every layer's ``blocks.L.attn.hook_z`` (Kissane et al.
+  2024, "Interpreting Attention Layer Outputs with Sparse Autoencoders"; evals/papers_attn.py,
+  whose docstring has its rules): CE loss recovered at L0 < 20, polysemantic heads (by an
+  automatic proxy for the paper's manual labels) and induction features whose head attends to
+  the token after the first occurrence.
+
 """
 
 from __future__ import annotations
@@ -57,20 +61,15 @@ from pathlib import Path
 import torch
 
 from saekit.errors import ConfigError
+from saekit.evals.papers_attn import exp_attn
+from saekit.evals.papers_common import ATTN_HOOK, PENALTY_GRID, RESID_HOOK, verdict
+from saekit.evals.papers_ioi import exp_ioi
 from saekit.files import atomic_write_text
 
-ATTN_HOOK = "blocks.3.attn.hook_z"  # the IOI node where mean-ablating the hook costs something
-RESID_HOOK = "blocks.3.hook_resid_post"
 SELECTIONS = ("topk", "gtopk", "batchtopk", "feature_choice", "matryoshka")
-# The elementwise rules' penalty weights, a grid of four spanning L0 ~8-64 on the default job
-# (the shipped SAEs' weights, 4M tokens: standard 0.8 -> L0 31, gated 0.6 -> 16, jumprelu
-# 0.01 -> 25); the achieved L0 is measured, not assumed.
-PENALTY_GRID = {"standard": ("l1_coef", (0.2, 0.4, 0.8, 1.6)),
-                "gated": ("l1_coef", (0.15, 0.3, 0.6, 1.2)),
-                "jumprelu": ("l0_coef", (0.0025, 0.005, 0.01, 0.02))}
 DEAD_VARIANTS = {"topk": ("topk", "none"), "topk+auxk": ("topk", "auxk"), "topk+zipf": ("topk", "zipf"),
                  "mutual_choice+zipf": ("mutual_choice", "zipf"), "feature_choice+zipf": ("feature_choice", "zipf")}
-EXPERIMENTS = ("frontier", "dead", "gsae", "ioi")
+EXPERIMENTS = ("frontier", "dead", "gsae", "ioi", "attn")
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,9 @@ class Budget:
 
 
 # Sized for about 60 minutes (full) and under 8 (quick) on a 2-core CPU; tokens are whole
-# steps of 4,096 (full: 124 steps, quick: 31).
+# steps of 4,096 (full: 124 steps, quick: 31). ``attn`` adds 2.4 minutes (full: six layers,
+# about 25 s each for the cache, training, summary and analyses) and under 1 (quick), measured
+# with the 2 cores otherwise idle; while another job shared them it ran 4-8 times slower.
 BUDGETS = {
     "full": Budget(tokens=507_904, eval_tokens=16_384, expansion=8, expansions=(16, 32),
                    dead_variants=("topk", "topk+auxk", "mutual_choice+zipf", "feature_choice+zipf")),
@@ -126,7 +127,7 @@ class PapersOptions:
     out: str = "runs/papers"
     """Folder for the caches, every run, results.md and results.html; runs already there are reused."""
     experiments: str = ",".join(EXPERIMENTS)
-    """Comma-separated experiments to run: frontier, dead, gsae, ioi."""
+    """Comma-separated experiments to run: frontier, dead, gsae, ioi, attn."""
 
     def __post_init__(self):
         unknown = [e for e in self.names() if e not in EXPERIMENTS]
@@ -150,10 +151,15 @@ class Suite:
     caches: dict[str, Path] = field(default_factory=dict)
     heldout: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def cache(self, hook: str, dataset: str | None = None) -> Path:
-        """The activation cache of ``hook`` on saekit's corpus (or on ``dataset``, e.g. ``"ioi"``),
-        with the loss's gradients, made once."""
-        key = hook if dataset is None else f"{hook}-{dataset}"
+    def cache(self, hook: str, dataset: str | None = None, grads: bool = True) -> Path:
+        """The activation cache of ``hook`` on saekit's corpus (or on ``dataset``, e.g.
+        ``"ioi"``), made once: with the loss's gradients (the g-SAEs need them), or with
+        ``grads=False`` activations alone, unless one with gradients is already there, which
+        serves as well. Without the backward pass a shard is several times faster (measured
+        while another job shared the 2 CPU cores: 20-35 s a shard at blocks.5.attn.hook_z,
+        against about 110 s with gradients at blocks.0.attn.hook_z)."""
+        full = hook if dataset is None else f"{hook}-{dataset}"
+        key = full if grads or (self.out / "caches" / full / "meta.json").exists() else f"{full}.acts"
         if key not in self.caches:
             from saekit.training.config import DataOptions
             from saekit.training.run import cache_activations
@@ -164,14 +170,19 @@ class Suite:
                 # one fill more than a run reads: shards hold whole sequences, a little under fill_tokens
                 cache_activations(DataOptions(hook=hook, dataset=dataset, total_tokens=b.tokens + b.fill_tokens,
                                               fill_tokens=b.fill_tokens, batch_size=b.batch_size), str(folder),
-                                  with_grads=True, progress=False)  # with gradients for the g-SAEs
+                                  with_grads=key == full, progress=False)
             self.caches[key] = folder
         return self.caches[key]
 
-    def train(self, name: str, hook: str, seed: int = 0, dataset: str | None = None, **kw) -> dict:
-        """One SAE from ``hook``'s cache (of ``dataset``, default saekit's corpus); its summary
-        (``summary.json``), reused if present. ``kw``: SAEConfig fields, and ``optim``
-        (OptimOptions fields)."""
+    def d_in(self, hook: str) -> int:
+        """The width of ``hook``'s activations, from its cache."""
+        return json.loads((self.cache(hook) / "meta.json").read_text())["d_in"]
+
+    def train(self, name: str, hook: str, seed: int = 0, dataset: str | None = None, grads: bool = True,
+              **kw) -> dict:
+        """One SAE from ``hook``'s cache (of ``dataset``, default saekit's corpus; ``grads``:
+        the cache with gradients, see ``cache``); its summary (``summary.json``), reused if
+        present. ``kw``: SAEConfig fields, and ``optim`` (OptimOptions fields)."""
         from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
         from saekit.training.run import run_training
         from saekit.types import SAEConfig, VariantOptions
@@ -184,9 +195,8 @@ class Suite:
             variant = kw.pop("variant", {})
             b = self.budget
             cfg = TrainConfig(sae=SAEConfig(variant=VariantOptions(**variant), **kw),
-                              data=DataOptions(hook=hook, from_cache=str(self.cache(hook, dataset)),
-                                               total_tokens=b.tokens,
-                                               batch_size=b.batch_size),
+                              data=DataOptions(hook=hook, from_cache=str(self.cache(hook, dataset, grads)),
+                                               total_tokens=b.tokens, batch_size=b.batch_size),
                               optim=OptimOptions(**optim),
                               run=RunOptions(out=str(folder), seed=seed, progress=False, log_every=10**9,
                                              checkpoint_every=10**9, eval_tokens=b.eval_tokens))
@@ -279,15 +289,6 @@ def separated(a: list[float], b: list[float], min_seeds: int) -> int:
     return 1 if min(a) > max(b) else -1 if max(a) < min(b) else 0
 
 
-def verdict(signs: list[int]) -> str:
-    """From the told comparisons' signs (+1 the claim's way, −1 against, 0 not told)."""
-    if any(s < 0 for s in signs):
-        return "does not hold"
-    if any(s > 0 for s in signs):
-        return "holds"
-    return "cannot be told at this scale"
-
-
 def interpolate(points: list[tuple[float, float]], l0: float) -> float | None:
     """The value at ``l0`` on a curve of (L0, value) points, linear in log L0; None outside."""
     pts = sorted(points)
@@ -317,7 +318,7 @@ def exp_frontier(s: Suite, log) -> dict:
     rows, claims = [], []
     for hook in b.hooks:
         short = "attn" if hook == ATTN_HOOK else "resid"
-        d_sae = b.expansion * d_in_of(s, hook)
+        d_sae = b.expansion * s.d_in(hook)
         for arch in b.selections:
             for k in b.l0s:
                 r = s.train(f"frontier-{short}-{arch}-k{k}", hook, d_sae=d_sae, k=k, sparsity=arch)
@@ -371,7 +372,7 @@ def exp_dead(s: Suite, log, model) -> dict:
     acts = s.held_out(ATTN_HOOK, model)
     rows, claims = [], []
     for exp in b.expansions:
-        d_sae = exp * d_in_of(s, ATTN_HOOK)
+        d_sae = exp * s.d_in(ATTN_HOOK)
         for name in b.dead_variants:
             arch, aux = DEAD_VARIANTS[name]
             for seed in range(b.seeds):
@@ -409,7 +410,7 @@ def exp_gsae(s: Suite, log, model) -> dict:
     from saekit import data
 
     b = s.budget
-    d_sae = b.expansion * d_in_of(s, ATTN_HOOK)
+    d_sae = b.expansion * s.d_in(ATTN_HOOK)
     acts = s.held_out(ATTN_HOOK, model)
     norm = acts.norm(dim=-1).median().item()  # one steering norm for both SAEs: a typical activation's
     tokens = data.heldout_sequences(model.tokenizer, None, b.steer_seqs, 128, 7)
@@ -465,16 +466,14 @@ def _write_alive(folder: str, acts: torch.Tensor) -> None:
     atomic_write_text(path, json.dumps(fired.nonzero().flatten().tolist()))
 
 
-def d_in_of(s: Suite, hook: str) -> int:
-    return json.loads((s.cache(hook) / "meta.json").read_text())["d_in"]
 
 
 # ---- the suite ------------------------------------------------------------------------------
 
 def run_papers(opts: PapersOptions, budget: Budget | None = None, log=print) -> dict:
     """Run the chosen experiments, write ``results.md`` and ``results.html`` in ``opts.out``
-    and return ``{experiment: {"rows": [...], "claims": [...]}}``."""
-    from saekit.evals.papers_ioi import exp_ioi
+    and return ``{experiment: {"rows": [...], "claims": [...]}}`` (``attn`` adds its own
+    ``"tables"`` and ``"figures"``)."""
     from saekit.models import load_model
 
     budget = budget or BUDGETS["quick" if opts.quick else "full"]
@@ -491,7 +490,8 @@ def run_papers(opts: PapersOptions, budget: Budget | None = None, log=print) -> 
     for name in opts.names():
         log(f"== {name}")
         fn = {"frontier": lambda: exp_frontier(s, log), "dead": lambda: exp_dead(s, log, model),
-              "gsae": lambda: exp_gsae(s, log, model), "ioi": lambda: exp_ioi(s, log, model)}[name]
+              "gsae": lambda: exp_gsae(s, log, model), "ioi": lambda: exp_ioi(s, log, model),
+              "attn": lambda: exp_attn(s, log, model)}[name]
         results[name] = fn()
     mode = next((name for name, b in BUDGETS.items() if b == budget), "custom")
     meta = {"budget": asdict(budget), "mode": mode, "seconds": time.time() - t,

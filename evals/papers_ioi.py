@@ -42,7 +42,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saekit.evals import axes
-from saekit.evals.papers import ATTN_HOOK, PENALTY_GRID, Suite, d_in_of, verdict
+from saekit.evals.papers_common import ATTN_HOOK, PENALTY_GRID, verdict
 
 SOURCE = "Makelov, Lange & Nanda 2024 (arXiv 2405.08366)"
 NODE = "L3.END"
@@ -50,10 +50,10 @@ ATTRS = ("io", "s", "pos")
 USED = 0.5  # a supervised edit that changes the prediction this often marks the attribute as used
 
 
-def _trained(s: Suite, log) -> dict[str, dict]:
+def _trained(s, log) -> dict[str, dict]:
     """Every SAE the experiment scores: run folder's name → {"summary", "arch", "data", "d_sae", "role"}."""
     b = s.budget
-    d_sae = b.expansion * d_in_of(s, ATTN_HOOK)
+    d_sae = b.expansion * s.d_in(ATTN_HOOK)
     out = {}
 
     def add(name, role, arch, data, size, **kw):
@@ -107,7 +107,7 @@ def measures(sae_res: dict) -> dict:
     return row
 
 
-def exp_ioi(s: Suite, log, model) -> dict:
+def exp_ioi(s, log, model) -> dict:
     """Train (or reuse) the SAEs, score them and the supervised dictionaries at L3.END, judge."""
     from saekit import load_sae
     from saekit.evals.ioi_eval import GRAD_SUFFIX, evaluate_ioi

@@ -15,8 +15,6 @@ RULES = ("A difference is told only when the seeds of the two configurations do 
          "exceeds the spread (max − min) of TopK's seeds at the middle L0 on the same hook. A claim "
          "holds when every told comparison goes its way and at least one is told; it does not hold "
          "when one is told against it; otherwise it cannot be told at this scale.")
-NOT_YET = ("Not in this suite yet (issue 17): attention-output SAEs at every layer (polysemantic heads, "
-           "induction features).")
 
 
 def _cell(v) -> str:
@@ -148,7 +146,7 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
     head = [f"Run {when} on {meta['cpu']}, torch {meta['torch']}, {meta['threads']} threads; "
             f"{command} ({meta['mode']} budget: "
             f"{meta['budget']['tokens']:,} training activations an SAE, {meta['budget']['eval_tokens']:,} held-out "
-            f"tokens a score); {meta['seconds'] / 60:.1f} minutes.", "", RULES, "", NOT_YET]
+            f"tokens a score); {meta['seconds'] / 60:.1f} minutes.", "", RULES]
     lines = ["# The seed papers' claims on the embedded model", "", *head, ""]
     for title, rows, cols in sections(results):
         lines += [f"## {title}", "", *md_table(rows, cols), ""]

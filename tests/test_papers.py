@@ -44,15 +44,18 @@ def test_zipf_fit_recovers_a_power_law():
 
 
 def test_unknown_experiments_are_refused():
-    with pytest.raises(ConfigError, match="--experiments takes a comma-separated subset of frontier, dead, gsae, ioi"):
+    subset = "frontier, dead, gsae, ioi, attn"
+    with pytest.raises(ConfigError, match=f"--experiments takes a comma-separated subset of {subset}"):
         PapersOptions(experiments="frontier,iio")
 
 
 def test_the_suite_end_to_end_at_toy_sizes(tmp_path):
     """`--quick`'s code path at toy sizes: every experiment trains, scores and judges, and
-    results.md's verdicts are the rule applied to the recorded comparisons."""
+    results.md's verdicts are the rule applied to the recorded comparisons. (``attn`` trains
+    an SAE a layer; tests/test_papers_attn.py runs it on two layers.)"""
     out = tmp_path / "papers"
-    results = run_papers(PapersOptions(quick=True, out=str(out)), quick_budget_for_tests(), log=lambda *_: None)
+    results = run_papers(PapersOptions(quick=True, out=str(out), experiments="frontier,dead,gsae"),
+                         quick_budget_for_tests(), log=lambda *_: None)
     assert set(results) == {"frontier", "dead", "gsae"}
     # frontier: topk at 2 L0s, standard at 2 penalty weights (the extra TopK seed is not a row)
     assert [r["arch"] for r in results["frontier"]["rows"]] == ["topk"] * 2 + ["standard"] * 2
