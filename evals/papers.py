@@ -18,8 +18,8 @@ verdict that is computed from the numbers by a rule written beside it:
   paper's recipe); TopK with aux_zipf with a budget of one's own. AuxK and aux_zipf count a
   latent dead after ``dead_tokens`` without firing, a quarter of a run (saekit's default, 1M
   tokens, is longer than the run, and AuxK would never switch on). Claim (Ayonrinde 2024,
-  "Adaptive sparse allocation with Mutual Choice & Feature Choice SAEs", §5): MC and FC leave fewer dead latents and
-  reconstruct better at equal sparsity than TopK.
+  "Adaptive sparse allocation with Mutual Choice & Feature Choice SAEs", §5): MC and FC leave
+  fewer dead latents and reconstruct better at equal sparsity than TopK.
 - ``gsae`` — g-SAE (Olmo et al. 2024, "Features that make a difference", §4): downstream CE
   recovered and KL at equal k against TopK for several β, scored *without* labels (the
   selection falls back to TopK's rule, the fair comparison) and, reported apart, selecting
@@ -28,6 +28,14 @@ verdict that is computed from the numbers by a rule written beside it:
   of the next-token distribution after adding a latent's decoder direction, at one norm for
   both SAEs, over random held-out contexts. Claim: g-SAE latents reconstruct what matters
   downstream better and steer more.
+- ``ioi`` — every architecture against supervised IOI dictionaries on Makelov, Lange &
+  Nanda's three axes, trained on the corpus and on IOI prompts, over a sweep of d_sae
+  (``evals/papers_ioi.py``, whose docstring states its claims and rules).
+- ``attn`` — attention-output SAEs at every layer's ``blocks.L.attn.hook_z`` (Kissane et al.
+  2024, "Interpreting Attention Layer Outputs with Sparse Autoencoders"; evals/papers_attn.py,
+  whose docstring has its rules): CE loss recovered at L0 < 20, polysemantic heads (by an
+  automatic proxy for the paper's manual labels) and induction features whose head attends to
+  the token after the first occurrence.
 
 Deciding rules. A difference between two configurations is *told* only when their seeds do
 not overlap (every seed of one beats every seed of the other, at least ``min_seeds`` each),
@@ -35,17 +43,6 @@ or, for single-seed frontier points, when it exceeds the spread (max − min) of
 at the middle L0 (32) on the same hook. A claim *holds* when every told comparison goes its way and at
 least one is told, *does not hold* when one is told against it, and otherwise *cannot be told
 at this scale*.
-
-- ``ioi`` — every architecture against supervised IOI dictionaries on Makelov, Lange &
-  Nanda's three axes, trained on the corpus and on IOI prompts, over a sweep of d_sae
-  (``evals/papers_ioi.py``, whose docstring states its claims and rules).
-
-- ``attn`` — attention-output SAEs at every layer's ``blocks.L.attn.hook_z`` (Kissane et al.
-  2024, "Interpreting Attention Layer Outputs with Sparse Autoencoders"; evals/papers_attn.py,
-  whose docstring has its rules): CE loss recovered at L0 < 20, polysemantic heads (by an
-  automatic proxy for the paper's manual labels) and induction features whose head attends to
-  the token after the first occurrence.
-
 """
 
 from __future__ import annotations
@@ -104,7 +101,8 @@ class Budget:
     revision: int = 2  # raised when saekit's training changes results, so older runs are not reused
 
 
-# Sized for about 60 minutes (full) and under 8 (quick) on a 2-core CPU; tokens are whole
+# Sized toward 60 minutes (full) and 8 (quick) on a 2-core CPU; with every experiment the full
+# budget measured piecewise at about 65-75 minutes (docs/results.md); tokens are whole
 # steps of 4,096 (full: 124 steps, quick: 31). ``attn`` adds 2.4 minutes (full: six layers,
 # about 25 s each for the cache, training, summary and analyses) and under 1 (quick), measured
 # with the 2 cores otherwise idle; while another job shared them it ran 4-8 times slower.
@@ -466,14 +464,12 @@ def _write_alive(folder: str, acts: torch.Tensor) -> None:
     atomic_write_text(path, json.dumps(fired.nonzero().flatten().tolist()))
 
 
-
-
 # ---- the suite ------------------------------------------------------------------------------
 
 def run_papers(opts: PapersOptions, budget: Budget | None = None, log=print) -> dict:
     """Run the chosen experiments, write ``results.md`` and ``results.html`` in ``opts.out``
-    and return ``{experiment: {"rows": [...], "claims": [...]}}`` (``attn`` adds its own
-    ``"tables"`` and ``"figures"``)."""
+    and return ``{experiment: {"rows": [...], "claims": [...]}}`` (``ioi`` and ``attn`` add
+    their own ``"tables"``, ``attn`` its ``"figures"``)."""
     from saekit.models import load_model
 
     budget = budget or BUDGETS["quick" if opts.quick else "full"]
