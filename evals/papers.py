@@ -111,7 +111,7 @@ BUDGETS = {
                    dead_variants=("topk", "topk+auxk", "mutual_choice+zipf", "feature_choice+zipf")),
     "quick": Budget(tokens=126_976, eval_tokens=4_096, expansion=4, l0s=(8, 32), penalties=(1, 2),
                     expansions=(16,), betas=(1.0,), steer_latents=8, steer_seqs=4, dead_tokens=32_768,
-                    ioi_sizes=(128, 512, 2048), ioi_n=500,
+                    ioi_sizes=(128, 512), ioi_n=150,
                     dead_variants=("topk", "topk+auxk", "mutual_choice+zipf", "feature_choice+zipf")),
 }
 
