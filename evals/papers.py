@@ -101,8 +101,9 @@ class Budget:
     revision: int = 2  # raised when saekit's training changes results, so older runs are not reused
 
 
-# Sized toward 60 minutes (full) and 8 (quick) on a 2-core CPU; with every experiment the full
-# budget measured piecewise at about 65-75 minutes (docs/results.md); tokens are whole
+# Sized toward 60 minutes (full) and 8 (quick) on a 2-core CPU: quick measured 7.1 minutes from
+# scratch; the full budget, with every experiment, about 65-75 minutes measured in parts
+# (docs/results.md); tokens are whole
 # steps of 4,096 (full: 124 steps, quick: 31). ``attn`` adds 2.4 minutes (full: six layers,
 # about 25 s each for the cache, training, summary and analyses) and under 1 (quick), measured
 # with the 2 cores otherwise idle; while another job shared them it ran 4-8 times slower.
