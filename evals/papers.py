@@ -173,9 +173,9 @@ class Suite:
             self.caches[key] = folder
         return self.caches[key]
 
-    def d_in(self, hook: str) -> int:
-        """The width of ``hook``'s activations, from its cache."""
-        return json.loads((self.cache(hook) / "meta.json").read_text())["d_in"]
+    def d_in(self, hook: str, grads: bool = True) -> int:
+        """The width of ``hook``'s activations, from its cache (``grads``: as ``cache``)."""
+        return json.loads((self.cache(hook, grads=grads) / "meta.json").read_text())["d_in"]
 
     def train(self, name: str, hook: str, seed: int = 0, dataset: str | None = None, grads: bool = True,
               **kw) -> dict:

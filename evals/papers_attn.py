@@ -270,7 +270,7 @@ def exp_attn(s, log, model) -> dict:
     def train(layer, seed=0):
         hook = f"blocks.{layer}.attn.hook_z"
         return s.train(f"attn-L{layer}-topk-k{b.attn_k}", hook, seed=seed, grads=False,
-                       d_sae=b.expansion * _d_in(s, hook), k=b.attn_k, sparsity="topk")
+                       d_sae=b.expansion * s.d_in(hook, grads=False), k=b.attn_k, sparsity="topk")
 
     rows, head_rows, latent_rows, ind_head_rows = [], [], [], []
     for layer in layers:
@@ -295,12 +295,6 @@ def exp_attn(s, log, model) -> dict:
     return {"rows": rows, "claims": _claims(layers, rows, head_rows, latent_rows, noise_layer, seeds),
             "tables": _tables(rows, head_rows, latent_rows, ind_head_rows),
             "figures": _figures(rows, ind_head_rows, layers, model.cfg.n_heads)}
-
-
-def _d_in(s, hook: str) -> int:
-    import json
-
-    return json.loads((s.cache(hook, grads=False) / "meta.json").read_text())["d_in"]
 
 
 def _load(folder: str):
