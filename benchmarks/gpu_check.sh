@@ -14,7 +14,7 @@
 #             4096/16384, fp32/bf16, peak memory), training steps, impl="auto"'s choice beside
 #             the faster impl, AuxK active (10% dead) at d_in 2304
 #   train     saekit train of all 12 hook_z hooks of a random GPT-2-small-shaped model
-#             (saekit.training.shaped_models) for 5M tokens
+#             (saekit.training.shaped_models) for 1M tokens
 #   torchrun  one process under torchrun with NCCL, compared with the same run without torchrun
 # then benchmarks/gpu_check.py report assembles the tables into --out.
 #
@@ -71,7 +71,7 @@ else
     TESTS=(tests/test_kernels.py tests/test_sparse_rows.py)
     KERNEL_ARGS=()
     # no checkpoints in the timed run (12 SAEs with Adam: ~2.7 GB each time); torchrun's run writes two
-    TRAIN_ARGS=(--hook "$HOOKS" --total-tokens 5000000 --checkpoint-every 1000000 --progress false)
+    TRAIN_ARGS=(--hook "$HOOKS" --total-tokens 1000000 --checkpoint-every 1000000 --progress false)
     TORCHRUN_ARGS=(--hook blocks.5.attn.hook_z --total-tokens 204800 --checkpoint-every 25 --eval-tokens 0
                    --progress false)
     # 90 + 140 + 150 + 60 s, each + 5 s to stop, + the report: under 8 minutes in all

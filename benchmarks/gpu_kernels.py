@@ -151,7 +151,8 @@ def saekit_topk(impl):
 def train_step(kind, x, p, opt, k):
     if kind == "unfused":
         v, i = unfused_topk(x, p, k)
-        x_hat = F.embedding_bag(i, p["W_dec"], per_sample_weights=v, mode="sum") + p["b_dec"]
+        # fp32, as saekit's decode: CUDA has no bf16 backward for embedding_bag's per-sample weights
+        x_hat = F.embedding_bag(i, p["W_dec"].float(), per_sample_weights=v.float(), mode="sum") + p["b_dec"]
     else:  # "torch" or "triton": saekit's kernels with their sparse backward
         top = encode_topk(x, p["W_enc"], p["b_enc"], p["b_dec"], k, impl=kind)
         x_hat = decode_sparse(top.values, top.indices, p["W_dec"], p["b_dec"], impl=kind)
@@ -215,12 +216,19 @@ def measure_row(B, d_in, d_sae, k, dtype, device, timer, ceilings) -> dict:
                 row[f"{tag} MiB"] = peak_mib(device, lambda: fn(x, p, k))
             row[f"{tag} roof"] = f"{flops / (ms * 1e-3) / 1e12 / ceilings[dtype]:.0%}"
         row["triton / gemm"] = row["triton ms"] / row["gemm ms"]
-        for kind in ("unfused", "torch", "triton"):
+        errors = []
+        for kind in ("unfused", "torch", "triton"):  # one failing kind leaves the others measured
             opt = torch.optim.Adam(p.values(), lr=1e-5)
-            # the lambdas run before `del opt` (which frees Adam's moments before the next kind)
-            row[f"step {kind} ms"] = timer(lambda: train_step(kind, x, p, opt, k))  # noqa: F821
-            row[f"step {kind} MiB"] = peak_mib(device, lambda: train_step(kind, x, p, opt, k))  # noqa: F821
+            try:
+                # the lambdas run before `del opt` (which frees Adam's moments before the next kind)
+                row[f"step {kind} ms"] = timer(lambda: train_step(kind, x, p, opt, k))  # noqa: F821
+                row[f"step {kind} MiB"] = peak_mib(device, lambda: train_step(kind, x, p, opt, k))  # noqa: F821
+            except Exception as e:
+                errors.append(f"step {kind}: {error_text(e)}")
+                traceback.print_exc(file=sys.stderr)
             del opt
+        if errors:
+            row["error"] = "; ".join(errors)
     except Exception as e:  # one bad row must not take the table down
         row["error"] = error_text(e)
         traceback.print_exc(file=sys.stderr)

@@ -11,7 +11,7 @@ Public API (each op takes impl="auto" | "torch" | "triton" | "screen"; see resol
     encode_topk_aux(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux) -> (TopKResult, TopKResult for AuxK)
     decode_sparse(values, indices, W_dec, b_dec) -> x_hat [B, d_in]
     topk_lower_index(scores, k) -> exact per-row top-k of any scores, ties to the lower index
-    resolve_impl(impl, device) -> "torch" | "triton" | "screen"
+    resolve_impl(impl, device, dtype, k) -> "torch" | "triton" | "screen"
     topk_impl(impl, x, W_enc, k) -> the impl encode_topk runs for these arguments ("auto" resolved)
     check_impl(impl, device, topk_k) -> None, or the ValueError a first call would raise
 

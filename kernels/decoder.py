@@ -60,7 +60,7 @@ def decode_sparse(
     if W_dec.dim() != 2 or (b_dec is not None and b_dec.shape != (W_dec.shape[1],)):
         raise ValueError(f"W_dec must be [d_sae, d_in] and b_dec [d_in], got {tuple(W_dec.shape)}, "
                          f"{None if b_dec is None else tuple(b_dec.shape)}")
-    impl = resolve_impl(impl, W_dec.device)
+    impl = resolve_impl(impl, W_dec.device, values.dtype, values.shape[-1])
     lead = values.shape[:-1]
     shape = (math.prod(lead), values.shape[-1])  # [B, k]; k may be 0 (AuxK, no dead latents)
     if lengths is not None:

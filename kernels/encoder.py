@@ -136,7 +136,7 @@ class PreActivations:
     def topk(self, k: int) -> tuple[Tensor, Tensor]:
         """Per row the ``k`` largest pre-activations, ties to the lower index, ReLU on the
         values: (values [B, k] sorted descending, indices [B, k]); reference.encode_topk."""
-        impl = _topk_impl(self.requested, self.impl, k)
+        impl = _topk_impl(self.impl, k)
         out = None
         if impl == "triton" and self._dense is None:
             from .encoder_triton import encoder_topk_triton
@@ -233,8 +233,8 @@ def encode_selected(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, valu
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must be [B={x.shape[0]}, K]")
     if lengths is not None:
         check_lengths(lengths, (x.shape[0],), indices.shape[1])
-    return _EncodeSelected.apply(x, W_enc, b_enc, b_dec, values.detach(), indices, resolve_impl(impl, x.device),
-                                 lengths)
+    impl = resolve_impl(impl, x.device, x.dtype, indices.shape[1])
+    return _EncodeSelected.apply(x, W_enc, b_enc, b_dec, values.detach(), indices, impl, lengths)
 
 
 def _validate(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> None:
@@ -257,7 +257,7 @@ def encoder_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
     bf16 matmul passes the fp32-accumulation probe (screen.bf16_accumulates_in_fp32; else
     the fp32 path, logged). "screen" is refused where the probe fails; it applies to fp32
     only, other dtypes run it as "torch"."""
-    resolved = resolve_impl(impl, x.device)
+    resolved = resolve_impl(impl, x.device, x.dtype, k)
     if resolved == "screen":
         _require_sound_screen()
     elif impl == "auto" and resolved == "torch":
@@ -281,17 +281,14 @@ def topk_impl(impl: str, x: Tensor, W_enc: Tensor, k: int) -> str:
     """The impl ``encode_topk(x, W_enc, ..., k, impl=impl)`` runs its selection with, for x
     [B, d_in]: "torch", "screen" or "triton" (what "auto" resolves to, for benchmarks and
     logs; raises what encode_topk would raise for an impl it refuses)."""
-    return _topk_impl(impl, encoder_impl(impl, x, W_enc, k), k)
+    return _topk_impl(encoder_impl(impl, x, W_enc, k), k)
 
 
-def _topk_impl(requested: str, resolved: str, k: int) -> str:
+def _topk_impl(resolved: str, k: int) -> str:
     """The TopK selection's impl: the fused Triton kernel holds k <= TRITON_MAX_K keys a
-    row, so "auto" runs the PyTorch selection above that (logged) and "triton" refuses."""
+    row, so "triton" refuses a wider k."""
     if resolved == "triton" and k > TRITON_MAX_K:
-        if requested != "auto":
-            raise ValueError(_too_wide(k))
-        log_decision("auto", "torch", f"TopK encoder, k > {TRITON_MAX_K}")
-        return "torch"
+        raise ValueError(_too_wide(k))
     return resolved
 
 
@@ -361,5 +358,5 @@ def encode_topk_aux(
 
 def _attach(pre: PreActivations, values: Tensor, indices: Tensor, k: int) -> Tensor:
     """``values`` selected on ``pre``'s path with the encoder's sparse backward."""
-    impl = _topk_impl(pre.requested, pre.impl, k)
+    impl = _topk_impl(pre.impl, k)
     return _EncodeSelected.apply(pre.x, pre.W_enc, pre.b_enc, pre.b_dec, values, indices, impl, None)

@@ -83,7 +83,7 @@ class SAEConfig:
     hook_shape: tuple[int, ...] = field(default=(), metadata=_NOT_AN_OPTION)
     """Per-token shape at the hook, e.g. (n_heads, d_head) for hook_z; () means (d_in,)."""
     impl: ImplName = "auto"
-    """Kernels: auto = Triton on CUDA; on CPU torch, with the bf16-screened exact selections (screen) where AMX makes them faster."""  # noqa: E501 (one-line field docstring)
+    """Kernels: auto = triton on CUDA for bf16 steps at k <= 64, else torch (on CPU with the bf16-screened exact selections, screen, where AMX makes them faster); triton never builds [batch, d_sae]."""  # noqa: E501 (one-line field docstring)
     variant: VariantOptions = field(default_factory=VariantOptions)
     """Settings of the gtopk, mutual_choice, feature_choice and jumprelu architectures."""
 

@@ -10,7 +10,7 @@ from saekit.activations import harvest_batches, resolve_hook
 from saekit.kernels import resolve_impl
 from saekit.metrics import reconstruction_stats
 from saekit.models import load_model
-from saekit.precision import dtype_name
+from saekit.precision import DTYPES, dtype_name
 from saekit.splice import ce_losses, with_model_gradients
 
 # What the summary reports of saekit.metrics.reconstruction_stats (eval.json has all).
@@ -43,7 +43,8 @@ def summarize(sae, trainer, cfg, model=None, dtype="auto") -> dict:
     acts = harvest_batches(model, tokens, hook).to(sae.W_dec.device)
     stats = summary_stats(sae, acts)
     ce = ce_losses(model, sae, tokens, mean=sae.unflatten_hook(acts.mean(0)))
-    summary = {**stats, "dead_frac": dead_frac, "impl": resolve_impl(sae.cfg.impl, sae.W_dec.device),
+    impl = resolve_impl(sae.cfg.impl, sae.W_dec.device, DTYPES[cfg.optim.sae_dtype], sae.cfg.selected_k)
+    summary = {**stats, "dead_frac": dead_frac, "impl": impl,
                "dtype": dtype_name(model.cfg.dtype), "sae_dtype": cfg.optim.sae_dtype,
                **ce.as_dict(), "eval_tokens": len(acts),
                "eval_split": data.describe_heldout(cfg.data.dataset, cfg.data.heldout_frac),
