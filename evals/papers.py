@@ -98,17 +98,23 @@ class Budget:
     ioi_n: int = 1000  # IOI evaluation prompts (twice as many fit the dictionaries)
     attn_k: int = 16  # the attention-output SAEs' k: L0 < 20, as Kissane et al.'s
     attn_layers: tuple[int, ...] = ()  # their layers; () = every layer
-    revision: int = 2  # raised when saekit's training changes results, so older runs are not reused
+    warmup_frac: float = 0.1  # the learning rate's warm-up, a share of each run's steps
+    revision: int = 3  # raised when saekit's training changes results, so older runs are not reused
+
+    def warmup_steps(self) -> int:
+        """Warm-up steps of one run: ``warmup_frac`` of its steps, at least 1. saekit's default of
+        100 steps suits its 4M-token default job (about 1,000 steps); at the suite's 124 steps it
+        would hold the rate below its peak for most of the run."""
+        return max(1, round(self.warmup_frac * self.tokens / self.batch_size))
 
 
-# Sized toward 60 minutes (full) and 8 (quick) on a 2-core CPU: quick measured 7.1 minutes from
-# scratch; the full budget, with every experiment, about 65-75 minutes measured in parts
-# (docs/results.md); tokens are whole
-# steps of 4,096 (full: 124 steps, quick: 31). ``attn`` adds 2.4 minutes (full: six layers,
-# about 25 s each for the cache, training, summary and analyses) and under 1 (quick), measured
-# with the 2 cores otherwise idle; while another job shared them it ran 4-8 times slower.
+# Sized toward 60 minutes (full) and 8 (quick) on a 2-core CPU. The full budget measured 27.5
+# minutes from scratch in one piece on a 2-core Intel Xeon virtual machine (2026-12-04,
+# docs/results.md: frontier 13.8, dead 4.6, g-SAE 1.5, IOI 6.0, attention 1.5); an earlier 2-core
+# AMD EPYC machine, shared with other jobs, took 65-75 minutes measured in parts, before ioi_n
+# fell from 1,000 prompts to 500. Tokens are whole steps of 4,096 (full: 124 steps, quick: 31).
 BUDGETS = {
-    "full": Budget(tokens=507_904, eval_tokens=16_384, expansion=8, expansions=(16, 32),
+    "full": Budget(tokens=507_904, eval_tokens=16_384, expansion=8, expansions=(16, 32), ioi_n=500,
                    dead_variants=("topk", "topk+auxk", "mutual_choice+zipf", "feature_choice+zipf")),
     "quick": Budget(tokens=126_976, eval_tokens=4_096, expansion=4, l0s=(8, 32), penalties=(1, 2),
                     expansions=(16,), betas=(1.0,), steer_latents=8, steer_seqs=4, dead_tokens=32_768,
@@ -181,7 +187,8 @@ class Suite:
               **kw) -> dict:
         """One SAE from ``hook``'s cache (of ``dataset``, default saekit's corpus; ``grads``:
         the cache with gradients, see ``cache``); its summary (``summary.json``), reused if
-        present. ``kw``: SAEConfig fields, and ``optim`` (OptimOptions fields)."""
+        present. ``kw``: SAEConfig fields, and ``optim`` (OptimOptions fields; the warm-up is the
+        budget's ``warmup_steps()`` unless given)."""
         from saekit.training.config import DataOptions, OptimOptions, RunOptions, TrainConfig
         from saekit.training.run import run_training
         from saekit.types import SAEConfig, VariantOptions
@@ -190,7 +197,7 @@ class Suite:
         if (folder / "summary.json").exists():
             summary = json.loads((folder / "summary.json").read_text())
         else:
-            optim = kw.pop("optim", {})
+            optim = {"warmup_steps": self.budget.warmup_steps(), **kw.pop("optim", {})}
             variant = kw.pop("variant", {})
             b = self.budget
             cfg = TrainConfig(sae=SAEConfig(variant=VariantOptions(**variant), **kw),
@@ -483,15 +490,17 @@ def run_papers(opts: PapersOptions, budget: Budget | None = None, log=print) -> 
     s = Suite(out, budget)
     model = load_model()
     t = time.time()
-    results = {}
+    results, seconds = {}, {}
     for name in opts.names():
         log(f"== {name}")
+        t_exp = time.time()
         fn = {"frontier": lambda: exp_frontier(s, log), "dead": lambda: exp_dead(s, log, model),
               "gsae": lambda: exp_gsae(s, log, model), "ioi": lambda: exp_ioi(s, log, model),
               "attn": lambda: exp_attn(s, log, model)}[name]
         results[name] = fn()
+        seconds[name] = time.time() - t_exp
     mode = next((name for name, b in BUDGETS.items() if b == budget), "custom")
-    meta = {"budget": asdict(budget), "mode": mode, "seconds": time.time() - t,
+    meta = {"budget": asdict(budget), "mode": mode, "seconds": time.time() - t, "experiment_seconds": seconds,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_name()}
     from saekit.evals.papers_report import write_report
 

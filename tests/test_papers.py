@@ -1,7 +1,9 @@
 """`saekit bench papers` (evals/papers.py): the deciding rules, and the suite end to end at toy sizes."""
 
+import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -73,6 +75,12 @@ def test_the_suite_end_to_end_at_toy_sizes(tmp_path):
     assert "## g-SAE against TopK" in md and "## Dead and under-used latents" in md
     assert "<h2>Verdicts</h2>" in (out / "results.html").read_text()
     assert sorted(p.name for p in (out / "runs").iterdir())[0].endswith("-seed0")
+    # every run warms up over the budget's share of its steps (toy: 10% of 8 steps -> 1), not saekit's 100
+    budget = quick_budget_for_tests()
+    assert budget.warmup_steps() == 1 and replace(budget, tokens=507_904, batch_size=4096).warmup_steps() == 12
+    for run in (out / "runs").iterdir():
+        assert json.loads((run / "train_config.json").read_text())["optim"]["warmup_steps"] == 1, run.name
+    assert re.search(r"minutes \(frontier \d+\.\d, dead \d+\.\d, gsae \d+\.\d\)\.", md)
     # the runs are reused only under the budget that made them
     with pytest.raises(ConfigError, match="holds runs made with another budget; pass another --out"):
         run_papers(PapersOptions(out=str(out)), log=lambda *_: None)
