@@ -59,7 +59,7 @@ import torch
 
 from saekit.errors import ConfigError
 from saekit.evals.papers_attn import exp_attn
-from saekit.evals.papers_common import ATTN_HOOK, PENALTY_GRID, RESID_HOOK, verdict
+from saekit.evals.papers_common import ATTN_HOOK, PENALTY_GRID, RESID_HOOK, separated, verdict
 from saekit.evals.papers_ioi import exp_ioi
 from saekit.files import atomic_write_text
 
@@ -108,17 +108,19 @@ class Budget:
         return max(1, round(self.warmup_frac * self.tokens / self.batch_size))
 
 
-# Sized toward 60 minutes (full) and 8 (quick) on a 2-core CPU. The full budget measured 27.5
-# minutes from scratch in one piece on a 2-core Intel Xeon virtual machine (2026-12-04,
-# docs/results.md: frontier 13.8, dead 4.6, g-SAE 1.5, IOI 6.0, attention 1.5); an earlier 2-core
-# AMD EPYC machine, shared with other jobs, took 65-75 minutes measured in parts, before ioi_n
-# fell from 1,000 prompts to 500. Tokens are whole steps of 4,096 (full: 124 steps, quick: 31).
+# Sized toward 60 minutes (full) and 8 (quick) on a 2-core CPU. Measured from scratch in one piece
+# on a 2-core Intel Xeon virtual machine (2026-12-04, docs/results.md): full 38.3 minutes
+# (frontier 13.9, dead 4.8, g-SAE 1.6, IOI 16.3, attention 1.6), quick 5.2. Seeding the IOI
+# experiment's architectures cost the full budget 10.3 of those minutes and took quick to 7.5 at
+# 3 seeds and 150 prompts, too near its 8; so quick runs 2 seeds and 100 prompts. An earlier
+# 2-core AMD EPYC machine took 7.1 minutes for the quick work this one did in 4.5. Tokens are
+# whole steps of 4,096 (full: 124 steps, quick: 31).
 BUDGETS = {
     "full": Budget(tokens=507_904, eval_tokens=16_384, expansion=8, expansions=(16, 32), ioi_n=500,
                    dead_variants=("topk", "topk+auxk", "mutual_choice+zipf", "feature_choice+zipf")),
     "quick": Budget(tokens=126_976, eval_tokens=4_096, expansion=4, l0s=(8, 32), penalties=(1, 2),
                     expansions=(16,), betas=(1.0,), steer_latents=8, steer_seqs=4, dead_tokens=32_768,
-                    ioi_sizes=(128, 512), ioi_n=150,
+                    ioi_sizes=(128, 512), ioi_n=100, seeds=2, min_seeds=2,
                     dead_variants=("topk", "topk+auxk", "mutual_choice+zipf", "feature_choice+zipf")),
 }
 
@@ -286,14 +288,6 @@ def steering_effect(model, sae_folder: str, hook: str, tokens: torch.Tensor, n_l
 
 
 # ---- verdicts ----------------------------------------------------------------------------------
-
-def separated(a: list[float], b: list[float], min_seeds: int) -> int:
-    """+1 when every value of ``a`` exceeds every value of ``b``, −1 the reverse, 0 when the
-    seeds overlap or either side has fewer than ``min_seeds``."""
-    if min(len(a), len(b)) < min_seeds:
-        return 0
-    return 1 if min(a) > max(b) else -1 if max(a) < min(b) else 0
-
 
 def interpolate(points: list[tuple[float, float]], l0: float) -> float | None:
     """The value at ``l0`` on a curve of (L0, value) points, linear in log L0; None outside."""

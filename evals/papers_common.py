@@ -1,5 +1,5 @@
 """What the experiment modules of `saekit bench papers` share: the hooks, the penalty grid,
-and the verdict of a claim from the signs of its told comparisons.
+the seed rule of a comparison, and the verdict of a claim from the signs of its told comparisons.
 
 Its own module so that every experiment module (evals/papers.py, evals/papers_ioi.py,
 evals/papers_attn.py) reads the same rule without importing the suite, which imports them.
@@ -24,3 +24,11 @@ def verdict(signs: list[int]) -> str:
     if any(s > 0 for s in signs):
         return "holds"
     return "cannot be told at this scale"
+
+
+def separated(a: list[float], b: list[float], min_seeds: int) -> int:
+    """+1 when every value of ``a`` exceeds every value of ``b``, −1 the reverse, 0 when the
+    seeds overlap or either side has fewer than ``min_seeds``."""
+    if min(len(a), len(b)) < min_seeds:
+        return 0
+    return 1 if min(a) > max(b) else -1 if max(a) < min(b) else 0

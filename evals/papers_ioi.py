@@ -6,10 +6,14 @@ The SAEs, all at ``blocks.3.attn.hook_z`` (the IOI node of the embedded model) w
 ``ioi_k`` (the elementwise ones at the penalty whose corpus L0 is nearest ``ioi_k``):
 
 - every architecture trained on saekit's corpus (the frontier's runs, reused when it ran) and
-  on IOI prompts alone (``--dataset ioi``), as the paper trains both kinds;
+  on IOI prompts alone (``--dataset ioi``), as the paper trains both kinds, each over the
+  budget's ``seeds`` (the corpus-versus-IOI differences are a few hundredths, within one seed's
+  spread);
 - TopK over ``ioi_sizes`` latents, on both, since the paper's occlusion and over-splitting
-  depend on the dictionary's size;
-- TopK's seeds on the corpus, whose spread is the noise a difference must exceed.
+  depend on the dictionary's size (one seed).
+
+Seed 0 of each architecture is its row in the claims that compare single SAEs; the spread of
+TopK's corpus seeds is the noise their differences must exceed.
 
 They are scored by ``saekit.evals.ioi_eval.evaluate_ioi`` at the whole layer's node, L3.END
 (methods.md §7 and docs/evaluation.md give every measure), beside the mean and least-squares
@@ -18,17 +22,18 @@ edit of it changes the model's prediction on ≥ 50% of prompts (occlusion's tes
 and interpretability claims read the used attributes only, since an edit of an attribute the
 node does not carry is right whatever the dictionary does.
 
-Claims and their rules (signs: +1 the claim's way, −1 against, 0 not told; a difference is
-told when it exceeds ``noise``, the spread (max − min) of TopK's corpus seeds on the same
-measure; ``verdict`` of papers.py turns the signs into the verdict):
+Claims and their rules (signs: +1 the claim's way, −1 against, 0 not told; ``verdict`` of
+papers_common turns the signs into the verdict):
 
 - supervised dictionaries edit better than SAEs at an equal number of changed elements: the
   supervised edit exchanges two features (``a − u_v + u_v'``); against it each SAE's better
-  edit (interpretation-aware or agnostic) with 2 latents changed; one sign per SAE and used
-  attribute;
+  edit (interpretation-aware or agnostic) with 2 latents changed; one sign per SAE (seed 0)
+  and used attribute, told when the difference exceeds ``noise``, the spread (max − min) of
+  TopK's corpus seeds on the same measure;
 - SAEs trained on IOI prompts edit better than the same architecture trained on the corpus
   (the better edit at 16 latents changed) and have better held-out F1 (each value's
-  fit-chosen best latent): one sign per architecture and used attribute;
+  fit-chosen best latent): one sign per architecture and used attribute, told when the two
+  sets of seeds do not overlap (``separated``, at least ``min_seeds`` each);
 - occlusion and over-splitting appear at some dictionary size: +1 when any SAE scored shows
   the phenomenon (``axes.occlusion`` / ``axes.oversplitting``), −1 when none does. The paper
   reports both in SAEs of GPT-2 small; saekit's operational tests are in methods.md §7.
@@ -42,7 +47,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saekit.evals import axes
-from saekit.evals.papers_common import ATTN_HOOK, PENALTY_GRID, verdict
+from saekit.evals.papers_common import ATTN_HOOK, PENALTY_GRID, separated, verdict
 
 SOURCE = "Makelov, Lange & Nanda 2024 (arXiv 2405.08366)"
 NODE = "L3.END"
@@ -62,27 +67,24 @@ def _trained(s, log) -> dict[str, dict]:
         out[label] = {"summary": summary, "arch": arch, "data": data, "d_sae": size, "role": role}
         log(f"ioi: {label} L0 {summary['l0']:.1f}")
 
+    def add_arch(arch, corpus_name, ioi_name, **kw):  # an architecture on both data, over the seeds
+        for data, name in (("corpus", corpus_name), ("IOI", ioi_name)):
+            for seed in range(b.seeds):
+                add(name, "architecture" if seed == 0 else "seed", arch, data, d_sae, seed=seed, d_sae=d_sae, **kw)
+
     for arch in b.selections:
-        add(f"frontier-attn-{arch}-k{b.ioi_k}", "architecture", arch, "corpus", d_sae, d_sae=d_sae, k=b.ioi_k,
-            sparsity=arch)
-        add(f"ioi-task-{arch}-k{b.ioi_k}", "architecture", arch, "IOI", d_sae, d_sae=d_sae, k=b.ioi_k, sparsity=arch)
+        add_arch(arch, f"frontier-attn-{arch}-k{b.ioi_k}", f"ioi-task-{arch}-k{b.ioi_k}", k=b.ioi_k, sparsity=arch)
     for arch in b.elementwise:
         coef, grid = PENALTY_GRID[arch]
         runs = {lam: s.train(f"frontier-attn-{arch}-{lam}", ATTN_HOOK, d_sae=d_sae, sparsity=arch, optim={coef: lam})
                 for lam in (grid[i] for i in b.penalties)}
         lam = min(runs, key=lambda v: abs(runs[v]["l0"] - b.ioi_k))  # the corpus run nearest the L0 of the others
-        add(f"frontier-attn-{arch}-{lam}", "architecture", arch, "corpus", d_sae, d_sae=d_sae, sparsity=arch,
-            optim={coef: lam})
-        add(f"ioi-task-{arch}-{lam}", "architecture", arch, "IOI", d_sae, d_sae=d_sae, sparsity=arch,
-            optim={coef: lam})
+        add_arch(arch, f"frontier-attn-{arch}-{lam}", f"ioi-task-{arch}-{lam}", sparsity=arch, optim={coef: lam})
     for size in b.ioi_sizes:
         if size == d_sae:
             continue  # the architecture rows above
         add(f"ioi-corpus-topk-d{size}", "size", "topk", "corpus", size, d_sae=size, k=b.ioi_k, sparsity="topk")
         add(f"ioi-task-topk-d{size}", "size", "topk", "IOI", size, d_sae=size, k=b.ioi_k, sparsity="topk")
-    for seed in range(1, b.seeds):
-        add(f"frontier-attn-topk-k{b.ioi_k}", "seed", "topk", "corpus", d_sae, seed=seed, d_sae=d_sae,
-            k=b.ioi_k, sparsity="topk")
     return out
 
 
@@ -132,7 +134,7 @@ def exp_ioi(s, log, model) -> dict:
                 rows.append({"dictionary": label, "arch": r["arch"], "trained on": r["data"], "d_sae": r["d_sae"],
                              "role": r["role"], **measures(res["saes"][label])})
     used = [a for a in ATTRS if res["supervised"]["mean"]["control"][a]["changes_output"] >= USED]
-    claims = judge(rows, res, used)
+    claims = judge(rows, res, used, b.min_seeds)
     tables = [("Supervised IOI dictionaries and SAEs at L3.END (one seed a row; g-SAEs twice)", rows, COLS),
               ("The IOI node: what each attribute's supervised edit does",
                [{"attribute": a, "changes the prediction": res["supervised"]["mean"]["control"][a]["changes_output"],
@@ -153,11 +155,15 @@ def noise_of(rows: list[dict], key: str) -> float:
     return max(seeds) - min(seeds) if len(seeds) > 1 else 0.0
 
 
+def _spread(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
 def sign(diff: float, noise: float) -> int:
     return 1 if diff > noise else -1 if diff < -noise else 0
 
 
-def judge(rows: list[dict], res: dict, used: list[str]) -> list[dict]:
+def judge(rows: list[dict], res: dict, used: list[str], min_seeds: int) -> list[dict]:
     """The claims' signs and verdicts, from the rows (see the module's docstring)."""
     small, large = min(axes.BUDGETS), max(axes.BUDGETS)
     saes = [r for r in rows if r["arch"] != "supervised" and r.get("role") != "seed"]
@@ -179,22 +185,23 @@ def judge(rows: list[dict], res: dict, used: list[str]) -> list[dict]:
           "changed, on the attributes the node uses", signs,
           f"used attributes: {', '.join(used) or 'none'}; " + "; ".join(worst) +
           f"; told for {sum(x > 0 for x in signs)}, against {sum(x < 0 for x in signs)} of {len(signs)}")
-    archs = [r for r in saes if r.get("role") == "architecture"]
+    # every seed of each architecture on each data (not the g-SAEs' second scoring, with gradients)
+    seeded = [r for r in rows if r.get("role") in ("architecture", "seed") and "(with" not in r["dictionary"]]
     for what, key_of in ((f"edit better (the better edit with {large} latents changed)",
                           lambda a: f"{a} edit @{large}"),
                          ("have better held-out F1 (each value's best latent)", lambda a: f"{a} best F1")):
         signs, parts = [], []
         for a in used:
-            key, noise = key_of(a), noise_of(rows, key_of(a))
-            for arch in dict.fromkeys(r["arch"] for r in archs):
-                pair = {r["trained on"]: r[key] for r in archs if r["arch"] == arch and "(with" not in r["dictionary"]}
-                if {"IOI", "corpus"} <= set(pair):
-                    signs.append(sign(pair["IOI"] - pair["corpus"], noise))
-                    parts.append(f"{arch} {pair['IOI']:.3f}/{pair['corpus']:.3f}")
+            for arch in dict.fromkeys(r["arch"] for r in seeded):
+                vals = {data: [r[key_of(a)] for r in seeded if r["arch"] == arch and r["trained on"] == data]
+                        for data in ("IOI", "corpus")}
+                if vals["IOI"] and vals["corpus"]:
+                    signs.append(separated(vals["IOI"], vals["corpus"], min_seeds))
+                    parts.append(f"{arch} {_spread(vals['IOI'])}/{_spread(vals['corpus'])}")
         claim(f"SAEs trained on IOI prompts {what} than the same architecture trained on the corpus, on the "
               "attributes the node uses", signs,
-              "IOI/corpus: " + ", ".join(parts) + f"; told for {sum(x > 0 for x in signs)}, against "
-              f"{sum(x < 0 for x in signs)} of {len(signs)}")
+              "IOI/corpus, mean (min–max) over seeds: " + ", ".join(parts) + f"; told for {sum(x > 0 for x in signs)}, "
+              f"against {sum(x < 0 for x in signs)} of {len(signs)}")
     for what, hit in (("occlusion (an used attribute without a latent, shadowed by a larger one)",
                        lambda r: r["occluded"] != "—"),
                       ("over-splitting (a value covered by several precise, partial latents)",
