@@ -143,12 +143,12 @@ def write_report(out: Path, results: dict, meta: dict) -> None:
     when = datetime.date.today().isoformat()
     command = {"full": "`saekit bench papers`", "quick": "`saekit bench papers --quick`"}.get(
         meta["mode"], "`saekit.evals.papers.run_papers` with a budget of its own")
+    parts = ", ".join(f"{name} {sec / 60:.1f}" for name, sec in meta.get("experiment_seconds", {}).items())
     head = [f"Run {when} on {meta['cpu']}, torch {meta['torch']}, {meta['threads']} threads; "
             f"{command} ({meta['mode']} budget: "
             f"{meta['budget']['tokens']:,} training activations an SAE, {meta['budget']['eval_tokens']:,} held-out "
-            f"tokens a score); {meta['seconds'] / 60:.1f} minutes"
-            + (" (" + ", ".join(f"{n} {sec / 60:.1f}" for n, sec in meta.get("experiment_seconds", {}).items()) + ")"
-               if meta.get("experiment_seconds") else "") + ".", "", RULES]
+            f"tokens a score); {meta['seconds'] / 60:.1f} minutes" + (f" ({parts})" if parts else "") + ".",
+            "", RULES]
     lines = ["# The seed papers' claims on the embedded model", "", *head, ""]
     for title, rows, cols in sections(results):
         lines += [f"## {title}", "", *md_table(rows, cols), ""]
