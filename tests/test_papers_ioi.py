@@ -32,7 +32,7 @@ def test_the_ioi_claims_follow_the_numbers_and_the_seeds():
     claims = judge(rows, _res(0.9), used=["s"], min_seeds=2)
     assert [c["signs"] for c in claims] == [
         [1] * 6,  # supervised 0.9 beats every SAE's (seed 0's) two-latent edit by more than the noise 0.02
-        [1, -1, 0],  # 16-latent edits: topk 0.70-0.72 above 0.50-0.52; standard 0.10-0.12 below 0.20-0.21; gated 1+1
+        [1, -1, 0],  # 16-latent edits: topk 0.70-0.72 above 0.50-0.52; std 0.10-0.12 below 0.20-0.21; gated: one seed
         [0, 1, 0],  # F1: topk's seeds overlap (0.59-0.61 against 0.60-0.62); standard 0.40-0.41 above 0.30-0.31
         [1], [1]]  # occlusion and over-splitting are each seen in one SAE
     assert [c["verdict"] for c in claims] == ["holds", "does not hold", "holds", "holds", "holds"]
